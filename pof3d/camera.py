@@ -1,0 +1,114 @@
+"""Cameras in EG3D's look-at convention, driven by the learned pose (h, v).
+
+A pose is (h, v) = (yaw, pitch) in radians; h = v = pi/2 is the frontal view. v is *not* the polar
+angle: the polar angle is phi = arccos(1 - 2 v / pi), as in EG3D's pose samplers. The camera sits on a
+sphere of radius r around the world origin and looks at a pivot. Camera axes are OpenCV-style
+(x right, y down, z forward). Intrinsics are normalised by the image size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+WORLD_UP = (0.0, 1.0, 0.0)
+V_EPS = 1e-5  # v is kept inside (eps, pi - eps) so that phi stays away from the poles
+
+
+def polar_angle(v: torch.Tensor) -> torch.Tensor:
+    """phi = arccos(1 - 2 v / pi): v = pi/2 is the equator."""
+    return torch.arccos((1 - 2 * v / math.pi).clamp(-1.0, 1.0))
+
+
+def camera_direction(pose: torch.Tensor) -> torch.Tensor:
+    """Unit vector from the world origin to the camera for poses ``[..., 2]``."""
+    h, v = pose[..., 0], pose[..., 1].clamp(V_EPS, math.pi - V_EPS)
+    phi = polar_angle(v)
+    return torch.stack(
+        (torch.sin(phi) * torch.cos(math.pi - h), torch.cos(phi), torch.sin(phi) * torch.sin(math.pi - h)),
+        dim=-1,
+    )
+
+
+def look_at(origin: torch.Tensor, pivot: torch.Tensor) -> torch.Tensor:
+    """cam2world ``[..., 4, 4]`` for cameras at ``origin`` looking at ``pivot``."""
+    forward = torch.nn.functional.normalize(pivot.expand_as(origin) - origin, dim=-1)
+    up = torch.tensor(WORLD_UP, dtype=origin.dtype, device=origin.device).expand_as(forward)
+    right = -torch.nn.functional.normalize(torch.linalg.cross(up, forward, dim=-1), dim=-1)
+    up = torch.nn.functional.normalize(torch.linalg.cross(forward, right, dim=-1), dim=-1)
+    cam2world = torch.zeros(*origin.shape[:-1], 4, 4, dtype=origin.dtype, device=origin.device)
+    cam2world[..., :3, 0] = right
+    cam2world[..., :3, 1] = up
+    cam2world[..., :3, 2] = forward
+    cam2world[..., :3, 3] = origin
+    cam2world[..., 3, 3] = 1.0
+    return cam2world
+
+
+def pose_to_cam2world(
+    pose: torch.Tensor, radius: float | torch.Tensor, pivot: tuple[float, float, float] | torch.Tensor
+) -> torch.Tensor:
+    """cam2world ``[B, 4, 4]`` for poses ``[B, 2]`` (differentiable in the pose)."""
+    if not torch.is_tensor(pivot):
+        pivot = torch.tensor(pivot, dtype=pose.dtype, device=pose.device)
+    if torch.is_tensor(radius) and radius.dim() == 1:
+        radius = radius[:, None]
+    origin = camera_direction(pose) * radius
+    return look_at(origin, pivot)
+
+
+def pose_from_cam2world(cam2world: torch.Tensor) -> torch.Tensor:
+    """Recover (h, v) from the camera position (inverse of :func:`camera_direction`)."""
+    origin = cam2world[..., :3, 3]
+    d = torch.nn.functional.normalize(origin, dim=-1)
+    phi = torch.arccos(d[..., 1].clamp(-1.0, 1.0))
+    v = (1 - torch.cos(phi)) * math.pi / 2
+    h = math.pi - torch.atan2(d[..., 2], d[..., 0])
+    h = torch.remainder(h, 2 * math.pi)
+    return torch.stack((h, v), dim=-1)
+
+
+def fov_to_focal(fov_degrees: float) -> float:
+    """Normalised focal length as EG3D computes it (note the sqrt(2))."""
+    return 1.0 / (math.tan(math.radians(fov_degrees) / 2) * math.sqrt(2))
+
+
+def intrinsics(focal: float, batch: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Normalised intrinsics ``[B, 3, 3]``: [[f, 0, 1/2], [0, f, 1/2], [0, 0, 1]]."""
+    k = torch.tensor([[focal, 0.0, 0.5], [0.0, focal, 0.5], [0.0, 0.0, 1.0]], device=device)
+    return k.expand(batch, 3, 3).clone()
+
+
+def to_label(cam2world: torch.Tensor, intr: torch.Tensor) -> torch.Tensor:
+    """EG3D's 25-float camera label: flattened 4x4 cam2world then flattened 3x3 intrinsics."""
+    return torch.cat((cam2world.reshape(*cam2world.shape[:-2], 16), intr.reshape(*intr.shape[:-2], 9)), -1)
+
+
+def from_label(label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a 25-float label back into (cam2world, intrinsics)."""
+    if label.shape[-1] != 25:
+        raise ValueError(f"camera label must have 25 values, got {label.shape[-1]}")
+    return label[..., :16].reshape(*label.shape[:-1], 4, 4), label[..., 16:].reshape(*label.shape[:-1], 3, 3)
+
+
+def mirror_pose(pose: torch.Tensor, axis: str = "left_right", cars: bool = False) -> torch.Tensor:
+    """Pose of the camera reflected through the object's symmetry plane.
+
+    ``left_right``: h -> pi - h (faces, plane x = 0) or 2 pi - h (cars, plane z = 0).
+    ``up_down``: v -> pi - v (plane y = 0). Mirroring twice gives the pose back.
+    """
+    h, v = pose[..., 0], pose[..., 1]
+    if axis == "left_right":
+        h = (2 * math.pi - h) if cars else (math.pi - h)
+    elif axis == "up_down":
+        v = math.pi - v
+    else:
+        raise ValueError(f"mirror axis must be left_right or up_down, got {axis!r}")
+    return torch.stack((h, v), dim=-1)
+
+
+def angular_error(pose_a: torch.Tensor, pose_b: torch.Tensor) -> torch.Tensor:
+    """Angle in radians between the viewing directions of two poses ``[..., 2]``."""
+    cos = (camera_direction(pose_a) * camera_direction(pose_b)).sum(-1)
+    return torch.arccos(cos.clamp(-1.0, 1.0))

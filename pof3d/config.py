@@ -1,0 +1,398 @@
+"""Typed configuration: dataclasses per concern, named presets, dotted overrides.
+
+One resolved :class:`Config` travels with every run and checkpoint as JSON. Presets are plain
+functions returning a ``Config`` so that a reader sees every value the paper scripts use in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pof3d.errors import ConfigError
+
+# Normalised focal length f = 1 / (tan(FoV/2) * sqrt(2)) for EG3D's FFHQ FoV of 18.837 degrees.
+FFHQ_FOCAL = 1.0 / (math.tan(math.radians(18.837) / 2) * math.sqrt(2))
+# ShapeNet cars in EG3D's dataset labels use this normalised focal length.
+CARS_FOCAL = 1.025390625
+
+
+@dataclass
+class ModelConfig:
+    """Generator and discriminator architecture, camera model and renderer settings."""
+
+    z_dim: int = 512
+    w_dim: int = 512
+    mapping_layers: int = 2
+    mapping_lr_mult: float = 0.01
+    w_avg_beta: float = 0.998
+    # StyleGAN2 synthesis backbone producing tri-planes.
+    channel_base: int = 32768
+    channel_max: int = 512
+    triplane_resolution: int = 256
+    triplane_channels: int = 32
+    use_noise: bool = True
+    # Tri-plane decoder and volume rendering.
+    decoder_hidden: int = 64
+    decoder_features: int = 32  # feature channels out of the decoder; the first 3 are RGB
+    neural_resolution: int = 64
+    image_resolution: int = 512
+    sr_channels: int = 128  # widest super-resolution block
+    depth_samples: int = 48  # stratified samples per ray
+    importance_samples: int = 48
+    ray_start: float = 2.25
+    ray_end: float = 3.3
+    box_warp: float = 1.0
+    white_background: bool = False
+    triplane_quirk: bool = False  # EG3D's historic plane projection (reference flag `wrong`)
+    # Camera: look-at from (yaw h, pitch v) on a sphere around the world origin.
+    camera_radius: float = 2.7
+    pivot: tuple[float, float, float] = (0.0, 0.0, 0.2)
+    focal: float = FFHQ_FOCAL  # normalised by image size
+    # Pose learner.
+    yaw_center: float = math.pi / 2
+    pitch_center: float = math.pi / 2
+    pose_clamp: bool = False  # cars: h in [0, 2pi], v in [0, pi]
+    pose_hidden: int = 512
+    # Discriminator.
+    disc_channel_base: int = 32768
+    disc_channel_max: int = 512
+    mbstd_group: int = 4
+    cmap_dim: int = 512
+    pose_aware_d: bool = True
+    # Mixed precision in the highest-resolution blocks (GPU only; 0 = fp32 everywhere).
+    num_fp16_res: int = 0
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and regularisation intervals; a zero weight removes its term."""
+
+    r1_gamma: float = 1.0
+    r1_interval: int = 16
+    density_reg_weight: float = 0.25
+    density_reg_interval: int = 4
+    density_reg_sigma: float = 0.004
+    symmetry_weight: float = 1.0  # G and D terms on mirrored-camera renders
+    symmetry_mode: str = "flip_both"  # flip_both | flip_both_cars | left_right
+    pose_gd_weight: float = 1.0  # pulls the pose learner toward D's pose prediction
+    dis_cam_weight: float = 2.0  # trains D's pose head on generated images
+    blur_fade_kimg: float = 200.0
+    blur_init_sigma: float = 10.0
+    share_passes: bool = True  # False reproduces the reference's independent G/D passes
+
+
+@dataclass
+class OptimConfig:
+    """Adam settings per network; the pose learner has its own rate (the poster's lr rows)."""
+
+    g_lr: float = 0.0025
+    d_lr: float = 0.002
+    pose_lr: float = 2.5e-5
+    beta1: float = 0.0
+    beta2: float = 0.99
+    eps: float = 1e-8
+    ema_kimg: float = 10.0
+    ema_rampup: float = 0.05
+
+
+@dataclass
+class DataConfig:
+    """Where images come from; an empty path means the built-in synthetic set."""
+
+    path: str = ""
+    synthetic_n: int = 20000
+    synthetic_poses: str = "faces"  # faces | cars
+    resolution: int = 512
+    xflip: bool = False
+    shuffle_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Length, batch, cadence of ticks/snapshots/evaluation, and distributed settings."""
+
+    kimg: float = 25000.0
+    batch: int = 32  # global batch over all workers
+    tick_kimg: float = 4.0
+    snapshot_kimg: float = 200.0  # checkpoint + sample grid cadence
+    eval_kimg: float = 0.0  # 0 = no metrics during training
+    eval_metrics: str = "pose,js"
+    seed: int = 0
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 0.5
+    keep_checkpoints: int = 3
+    max_failures: int = 2
+    compile: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = "ffhq512"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        cfg = cls()
+        for key, value in data.items():
+            if key == "preset":
+                cfg.preset = str(value)
+                continue
+            section = _section(cfg, key)
+            for name, raw in value.items():
+                _set_field(section, key, name, raw)
+        validate(cfg)
+        return cfg
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError("config JSON must be an object of sections")
+        return cls.from_dict(data)
+
+    def flat(self) -> dict[str, Any]:
+        """Flat ``section.field`` mapping, e.g. for MLflow params."""
+        out: dict[str, Any] = {"preset": self.preset}
+        for section in SECTIONS:
+            for name, value in dataclasses.asdict(getattr(self, section)).items():
+                out[f"{section}.{name}"] = value
+        return out
+
+
+SECTIONS = ("model", "loss", "optim", "data", "train")
+
+
+def _section(cfg: Config, name: str) -> Any:
+    if name not in SECTIONS:
+        raise ConfigError(f"unknown config section {name!r}; expected one of {', '.join(SECTIONS)}")
+    return getattr(cfg, name)
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    """Turn a JSON value or an override string into the field's declared type."""
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        args = typing.get_args(kind)
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} comma-separated values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected a boolean (true/false), got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(str(value).strip()) if isinstance(value, str) else int(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from exc
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from exc
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
+    if kind is str:
+        return str(value)
+    raise ConfigError(f"{where}: unsupported field type {kind!r}")
+
+
+def _set_field(section: Any, section_name: str, name: str, raw: Any) -> None:
+    hints = typing.get_type_hints(type(section))
+    if name not in hints:
+        valid = ", ".join(f.name for f in dataclasses.fields(section))
+        raise ConfigError(f"unknown field {section_name}.{name}; valid fields of {section_name}: {valid}")
+    setattr(section, name, _coerce(raw, hints[name], f"{section_name}.{name}"))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.field=value`` strings in order and validate the result."""
+    cfg = Config.from_dict(cfg.to_dict())
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected SECTION.FIELD=VALUE")
+        path, value = item.split("=", 1)
+        if path.count(".") != 1:
+            raise ConfigError(f"override {item!r}: expected SECTION.FIELD=VALUE, e.g. loss.symmetry_weight=0")
+        section_name, name = path.strip().split(".")
+        _set_field(_section(cfg, section_name), section_name, name, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that make a config unusable; raised before any work starts."""
+    m, loss, t = cfg.model, cfg.loss, cfg.train
+    ratio = m.image_resolution / m.neural_resolution
+    if ratio not in (1, 2, 4, 8):
+        raise ConfigError(
+            f"model.image_resolution={m.image_resolution} must be 1, 2, 4 or 8 times "
+            f"model.neural_resolution={m.neural_resolution}"
+        )
+    for name in ("image_resolution", "neural_resolution", "triplane_resolution"):
+        value = getattr(m, name)
+        if value < 4 or value & (value - 1):
+            raise ConfigError(f"model.{name}={value}: expected a power of two >= 4")
+    if m.ray_start >= m.ray_end or m.ray_start < 0:
+        raise ConfigError(f"model.ray_start={m.ray_start} must be >= 0 and below model.ray_end={m.ray_end}")
+    if loss.symmetry_mode not in ("flip_both", "flip_both_cars", "left_right"):
+        raise ConfigError(
+            f"loss.symmetry_mode={loss.symmetry_mode!r}: expected flip_both, flip_both_cars or left_right"
+        )
+    if cfg.data.synthetic_poses not in ("faces", "cars"):
+        raise ConfigError(f"data.synthetic_poses={cfg.data.synthetic_poses!r}: expected faces or cars")
+    positive = {
+        "train.batch": t.batch,
+        "train.workers": t.workers,
+        "loss.r1_interval": loss.r1_interval,
+        "loss.density_reg_interval": loss.density_reg_interval,
+        "model.depth_samples": m.depth_samples,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name}={value}: expected a positive value")
+    if t.batch % t.workers:
+        raise ConfigError(f"train.batch={t.batch} must be divisible by train.workers={t.workers}")
+    for name in ("kimg", "tick_kimg", "snapshot_kimg"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name}={getattr(t, name)}: expected a positive number")
+    if t.cpus_per_worker <= 0 and t.gpus_per_worker <= 0:
+        raise ConfigError("train.cpus_per_worker and train.gpus_per_worker cannot both be 0")
+    if cfg.data.resolution != m.image_resolution:
+        raise ConfigError(
+            f"data.resolution={cfg.data.resolution} must equal model.image_resolution={m.image_resolution}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+
+
+def _cars(cfg: Config) -> Config:
+    """The ShapeNet-cars camera and loss settings of the paper scripts."""
+    m = cfg.model
+    m.camera_radius, m.pivot, m.focal = 1.7, (0.0, 0.0, 0.0), CARS_FOCAL
+    m.ray_start, m.ray_end, m.box_warp, m.white_background = 0.1, 2.6, 1.6, True
+    m.yaw_center, m.pose_clamp = math.pi, True
+    m.depth_samples = m.importance_samples = 64
+    cfg.loss.r1_gamma, cfg.loss.dis_cam_weight, cfg.loss.pose_gd_weight = 0.3, 2.0, 2.0
+    cfg.loss.symmetry_mode = "flip_both_cars"
+    cfg.data.synthetic_poses = "cars"
+    return cfg
+
+
+def ffhq512() -> Config:
+    cfg = Config(preset="ffhq512")
+    cfg.model.num_fp16_res = 4
+    return cfg
+
+
+def cats256() -> Config:
+    cfg = Config(preset="cats256")
+    cfg.model.image_resolution = cfg.data.resolution = 256
+    cfg.model.pivot = (0.0, 0.0, 0.0)
+    cfg.model.num_fp16_res = 4
+    cfg.loss.r1_gamma, cfg.loss.dis_cam_weight = 5.0, 10.0
+    return cfg
+
+
+def cars128() -> Config:
+    cfg = _cars(Config(preset="cars128"))
+    cfg.model.image_resolution = cfg.data.resolution = 128
+    cfg.model.num_fp16_res = 4
+    return cfg
+
+
+def anchor() -> Config:
+    """Fixed benchmark size; must not drift (the reference is timed at exactly this size)."""
+    cfg = _cars(Config(preset="anchor"))
+    m = cfg.model
+    m.image_resolution = cfg.data.resolution = 128
+    m.neural_resolution, m.triplane_resolution, m.triplane_channels = 64, 256, 32
+    m.channel_base, m.channel_max = 8192, 128
+    m.disc_channel_base, m.disc_channel_max = 8192, 128
+    m.cmap_dim = 128
+    m.mapping_layers, m.z_dim, m.w_dim = 2, 512, 512
+    m.decoder_hidden, m.depth_samples, m.importance_samples = 64, 24, 24
+    m.num_fp16_res = 0
+    cfg.train.batch = 4
+    return cfg
+
+
+def tiny() -> Config:
+    """CPU-sized: 64 px output from 32 px rendering; a few minutes per thousand images on 2 cores."""
+    cfg = Config(preset="tiny")
+    m = cfg.model
+    m.z_dim = m.w_dim = 64
+    m.channel_base, m.channel_max = 1024, 64
+    m.disc_channel_base, m.disc_channel_max = 1024, 64
+    m.cmap_dim = 64
+    m.pose_hidden = 64
+    m.triplane_resolution, m.triplane_channels = 32, 16
+    m.decoder_hidden, m.decoder_features = 32, 16
+    m.neural_resolution, m.image_resolution = 32, 64
+    m.sr_channels = 32
+    m.depth_samples = m.importance_samples = 12
+    m.num_fp16_res = 0
+    cfg.data.resolution = 64
+    cfg.data.synthetic_n = 2000
+    cfg.loss.blur_fade_kimg = 5.0
+    cfg.loss.blur_init_sigma = 2.0
+    cfg.optim.ema_kimg = 0.5
+    t = cfg.train
+    t.kimg, t.batch, t.tick_kimg, t.snapshot_kimg = 1.0, 8, 0.2, 0.5
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], Config]] = {
+    "tiny": tiny,
+    "anchor": anchor,
+    "ffhq512": ffhq512,
+    "cats256": cats256,
+    "cars128": cars128,
+}
+
+
+def preset(name: str) -> Config:
+    """Return a fresh ``Config`` for a named preset."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    cfg = PRESETS[name]()
+    validate(cfg)
+    return cfg
+
+
+def load_config(name: str, overrides: list[str] | None = None) -> Config:
+    """Preset plus ``--set`` overrides, validated."""
+    return apply_overrides(preset(name), list(overrides or []))
