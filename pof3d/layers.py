@@ -1,0 +1,208 @@
+"""StyleGAN2 building blocks in plain PyTorch (no custom CUDA ops).
+
+Equalised learning rate: weights are stored at unit scale and multiplied by ``gain / sqrt(fan_in)`` at
+run time, so Adam's per-parameter steps are the same size for every layer; ``lr_mult`` scales a layer's
+effective learning rate (the mapping network uses 0.01).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LRELU_GAIN = math.sqrt(2.0)
+LRELU_SLOPE = 0.2
+
+
+def lrelu(x: torch.Tensor) -> torch.Tensor:
+    """Leaky ReLU scaled to keep unit variance, as in StyleGAN2."""
+    return F.leaky_relu(x, LRELU_SLOPE) * LRELU_GAIN
+
+
+class FullyConnected(nn.Module):
+    """Equalised-learning-rate linear layer with optional leaky-ReLU."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        activation: str = "linear",
+        lr_mult: float = 1.0,
+        bias_init: float = 0.0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if activation not in ("linear", "lrelu"):
+            raise ValueError(f"activation must be linear or lrelu, got {activation!r}")
+        self.activation = activation
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / lr_mult)
+        self.bias = nn.Parameter(torch.full((out_features,), float(bias_init) / lr_mult)) if bias else None
+        self.weight_gain = lr_mult / math.sqrt(in_features)
+        self.bias_gain = lr_mult
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight * self.weight_gain
+        b = self.bias * self.bias_gain if self.bias is not None else None
+        x = F.linear(x, w, b)
+        return lrelu(x) if self.activation == "lrelu" else x
+
+
+def _blur_kernel(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    k = torch.tensor([1.0, 3.0, 3.0, 1.0], device=device, dtype=dtype)
+    k = k[:, None] * k[None, :]
+    return k / k.sum()
+
+
+def blur(x: torch.Tensor) -> torch.Tensor:
+    """[1,3,3,1] low-pass filter (same size output), applied per channel."""
+    c = x.shape[1]
+    k = _blur_kernel(x.device, x.dtype).expand(c, 1, 4, 4)
+    return F.conv2d(F.pad(x, (2, 1, 2, 1), mode="reflect"), k, groups=c)
+
+
+def downsample2d(x: torch.Tensor) -> torch.Tensor:
+    """Anti-aliased 2x downsampling: low-pass, then keep every other pixel."""
+    return F.avg_pool2d(blur(x), 2)
+
+
+def upsample2d(x: torch.Tensor) -> torch.Tensor:
+    """2x upsampling with a bilinear kernel (the [1,3,3,1] filter's separable counterpart)."""
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Anti-aliased bilinear resize to ``size x size`` (used for dual discrimination of reals)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur; sigma in pixels (0 returns the input)."""
+    if sigma <= 0:
+        return x
+    radius = max(1, int(math.ceil(sigma * 3)))
+    radius = min(radius, x.shape[-1] - 1)
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.conv2d(
+        F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c
+    )
+    x = F.conv2d(
+        F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c
+    )
+    return x
+
+
+class Conv2dLayer(nn.Module):
+    """Equalised-learning-rate convolution with optional 2x down/upsampling and leaky-ReLU."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        activation: str = "lrelu",
+        down: bool = False,
+        up: bool = False,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        self.activation, self.down, self.up = activation, down, up
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size**2)
+        self.padding = kernel_size // 2
+
+    def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        if self.up:
+            x = upsample2d(x)
+        if self.down:
+            x = blur(x)
+        w = self.weight * self.weight_gain
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        x = F.conv2d(x, w.to(x.dtype), b, stride=2 if self.down else 1, padding=self.padding)
+        if self.activation == "lrelu":
+            x = lrelu(x)
+        return x * gain if gain != 1.0 else x
+
+
+class ModulatedConv2d(nn.Module):
+    """Style-modulated convolution (StyleGAN2), computed as scale -> conv -> demodulate.
+
+    Scaling the input channels by the style and the output channels by the demodulation coefficient
+    is equivalent to convolving with a per-sample modulated weight, but runs as one ordinary batched
+    convolution, which is faster than grouped convolutions on CPU and fuses well on GPU.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        w_dim: int,
+        *,
+        demodulate: bool = True,
+        up: bool = False,
+        activation: str = "lrelu",
+        use_noise: bool = False,
+        resolution: int = 0,
+    ) -> None:
+        super().__init__()
+        self.affine = FullyConnected(w_dim, in_channels, bias_init=1.0)
+        self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+        self.demodulate, self.up, self.activation = demodulate, up, activation
+        self.padding = kernel_size // 2
+        self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size**2)
+        self.use_noise = use_noise
+        if use_noise:
+            self.register_buffer("noise_const", torch.randn(resolution, resolution))
+            self.noise_strength = nn.Parameter(torch.zeros([]))
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
+        styles = self.affine(w) * (1.0 if self.demodulate else self.weight_gain)
+        weight = self.weight * self.weight_gain if self.demodulate else self.weight
+        if self.up:
+            x = upsample2d(x)
+        x = x * styles.to(x.dtype)[:, :, None, None]
+        x = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
+        if self.demodulate:
+            # d_j = 1 / sqrt(sum_i,k (s_i w_jik)^2): computed from the styles, not the activations.
+            dcoefs = (styles.square() @ weight.square().sum(dim=(2, 3)).t() + 1e-8).rsqrt()
+            x = x * dcoefs.to(x.dtype)[:, :, None, None]
+        if self.use_noise and noise_mode != "none":
+            if noise_mode == "const":
+                noise = self.noise_const.to(x.dtype)
+            else:
+                noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
+            x = x + noise * self.noise_strength.to(x.dtype)
+        x = x + self.bias.to(x.dtype)[None, :, None, None]
+        return lrelu(x) if self.activation == "lrelu" else x
+
+
+class MinibatchStd(nn.Module):
+    """Appends the per-group feature standard deviation as an extra channel (StyleGAN2)."""
+
+    def __init__(self, group_size: int = 4, num_channels: int = 1) -> None:
+        super().__init__()
+        self.group_size, self.num_channels = group_size, num_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = min(self.group_size, n)
+        if n % g:
+            g = 1
+        f = self.num_channels
+        y = x.reshape(g, -1, f, c // f, h, w)
+        y = (y - y.mean(dim=0)).square().mean(dim=0)
+        y = (y + 1e-8).sqrt().mean(dim=(2, 3, 4))
+        y = y.reshape(-1, f, 1, 1).repeat(g, 1, h, w)
+        return torch.cat((x, y), dim=1)
