@@ -10,8 +10,9 @@ import dataclasses
 import json
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from pof3d.errors import ConfigError
 
@@ -196,7 +197,7 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
             value = [v for v in value.strip("()[] ").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected {len(args)} comma-separated values, got {value!r}")
-        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
     if kind is bool:
         if isinstance(value, bool):
             return value
