@@ -75,7 +75,7 @@ def test_overrides_do_not_mutate_the_input() -> None:
         ("loss.symmetry_weight", "expected SECTION.FIELD=VALUE"),
         ("model.neural_resolution=48", "model.image_resolution=64 must be 1, 2, 4 or 8 times"),
         ("loss.symmetry_mode=diagonal", "loss.symmetry_mode='diagonal'"),
-        ("train.batch=7", "train.batch=7 must be divisible by train.workers"),
+        ("train.workers=3", "train.batch=8 must be divisible by train.workers=3"),
     ],
 )
 def test_bad_overrides_are_clear_errors(override: str, message: str) -> None:
