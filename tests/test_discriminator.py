@@ -1,0 +1,185 @@
+"""Pose-aware dual discriminator: shapes, conditioning, single backbone pass, gradient paths; EMA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pof3d.config import load_config
+from pof3d.discriminator import Discriminator
+from pof3d.ema import ema_beta, update_ema
+
+B = 4
+
+
+def _cfg(*overrides: str):
+    return load_config("tiny", list(overrides)).model
+
+
+def _inputs(cfg, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(B, 3, cfg.image_resolution, cfg.image_resolution, generator=g) * 2 - 1
+    raw = torch.rand(B, 3, cfg.neural_resolution, cfg.neural_resolution, generator=g) * 2 - 1
+    return image, raw
+
+
+def _frontal_poses(n: int = B) -> torch.Tensor:
+    return torch.full((n, 2), math.pi / 2)
+
+
+@pytest.fixture(scope="module")
+def disc() -> Discriminator:
+    torch.manual_seed(0)
+    return Discriminator(_cfg())
+
+
+def test_shapes_at_tiny(disc: Discriminator) -> None:
+    cfg = _cfg()
+    image, raw = _inputs(cfg)
+    logits, pred = disc(image, raw)
+    assert logits.shape == (B, 1) and logits.dtype == torch.float32
+    assert pred is not None and pred.shape == (B, 2)
+    assert torch.isfinite(logits).all() and torch.isfinite(pred).all()
+    # Blocks from 64 down to 8, each halving: 64, 32, 16, 8 -> 4x4 epilogue.
+    assert len(disc.blocks) == 4
+    assert disc.blocks[0].fromrgb is not None and disc.blocks[0].fromrgb.weight.shape[1] == 6
+    assert all(b.fromrgb is None for b in disc.blocks[1:])
+
+
+def test_zero_head_output_means_frontal_pose() -> None:
+    cfg = _cfg("model.yaw_center=3.14159", "model.pitch_center=1.5")
+    d = Discriminator(cfg)
+    last = d.pose_head[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+    _, pred = d(*_inputs(cfg))
+    assert torch.allclose(pred, torch.tensor([[3.14159, 1.5]]).expand(B, 2))
+
+
+def test_conditional_score_changes_with_condition(disc: Discriminator) -> None:
+    image, raw = _inputs(_cfg())
+    frontal, _ = disc(image, raw, pose=_frontal_poses())
+    side_pose = torch.tensor([[math.pi / 2 + 0.8, math.pi / 2 - 0.3]]).expand(B, 2)
+    side, _ = disc(image, raw, pose=side_pose)
+    assert not torch.allclose(frontal, side, atol=1e-4)
+    # The same condition gives the same score, and the raw image matters (dual discrimination).
+    again, _ = disc(image, raw, pose=_frontal_poses())
+    assert torch.equal(frontal, again)
+    other_raw, _ = disc(image, torch.zeros_like(raw), pose=_frontal_poses())
+    assert not torch.allclose(frontal, other_raw, atol=1e-4)
+
+
+def test_pseudo_label_is_the_predicted_pose(disc: Discriminator) -> None:
+    image, raw = _inputs(_cfg())
+    logits, pred = disc(image, raw)
+    conditioned, _ = disc(image, raw, pose=pred.detach())
+    assert torch.allclose(logits, conditioned, atol=1e-6)
+
+
+def test_pose_unaware_has_no_head_and_takes_no_condition() -> None:
+    cfg = _cfg("model.pose_aware_d=false")
+    d = Discriminator(cfg)
+    names = [n for n, _ in d.named_parameters()]
+    assert not any(n.startswith(("pose_head", "cmap")) for n in names)
+    assert d.out.weight.shape[0] == 1
+    image, raw = _inputs(cfg)
+    logits, pred = d(image, raw)
+    assert logits.shape == (B, 1) and pred is None
+    with pytest.raises(ValueError, match="no pose"):
+        d(image, raw, pose=_frontal_poses())
+    aware = Discriminator(_cfg())
+    assert sum(p.numel() for p in aware.parameters()) > sum(p.numel() for p in d.parameters())
+
+
+def test_backbone_runs_once_and_equals_two_pass_reference(disc: Discriminator) -> None:
+    image, raw = _inputs(_cfg(), seed=3)
+    calls = []
+    hooks = [blk.register_forward_hook(lambda *_: calls.append(1)) for blk in disc.blocks]
+    try:
+        logits, pred = disc(image, raw)
+        assert len(calls) == len(disc.blocks)  # every block exactly once
+    finally:
+        for h in hooks:
+            h.remove()
+    # The reference's two passes: predict the pose, then score again conditioned on it (detached).
+    pose_pass = disc.predict_pose(disc.features(image, raw))
+    score_pass = disc.score(disc.features(image, raw), pose_pass.detach())
+    assert torch.allclose(pred, pose_pass, atol=1e-6)
+    assert torch.allclose(logits, score_pass, atol=1e-6)
+
+
+def test_gradients_reach_pose_head_only_through_pose_loss(disc: Discriminator) -> None:
+    image, raw = _inputs(_cfg(), seed=5)
+    head = list(disc.pose_head.parameters())
+    cmap = list(disc.cmap.parameters())
+
+    disc.zero_grad(set_to_none=True)
+    logits, pred = disc(image, raw)
+    logits.sum().backward()
+    assert all(p.grad is None for p in head), "adversarial score leaked into the pose head"
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cmap)
+    assert disc.blocks[0].conv0.weight.grad.abs().sum() > 0
+
+    disc.zero_grad(set_to_none=True)
+    _, pred = disc(image, raw)
+    torch.nn.functional.mse_loss(pred, _frontal_poses() + 0.3).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
+    assert all(p.grad is None for p in cmap)
+    assert disc.out.weight.grad is None
+    disc.zero_grad(set_to_none=True)
+
+
+def test_gradient_to_images_for_r1(disc: Discriminator) -> None:
+    image, raw = _inputs(_cfg(), seed=7)
+    image.requires_grad_(True)
+    raw.requires_grad_(True)
+    logits, _ = disc(image, raw)
+    gi, gr = torch.autograd.grad(logits.sum(), [image, raw], create_graph=True)
+    assert gi.abs().sum() > 0 and gr.abs().sum() > 0
+
+
+def test_bad_shapes_raise(disc: Discriminator) -> None:
+    image, raw = _inputs(_cfg())
+    with pytest.raises(ValueError, match="image must be"):
+        disc(image[:, :, :32, :32], raw)
+    with pytest.raises(ValueError, match="pose must be"):
+        disc(image, raw, pose=torch.zeros(B, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA
+
+
+def test_ema_beta_matches_half_life_and_rampup() -> None:
+    # Without ramp-up: after ema_kimg*1000 images the old weights count half.
+    beta = ema_beta(batch=32, ema_kimg=10.0, ema_rampup=None, images_seen=10**9)
+    assert beta ** (10_000 / 32) == pytest.approx(0.5)
+    # Ramp-up caps the half-life at images_seen * rampup early in training.
+    early = ema_beta(batch=32, ema_kimg=10.0, ema_rampup=0.05, images_seen=64_000)
+    assert early == pytest.approx(0.5 ** (32 / 3200))
+    assert ema_beta(batch=32, ema_kimg=10.0, ema_rampup=0.05, images_seen=0) == 0.0
+    late = ema_beta(batch=32, ema_kimg=10.0, ema_rampup=0.05, images_seen=10**7)
+    assert late == pytest.approx(beta)
+
+
+def test_update_ema_interpolates_params_and_copies_buffers() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ema = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    model[1].running_mean.fill_(2.0)
+    before = [p.detach().clone() for p in ema.parameters()]
+    update_ema(ema, model, beta=0.9)
+    for p_ema, p_old, p in zip(ema.parameters(), before, model.parameters(), strict=True):
+        assert torch.allclose(p_ema, 0.9 * p_old + 0.1 * p.detach())
+    assert torch.equal(ema[1].running_mean, model[1].running_mean)
+    update_ema(ema, model, beta=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), model.parameters(), strict=True))
+
+
+def test_update_ema_refuses_mismatched_models() -> None:
+    with pytest.raises(ValueError, match="parameter"):
+        update_ema(nn.Linear(3, 4), nn.Sequential(nn.Linear(3, 4)), beta=0.5)
