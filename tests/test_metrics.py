@@ -1,0 +1,225 @@
+"""Metrics: JS identities, pose error, FID/KID maths with a stand-in network, Inception lookup, RE."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pof3d.camera import intrinsics, pose_to_cam2world
+from pof3d.metrics import fid as fidlib
+from pof3d.metrics.js import js_divergence, pose_bins, pose_histograms, pose_js
+from pof3d.metrics.pose import pose_error_deg, predict_poses
+from pof3d.metrics.reprojection import project, reprojection_error
+from pof3d.renderer import make_rays
+
+# ---------------------------------------------------------------------------------------------- JS
+
+
+def test_js_identical_is_zero_and_disjoint_is_ln2():
+    p = np.array([0.2, 0.3, 0.5, 0.0])
+    assert js_divergence(p, p) == pytest.approx(0.0, abs=1e-12)
+    assert js_divergence([1, 0, 0, 0], [0, 0, 1, 1]) == pytest.approx(math.log(2), abs=1e-12)
+    q = np.array([0.5, 0.3, 0.1, 0.1])
+    assert js_divergence(p, q) == pytest.approx(js_divergence(q, p))
+    assert 0 < js_divergence(p, q) < math.log(2)
+
+
+def test_js_rejects_bad_histograms():
+    with pytest.raises(ValueError, match="differ in size"):
+        js_divergence([1, 0], [1, 0, 0])
+    with pytest.raises(ValueError, match="positive mass"):
+        js_divergence([0, 0], [1, 0])
+
+
+def test_pose_js_on_samples():
+    rng = np.random.default_rng(0)
+    a = np.stack((rng.normal(math.pi / 2, 0.3, 20000), rng.normal(math.pi / 2, 0.15, 20000)), 1)
+    same = pose_js(a, a)
+    assert same == {"js": 0.0, "js_yaw": 0.0, "js_pitch": 0.0}
+    b = a + np.array([math.pi, 0.0])  # yaw turned half a circle: no overlap in yaw
+    far = pose_js(a, b)
+    assert far["js"] == pytest.approx(math.log(2), abs=1e-9)
+    assert far["js_yaw"] == pytest.approx(math.log(2), abs=1e-9)
+    assert far["js_pitch"] == pytest.approx(0.0, abs=1e-12)
+    near = pose_js(a, a + np.array([0.1, 0.0]))
+    assert 0 < near["js"] < far["js"]
+
+
+def test_pose_bins_and_wrap():
+    yaw, pitch = pose_bins(5.0)
+    assert len(yaw) == 73 and len(pitch) == 37
+    assert yaw[-1] == pytest.approx(2 * math.pi) and pitch[-1] == pytest.approx(math.pi)
+    with pytest.raises(ValueError, match="divisor of 180"):
+        pose_bins(7.0)
+    # yaw -0.01 rad wraps to just below 2 pi; NaN rows are dropped.
+    hist = pose_histograms(np.array([[-0.01, 1.0], [np.nan, 1.0]]))
+    assert hist["yaw"][-1] == 1.0 and hist["joint"].sum() == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------- pose
+
+
+def test_pose_error_perfect_predictor_is_zero_and_offsets_are_degrees():
+    true = torch.tensor([[math.pi / 2, math.pi / 2], [1.2, 1.4], [2.0, 1.7], [float("nan"), 1.0]])
+    assert pose_error_deg(true.clone(), true) == pytest.approx(0.0, abs=1e-5)
+    # At the equator (v = pi/2) a yaw offset of 10 degrees is a 10 degree viewing-angle error.
+    eq = torch.tensor([[1.0, math.pi / 2], [2.0, math.pi / 2]])
+    assert pose_error_deg(eq + torch.tensor([math.radians(10), 0.0]), eq) == pytest.approx(10.0, abs=1e-4)
+    with pytest.raises(ValueError, match="finite"):
+        pose_error_deg(eq, torch.full_like(eq, float("nan")))
+
+
+def test_predict_poses_batches():
+    images = torch.randn(10, 3, 8, 8)
+    seen = []
+
+    def predictor(x):
+        seen.append(len(x))
+        return x.mean(dim=(1, 2, 3))[:, None].repeat(1, 2)
+
+    out = predict_poses(predictor, images, batch=4)
+    assert seen == [4, 4, 2] and out.shape == (10, 2)
+    assert torch.allclose(out[:, 0], images.mean(dim=(1, 2, 3)))
+
+
+# ------------------------------------------------------------------------------------- FID/KID
+
+
+def _stand_in_features() -> fidlib.FeatureFn:
+    """A small fixed random conv net: enough to tell image sets apart."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+    ).eval()
+    return lambda images: net(images)
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.linspace(-1, 1, 16)
+    ramp = base[None, None, :, None] * base[None, None, None, :]
+    return (ramp * torch.rand(n, 3, 1, 1, generator=g) + 0.1 * torch.randn(n, 3, 16, 16, generator=g)).clamp(
+        -1, 1
+    )
+
+
+def test_fid_and_kid_zero_on_identical_sets_and_grow_with_noise():
+    feature_fn = _stand_in_features()
+    real = _images(400, seed=1)
+    batches = lambda x: [x[i : i + 100] for i in range(0, len(x), 100)]  # noqa: E731
+    f_real = fidlib.compute_features(feature_fn, batches(real))
+    assert f_real.shape == (400, 128)
+    assert fidlib.fid_from_features(f_real, f_real) == pytest.approx(0.0, abs=1e-6)
+    assert abs(fidlib.kid_from_features(f_real, f_real, num_subsets=10)) < 1e-4
+    fids, kids = [], []
+    g = torch.Generator().manual_seed(2)
+    for sigma in (0.05, 0.2, 0.5):
+        noisy = (real + sigma * torch.randn(real.shape, generator=g)).clamp(-1, 1)
+        f_fake = fidlib.compute_features(feature_fn, batches(noisy))
+        fids.append(fidlib.fid_from_features(f_real, f_fake))
+        kids.append(fidlib.kid_from_features(f_real, f_fake, num_subsets=10))
+    assert 0 < fids[0] < fids[1] < fids[2]
+    assert kids[0] < kids[1] < kids[2] and kids[2] > 0
+
+
+def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    s1, s2 = np.diag([1.0, 4.0, 9.0]), np.diag([4.0, 1.0, 1.0])
+    expected = 5.0 + sum((math.sqrt(a) - math.sqrt(b)) ** 2 for a, b in ((1, 4), (4, 1), (9, 1)))
+    assert fidlib.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected)
+
+
+def test_missing_inception_error_is_exact(tmp_path, monkeypatch):
+    monkeypatch.setenv(fidlib.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(fidlib.INCEPTION_ENV, raising=False)
+    with pytest.raises(fidlib.WeightsError) as info:
+        fidlib.find_inception()
+    message = str(info.value)
+    assert "inception-2015-12-05.pt" in message
+    assert "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4" in message
+    assert str(tmp_path / "cache" / "inception-2015-12-05.pt") in message
+    assert fidlib.INCEPTION_URL in message and "POF3D_INCEPTION" in message
+
+
+def test_inception_checksum_is_verified(tmp_path, monkeypatch):
+    bad = tmp_path / "inception-2015-12-05.pt"
+    bad.write_bytes(b"not the network")
+    monkeypatch.setenv(fidlib.INCEPTION_ENV, str(bad))
+    with pytest.raises(fidlib.WeightsError, match=fidlib.sha256_file(bad)) as info:
+        fidlib.load_inception()
+    assert fidlib.INCEPTION_SHA256 in str(info.value) and str(bad) in str(info.value)
+
+
+def test_real_features_are_cached(tmp_path):
+    calls = []
+
+    def feature_fn(x):
+        calls.append(len(x))
+        return x.flatten(1)[:, :5]
+
+    images = lambda: [torch.randn(4, 3, 4, 4)]  # noqa: E731
+    first = fidlib.cached_features(feature_fn, images, "abc", tmp_path)
+    second = fidlib.cached_features(feature_fn, images, "abc", tmp_path)
+    assert calls == [4] and np.array_equal(first, second)
+    fidlib.cached_features(feature_fn, images, "other", tmp_path)
+    assert calls == [4, 4]
+
+
+# ------------------------------------------------------------------------------------------ RE
+
+FOCAL, RADIUS, SPHERE = 4.26, 2.7, 0.25
+
+
+def _render_sphere(pose: torch.Tensor, res: int, bump: float = 0.0):
+    """Analytic render of a textured sphere at the origin: colour is a function of the surface point."""
+    cam = pose_to_cam2world(pose, RADIUS, (0.0, 0.0, 0.0))
+    origins, dirs = make_rays(cam, intrinsics(FOCAL, len(pose)), res)
+    b = (origins * dirs).sum(-1)
+    disc = b**2 - ((origins**2).sum(-1) - SPHERE**2)
+    hit = disc > 0
+    t = torch.where(hit, -b - disc.clamp(min=0).sqrt(), torch.full_like(b, 4.0))
+    p = origins + dirs * t[..., None]
+    colour = torch.stack((torch.sin(12 * p[..., 0]), torch.cos(10 * p[..., 1]), torch.sin(9 * p[..., 2])), -1)
+    colour = torch.where(hit[..., None], colour, torch.full_like(colour, -1.0))
+    depth = t + bump * torch.sin(40 * p[..., 0]) * torch.sin(40 * p[..., 1]) * hit
+    shape = (len(pose), res, res)
+    return (
+        colour.reshape(*shape, 3).permute(0, 3, 1, 2),
+        depth.reshape(*shape)[:, None],
+        hit.reshape(*shape)[:, None],
+        cam,
+    )
+
+
+def test_projection_inverts_rays():
+    pose = torch.tensor([[1.3, 1.4]])
+    cam = pose_to_cam2world(pose, RADIUS, (0.0, 0.0, 0.0))
+    origins, dirs = make_rays(cam, intrinsics(FOCAL, 1), 8)
+    uv, dist = project(origins + 2.5 * dirs, cam, FOCAL)
+    centres = (torch.arange(8) + 0.5) / 8
+    assert torch.allclose(uv[0, :, 0].reshape(8, 8), centres[None].expand(8, 8), atol=1e-5)
+    assert torch.allclose(uv[0, :, 1].reshape(8, 8), centres[:, None].expand(8, 8), atol=1e-5)
+    assert torch.allclose(dist, torch.full_like(dist, 2.5), atol=1e-5)
+
+
+def test_reprojection_error_zero_for_consistent_geometry_and_grows_when_perturbed():
+    pose1 = torch.tensor([[math.pi / 2, math.pi / 2], [1.2, 1.5]])
+    pose2 = pose1 + torch.tensor([math.radians(20), 0.0])
+    img1, depth1, fg1, cam1 = _render_sphere(pose1, 64)
+    img2, depth2, fg2, cam2 = _render_sphere(pose2, 64)
+    consistent = reprojection_error(img1, depth1, cam1, img2, depth2, cam2, FOCAL, fg1, fg2)
+    assert consistent.shape == (2,) and torch.isfinite(consistent).all()
+    assert consistent.max() < 0.01
+    errors = []
+    for bump in (0.01, 0.03):
+        _, bumpy, _, _ = _render_sphere(pose1, 64, bump=bump)
+        errors.append(reprojection_error(img1, bumpy, cam1, img2, depth2, cam2, FOCAL, fg1, fg2).mean())
+    assert consistent.mean() * 3 < errors[0] < errors[1]
