@@ -1,0 +1,221 @@
+"""The training step in plain PyTorch: phases on their intervals, optimisers, EMA, counters.
+
+Knows nothing of Ray. When ``torch.distributed`` is initialised (Ray Train sets up the process group)
+the trainer is data parallel: parameters and buffers are broadcast from rank 0 at construction and
+gradients are averaged over workers (one flattened all-reduce per phase, as EG3D does) before each
+optimiser step. ``train_step`` gets this worker's part of the global batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pof3d.checkpoint import rng_state, set_rng_state
+from pof3d.config import Config
+from pof3d.discriminator import Discriminator
+from pof3d.ema import ema_beta, update_ema
+from pof3d.errors import TrainingError
+from pof3d.generator import Generator
+from pof3d.loss import PoF3DLoss
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Phase:
+    """One optimiser step of a network on its interval; ``gain`` = interval for lazy regularisers."""
+
+    name: str
+    module: nn.Module
+    opt: torch.optim.Optimizer
+    interval: int
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices): every random draw of training goes through these."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lazy_adam(
+    groups: list[dict], beta1: float, beta2: float, eps: float, reg_interval: int
+) -> torch.optim.Adam:
+    """Adam with EG3D's lazy-regularisation correction.
+
+    A regulariser applied every ``k`` steps adds one optimiser step per ``k`` main steps; scaling the
+    learning rates and the betas by ``mb_ratio = k / (k + 1)`` keeps the optimiser's per-image behaviour
+    as if both ran every step.
+    """
+    mb_ratio = reg_interval / (reg_interval + 1) if reg_interval > 0 else 1.0
+    scaled = [dict(g, lr=g["lr"] * mb_ratio) for g in groups]
+    return torch.optim.Adam(scaled, betas=(beta1**mb_ratio, beta2**mb_ratio), eps=eps)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """Builds G, D, G_ema and their optimisers; ``train_step(real)`` runs one training iteration.
+
+    Phases per step, in EG3D's order: ``G_main`` every step, ``G_density`` every
+    ``loss.density_reg_interval`` steps, ``D_main`` every step, ``D_r1`` every ``loss.r1_interval``
+    steps. A regulariser whose weight is zero has no phase and no optimiser correction.
+    """
+
+    def __init__(self, cfg: Config, device: torch.device | str = "cpu", seed: int = 0) -> None:
+        self.cfg, self.device, self.seed = cfg, torch.device(device), seed
+        self.rank, self.world_size = _world()
+        seed_everything(seed)
+        self.G = Generator(cfg.model).to(self.device).train()
+        self.D = Discriminator(cfg.model).to(self.device).train()
+        if self.world_size > 1:
+            self._broadcast(self.G)
+            self._broadcast(self.D)
+            seed_everything(seed + self.rank)  # each worker draws its own latents and noise
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.loss = PoF3DLoss(self.G, self.D, cfg)
+        self.phases = self._build_phases()
+        self.images_seen = 0
+        self.step = 0
+        if cfg.train.compile:
+            logger.warning("train.compile is set but compiling the training step does not pay; running eager")
+
+    def _build_phases(self) -> list[Phase]:
+        o, loss = self.cfg.optim, self.cfg.loss
+        g_reg = loss.density_reg_interval if loss.density_reg_weight > 0 else 0
+        d_reg = loss.r1_interval if loss.r1_gamma > 0 else 0
+        opt_G = lazy_adam(
+            [
+                {"params": self.G.main_parameters(), "lr": o.g_lr},
+                {"params": self.G.pose_parameters(), "lr": o.pose_lr},
+            ],
+            o.beta1,
+            o.beta2,
+            o.eps,
+            g_reg,
+        )
+        opt_D = lazy_adam(
+            [{"params": list(self.D.parameters()), "lr": o.d_lr}], o.beta1, o.beta2, o.eps, d_reg
+        )
+        phases = [Phase("G_main", self.G, opt_G, 1)]
+        if g_reg:
+            phases.append(Phase("G_density", self.G, opt_G, g_reg))
+        phases.append(Phase("D_main", self.D, opt_D, 1))
+        if d_reg:
+            phases.append(Phase("D_r1", self.D, opt_D, d_reg))
+        return phases
+
+    @property
+    def opt_G(self) -> torch.optim.Optimizer:
+        return self.phases[0].opt
+
+    @property
+    def opt_D(self) -> torch.optim.Optimizer:
+        return next(p.opt for p in self.phases if p.name == "D_main")
+
+    # ------------------------------------------------------------------------------------------
+
+    def train_step(self, real: torch.Tensor) -> dict[str, float]:
+        """One iteration on this worker's real batch ``[b, 3, H, W]`` in [-1, 1]; returns figures."""
+        start = time.perf_counter()
+        real = real.to(self.device, torch.float32, non_blocking=True)
+        figures: dict[str, torch.Tensor] = {}
+        for phase in self.phases:
+            if self.step % phase.interval:
+                continue
+            phase.opt.zero_grad(set_to_none=True)
+            figs = self.loss.accumulate_gradients(
+                phase.name, real, gain=float(phase.interval), images_seen=self.images_seen
+            )
+            self._check_finite(phase.name, figs)
+            self._average_gradients(phase.module)
+            phase.opt.step()
+            figures.update(figs)
+        batch = real.shape[0] * self.world_size
+        self.images_seen += batch
+        o = self.cfg.optim
+        update_ema(self.G_ema, self.G, ema_beta(batch, o.ema_kimg, o.ema_rampup, self.images_seen))
+        self.step += 1
+        out = dict(zip(figures, torch.stack(list(figures.values())).tolist(), strict=True)) if figures else {}
+        elapsed = time.perf_counter() - start
+        out["blur_sigma"] = self.loss.blur_sigma(self.images_seen - batch)
+        out["time/step_s"] = elapsed
+        out["images_per_s"] = batch / elapsed
+        return out
+
+    def _check_finite(self, phase: str, figures: dict[str, torch.Tensor]) -> None:
+        if not figures:
+            return
+        values = torch.stack([v.float() for v in figures.values()])
+        if bool(torch.isfinite(values).all()):
+            return
+        bad = {k: float(v) for k, v in figures.items() if not torch.isfinite(v)}
+        raise TrainingError(
+            f"non-finite loss in phase {phase} at step {self.step} (images seen {self.images_seen}): {bad}; "
+            "expected finite values; lower the learning rates or check the data"
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Data parallel
+
+    @staticmethod
+    def _broadcast(module: nn.Module) -> None:
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+    def _average_gradients(self, module: nn.Module) -> None:
+        """Average gradients over workers with one flattened all-reduce (missing grads count as 0)."""
+        if self.world_size == 1:
+            return
+        params = [p for p in module.parameters() if p.requires_grad]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(self.world_size)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p)
+            offset += n
+
+    # ------------------------------------------------------------------------------------------
+    # State
+
+    def state_dict(self) -> dict:
+        """Networks, optimisers, counters and RNG states (tensors and plain containers only)."""
+        return {
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict(),
+            "opt_G": self.opt_G.state_dict(),
+            "opt_D": self.opt_D.state_dict(),
+            "images_seen": int(self.images_seen),
+            "step": int(self.step),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; with several workers each re-derives its own random stream."""
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.G_ema.load_state_dict(state["G_ema"])
+        self.opt_G.load_state_dict(state["opt_G"])
+        self.opt_D.load_state_dict(state["opt_D"])
+        self.images_seen = int(state["images_seen"])
+        self.step = int(state["step"])
+        set_rng_state(state["rng"])
+        if self.world_size > 1:
+            seed_everything(self.seed + self.rank + 1_000_003 * self.step)

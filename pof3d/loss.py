@@ -1,0 +1,337 @@
+"""PoF3D losses by training phase: adversarial, pose, symmetry and the lazy regularisers.
+
+Phases (EG3D-style lazy regularisation; the trainer runs each on its interval with its own
+optimiser step and passes ``gain`` = the interval for the regularisers):
+
+- ``G_main``: non-saturating loss on fakes, plus ``symmetry_weight`` times the same loss on the render
+  of the same latent from the mirrored camera, plus the pose regulariser
+  ``pose_gd_weight * MSE(Psi(z), stopgrad(D_pose(G(z))))`` whose gradient reaches only the pose
+  learner (w is detached into the pose learner for this term).
+- ``G_density``: ``density_reg_weight * L1(sigma(x), sigma(x + eps))`` at random points x in the box.
+- ``D_main``: softplus(D(fake)) + ``symmetry_weight`` * softplus(D(mirrored fake)) + softplus(-D(real))
+  + ``dis_cam_weight * MSE(D_pose(fake), Psi(z).detach())``.
+- ``D_r1``: ``r1_gamma / 2 * (|dD/d image|^2 + |dD/d image_raw|^2)`` on reals.
+
+A term whose weight is zero (or that needs a pose head when ``pose_aware_d`` is off) is not computed
+at all: no render, no D pass, no contribution to any gradient.
+
+With ``loss.share_passes`` (default) the work the reference repeats is done once; each choice keeps
+what every term computes in expectation (it only changes which random draws are reused):
+
+1. The mirrored render shares the latent's mapping and tri-planes with the normal render: only the
+   rays, the volume rendering and the super-resolution run twice. The backbone's backward pass also
+   runs once, for the summed gradient of both terms.
+2. The pose regulariser's target is D's pose prediction on the G-main fakes, which the G-main D pass
+   already computes; the term then costs one pose-learner forward on detached w, instead of a third
+   full generator pass and another D pass.
+3. In ``D_main`` the pose loss and the fake logits use the same rendered fakes and the same D pass
+   (the discriminator computes its pose head and its score from one backbone pass).
+4. All ``G_main`` terms are backpropagated together (one backward instead of three).
+
+With ``share_passes=False`` every term gets its own generator and discriminator passes and its own
+backward, as the reference does; this is kept for validation and timing comparisons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pof3d.camera import angular_error, mirror_pose
+from pof3d.config import Config
+from pof3d.layers import gaussian_blur, resize
+
+logger = logging.getLogger(__name__)
+
+PHASES = ("G_main", "G_density", "D_main", "D_r1")
+DENSITY_POINTS = 1000  # random points per latent for the density regulariser (as EG3D)
+
+Figures = dict[str, torch.Tensor]
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Stop a network's parameters from collecting gradients while gradients still flow through it."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+
+
+class PoF3DLoss:
+    """Computes one phase's losses for a generator/discriminator pair and accumulates their gradients.
+
+    ``noise_mode`` is the generator's noise mode for training passes ("const" makes G deterministic in
+    tests, together with ``G.eval()`` which turns off the renderer's depth jitter).
+    """
+
+    def __init__(self, G: nn.Module, D: nn.Module, cfg: Config, noise_mode: str = "random") -> None:
+        self.G, self.D, self.cfg = G, D, cfg
+        self.noise_mode = noise_mode
+
+    # ------------------------------------------------------------------------------------------
+    # Switches
+
+    @property
+    def symmetry_on(self) -> bool:
+        return self.cfg.loss.symmetry_weight > 0
+
+    @property
+    def pose_gd_on(self) -> bool:
+        return self.cfg.model.pose_aware_d and self.cfg.loss.pose_gd_weight > 0
+
+    @property
+    def dis_cam_on(self) -> bool:
+        return self.cfg.model.pose_aware_d and self.cfg.loss.dis_cam_weight > 0
+
+    def phase_active(self, phase: str) -> bool:
+        """Whether a phase has any term with a non-zero weight (inactive phases are skipped)."""
+        if phase == "G_density":
+            return self.cfg.loss.density_reg_weight > 0
+        if phase == "D_r1":
+            return self.cfg.loss.r1_gamma > 0
+        if phase in ("G_main", "D_main"):
+            return True
+        raise ValueError(f"unknown phase {phase!r}; expected one of {', '.join(PHASES)}")
+
+    def blur_sigma(self, images_seen: int) -> float:
+        """Blur of images seen by D, fading linearly to zero over ``blur_fade_kimg`` (EG3D)."""
+        loss = self.cfg.loss
+        if loss.blur_fade_kimg <= 0:
+            return 0.0
+        return max(1.0 - images_seen / (loss.blur_fade_kimg * 1e3), 0.0) * loss.blur_init_sigma
+
+    # ------------------------------------------------------------------------------------------
+    # Building blocks
+
+    def mirror(self, pose: torch.Tensor) -> torch.Tensor:
+        """Mirrored camera pose; with ``flip_both*`` a fair coin per batch picks left-right or up-down."""
+        mode = self.cfg.loss.symmetry_mode
+        axis = "left_right"
+        if mode != "left_right" and random.random() >= 0.5:
+            axis = "up_down"
+        return mirror_pose(pose, axis, cars=mode == "flip_both_cars")
+
+    def run_D(
+        self, image: torch.Tensor, image_raw: torch.Tensor, sigma: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """D on (blurred) images: logits conditioned on D's own detached pose prediction, and that pose."""
+        return self.D(gaussian_blur(image, sigma), image_raw)
+
+    def real_raw(self, real: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Raw counterpart of reals: filtered down to the neural resolution, blurred as EG3D does."""
+        return gaussian_blur(resize(real, self.cfg.model.neural_resolution), sigma)
+
+    def latents(self, batch: int, device: torch.device) -> torch.Tensor:
+        return torch.randn(batch, self.cfg.model.z_dim, device=device)
+
+    def _generate(
+        self, z: torch.Tensor, mirrored: bool = False, update_w_avg: bool = False
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """A full generator pass (mapping, pose, tri-planes, render) from the learned or mirrored pose."""
+        G = self.G
+        ws = G.map(z, update_w_avg=update_w_avg)
+        pose = G.predict_pose(ws)
+        planes = G.synthesize_planes(ws, noise_mode=self.noise_mode)
+        render_pose = self.mirror(pose) if mirrored else pose
+        return G.render(planes, ws, render_pose, noise_mode=self.noise_mode), pose
+
+    # ------------------------------------------------------------------------------------------
+    # Phases
+
+    def accumulate_gradients(
+        self, phase: str, real: torch.Tensor, gain: float = 1.0, images_seen: int = 0
+    ) -> Figures:
+        """Run one phase on this worker's ``real`` batch and backpropagate ``gain`` * its loss.
+
+        Returns detached scalar figures (losses and statistics) for logging. The latent batch has the
+        size of ``real``.
+        """
+        if not self.phase_active(phase):
+            return {}
+        sigma = self.blur_sigma(images_seen)
+        if phase == "G_main":
+            with frozen(self.D):
+                return self._g_main(real.shape[0], real.device, gain, sigma)
+        if phase == "G_density":
+            with frozen(self.D):
+                return self._g_density(real.shape[0], real.device, gain)
+        if phase == "D_main":
+            with frozen(self.G):
+                return self._d_main(real, gain, sigma)
+        with frozen(self.G):
+            return self._d_r1(real, gain, sigma)
+
+    def _g_main(self, batch: int, device: torch.device, gain: float, sigma: float) -> Figures:
+        loss_cfg = self.cfg.loss
+        z = self.latents(batch, device)
+        if not loss_cfg.share_passes:
+            return self._g_main_independent(z, gain, sigma)
+        G = self.G
+        ws = G.map(z)
+        pose = G.predict_pose(ws)
+        planes = G.synthesize_planes(ws, noise_mode=self.noise_mode)
+        fake = G.render(planes, ws, pose, noise_mode=self.noise_mode)
+        logits, pred_pose = self.run_D(fake["image"], fake["image_raw"], sigma)
+        adv = F.softplus(-logits).mean()
+        total, figures = adv, {"loss/G_adv": adv.detach(), "scores/G_fake": logits.detach().mean()}
+        if self.symmetry_on:
+            # Sharing 1: same ws and tri-planes, new camera.
+            flipped = G.render(planes, ws, self.mirror(pose), noise_mode=self.noise_mode)
+            flip_logits, _ = self.run_D(flipped["image"], flipped["image_raw"], sigma)
+            sym = F.softplus(-flip_logits).mean()
+            total = total + loss_cfg.symmetry_weight * sym
+            figures["loss/G_sym"] = sym.detach()
+        if self.pose_gd_on:
+            # Sharing 2: D's pose prediction from the pass above is the (detached) target.
+            assert pred_pose is not None
+            pose_reg = F.mse_loss(G.predict_pose(ws.detach()), pred_pose.detach())
+            total = total + loss_cfg.pose_gd_weight * pose_reg
+            figures["loss/G_pose"] = pose_reg.detach()
+        total.mul(gain).backward()
+        figures.update(pose_figures(pose.detach()))
+        return figures
+
+    def _g_main_independent(self, z: torch.Tensor, gain: float, sigma: float) -> Figures:
+        """The reference's schedule: a full G pass (and backward) per term."""
+        loss_cfg, G = self.cfg.loss, self.G
+        fake, pose = self._generate(z)
+        logits, _ = self.run_D(fake["image"], fake["image_raw"], sigma)
+        adv = F.softplus(-logits).mean()
+        adv.mul(gain).backward()
+        figures = {"loss/G_adv": adv.detach(), "scores/G_fake": logits.detach().mean()}
+        if self.symmetry_on:
+            flipped, _ = self._generate(z, mirrored=True)
+            flip_logits, _ = self.run_D(flipped["image"], flipped["image_raw"], sigma)
+            sym = F.softplus(-flip_logits).mean()
+            sym.mul(loss_cfg.symmetry_weight * gain).backward()
+            figures["loss/G_sym"] = sym.detach()
+        if self.pose_gd_on:
+            ws = G.map(z)
+            own_pose = G.predict_pose(ws.detach())
+            planes = G.synthesize_planes(ws, noise_mode=self.noise_mode)
+            render = G.render(planes, ws, own_pose, noise_mode=self.noise_mode)
+            _, pred_pose = self.run_D(render["image"], render["image_raw"], sigma)
+            assert pred_pose is not None
+            pose_reg = F.mse_loss(own_pose, pred_pose.detach())
+            pose_reg.mul(loss_cfg.pose_gd_weight * gain).backward()
+            figures["loss/G_pose"] = pose_reg.detach()
+        figures.update(pose_figures(pose.detach()))
+        return figures
+
+    def _g_density(self, batch: int, device: torch.device, gain: float) -> Figures:
+        """L1 between raw densities at random points in the box and at slightly perturbed points."""
+        loss_cfg, G = self.cfg.loss, self.G
+        ws = G.map(self.latents(batch, device))
+        planes = G.synthesize_planes(ws, noise_mode=self.noise_mode)
+        half = 0.5 * self.cfg.model.box_warp
+        points = (torch.rand(batch, DENSITY_POINTS, 3, device=device) * 2 - 1) * half
+        perturbed = points + torch.randn_like(points) * loss_cfg.density_reg_sigma
+        sigma = G.density(planes, torch.cat((points, perturbed), dim=1))
+        tv = F.l1_loss(sigma[:, :DENSITY_POINTS], sigma[:, DENSITY_POINTS:])
+        (tv * loss_cfg.density_reg_weight).mul(gain).backward()
+        return {"loss/G_density": tv.detach()}
+
+    def _d_main(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
+        if not self.cfg.loss.share_passes:
+            return self._d_main_independent(real, gain, sigma)
+        loss_cfg, G = self.cfg.loss, self.G
+        z = self.latents(real.shape[0], real.device)
+        with torch.no_grad():
+            ws = G.map(z, update_w_avg=True)
+            pose = G.predict_pose(ws)
+            planes = G.synthesize_planes(ws, noise_mode=self.noise_mode)
+            fake = G.render(planes, ws, pose, noise_mode=self.noise_mode)
+            flipped = None
+            if self.symmetry_on:
+                flipped = G.render(planes, ws, self.mirror(pose), noise_mode=self.noise_mode)
+        # Sharing 3: one D pass on the fakes gives both the fake logits and the pose prediction.
+        logits, pred_pose = self.run_D(fake["image"], fake["image_raw"], sigma)
+        fake_loss = F.softplus(logits).mean()
+        total = fake_loss
+        figures = {"loss/D_fake": fake_loss.detach(), "scores/D_fake": logits.detach().mean()}
+        if self.dis_cam_on:
+            assert pred_pose is not None
+            total = total + loss_cfg.dis_cam_weight * self._pose_figures(pred_pose, pose, figures)
+        if flipped is not None:
+            flip_logits, _ = self.run_D(flipped["image"], flipped["image_raw"], sigma)
+            sym = F.softplus(flip_logits).mean()
+            total = total + loss_cfg.symmetry_weight * sym
+            figures["loss/D_sym"] = sym.detach()
+        total = total + self._real_loss(real, sigma, figures)
+        total.mul(gain).backward()
+        return figures
+
+    def _d_main_independent(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
+        """The reference's schedule: separate G passes for the pose loss, the fakes and the mirror."""
+        loss_cfg = self.cfg.loss
+        z = self.latents(real.shape[0], real.device)
+        figures: Figures = {}
+        if self.dis_cam_on:
+            with torch.no_grad():
+                fake, pose = self._generate(z, update_w_avg=True)
+            _, pred_pose = self.run_D(fake["image"], fake["image_raw"], sigma)
+            assert pred_pose is not None
+            pose_loss = self._pose_figures(pred_pose, pose, figures)
+            pose_loss.mul(loss_cfg.dis_cam_weight * gain).backward()
+        with torch.no_grad():
+            fake, _ = self._generate(z, update_w_avg=True)
+        logits, _ = self.run_D(fake["image"], fake["image_raw"], sigma)
+        fake_loss = F.softplus(logits).mean()
+        fake_loss.mul(gain).backward()
+        figures.update({"loss/D_fake": fake_loss.detach(), "scores/D_fake": logits.detach().mean()})
+        if self.symmetry_on:
+            with torch.no_grad():
+                flipped, _ = self._generate(z, mirrored=True, update_w_avg=True)
+            flip_logits, _ = self.run_D(flipped["image"], flipped["image_raw"], sigma)
+            sym = F.softplus(flip_logits).mean()
+            sym.mul(loss_cfg.symmetry_weight * gain).backward()
+            figures["loss/D_sym"] = sym.detach()
+        self._real_loss(real, sigma, figures).mul(gain).backward()
+        return figures
+
+    def _pose_figures(self, pred_pose: torch.Tensor, pose: torch.Tensor, figures: Figures) -> torch.Tensor:
+        """D's pose loss on fakes with known pose; records it and the angular error in degrees."""
+        pose_loss = F.mse_loss(pred_pose, pose.detach())
+        figures["loss/D_pose"] = pose_loss.detach()
+        figures["pose/D_error_deg"] = torch.rad2deg(angular_error(pred_pose.detach(), pose.detach())).mean()
+        return pose_loss
+
+    def _real_loss(self, real: torch.Tensor, sigma: float, figures: Figures) -> torch.Tensor:
+        logits, _ = self.run_D(real, self.real_raw(real, sigma), sigma)
+        real_loss = F.softplus(-logits).mean()
+        figures["loss/D_real"] = real_loss.detach()
+        figures["scores/D_real"] = logits.detach().mean()
+        return real_loss
+
+    def _d_r1(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
+        """R1 on both D inputs; the blur of the image is inside the graph, as in EG3D."""
+        image = real.detach().requires_grad_(True)
+        image_raw = self.real_raw(real.detach(), sigma).requires_grad_(True)
+        logits, _ = self.run_D(image, image_raw, sigma)
+        grads = torch.autograd.grad(logits.sum(), [image, image_raw], create_graph=True)
+        penalty = sum(g.square().sum(dim=(1, 2, 3)) for g in grads)
+        loss = (penalty * (self.cfg.loss.r1_gamma / 2)).mean()
+        loss.mul(gain).backward()
+        return {"loss/D_r1": loss.detach(), "r1_penalty": penalty.detach().mean()}
+
+
+def pose_figures(pose: torch.Tensor) -> Figures:
+    """Mean and spread of the learned pose in degrees (how wide a pose distribution G has found)."""
+    deg = torch.rad2deg(pose.float())
+    std = deg.std(dim=0) if deg.shape[0] > 1 else torch.zeros(2, device=deg.device)
+    return {
+        "pose/h_mean_deg": deg[:, 0].mean(),
+        "pose/h_std_deg": std[0],
+        "pose/v_mean_deg": deg[:, 1].mean(),
+        "pose/v_std_deg": std[1],
+    }
