@@ -1,0 +1,73 @@
+"""Tri-plane feature lookup and the small MLP that turns features into density and colour.
+
+A 3D point inside the box of side ``box_warp`` is projected orthogonally onto three axis-aligned
+planes (xy, xz, zy); the bilinearly sampled features of the three planes are averaged and decoded by
+a one-hidden-layer MLP, as in EG3D.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pof3d.layers import FullyConnected
+
+# For each plane, the world axes read as (grid x, grid y) = (plane width, plane height).
+PLANE_AXES = ((0, 1), (0, 2), (2, 1))  # xy, xz, zy: every axis is seen by two planes
+# EG3D projects with the inverse of its plane matrices, which makes the third plane read (z, x):
+# it duplicates the xz plane (transposed) and y is seen by the xy plane only.
+QUIRK_PLANE_AXES = ((0, 1), (0, 2), (2, 0))
+
+# EG3D widens the sigmoid slightly so that colours 0 and 1 are reachable with finite logits.
+_RGB_PAD = 1e-3
+
+
+def _axis_index(quirk: bool, device: torch.device) -> torch.Tensor:
+    axes = QUIRK_PLANE_AXES if quirk else PLANE_AXES
+    return torch.tensor([a for pair in axes for a in pair], device=device)
+
+
+def sample_triplanes(
+    planes: torch.Tensor, points: torch.Tensor, box_warp: float, quirk: bool = False
+) -> torch.Tensor:
+    """Bilinear features of ``points`` on the three planes.
+
+    planes ``[B, 3, C, R, R]`` (xy, xz, zy), points ``[B, N, 3]`` in world units -> ``[B, 3, N, C]``.
+    The planes span the box ``[-box_warp/2, box_warp/2]^3``; outside it the features are zero.
+    ``quirk=True`` reproduces EG3D's historic projection of the third plane (see ``QUIRK_PLANE_AXES``).
+    """
+    b, n_planes, c, h, w = planes.shape
+    if n_planes != 3:
+        raise ValueError(f"planes must be [B, 3, C, R, R], got shape {tuple(planes.shape)}")
+    if points.dim() != 3 or points.shape[0] != b or points.shape[-1] != 3:
+        raise ValueError(f"points must be [B={b}, N, 3], got shape {tuple(points.shape)}")
+    n = points.shape[1]
+    coords = points.to(planes.dtype) * (2.0 / box_warp)
+    # [B, N, 6] -> [B, 3, N, 2] -> one grid per (sample, plane): all planes in one grid_sample call.
+    grid = coords.index_select(-1, _axis_index(quirk, points.device)).view(b, n, 3, 2)
+    grid = grid.permute(0, 2, 1, 3).reshape(b * 3, 1, n, 2)
+    out = F.grid_sample(
+        planes.reshape(b * 3, c, h, w), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    return out.view(b, 3, c, n).transpose(2, 3)
+
+
+class TriplaneDecoder(nn.Module):
+    """Mean over planes -> FC -> softplus -> FC; outputs raw density and a feature vector.
+
+    The first output channel is the raw density (activated by the renderer); the remaining
+    ``out_features`` channels go through a widened sigmoid, the first three being RGB in [0, 1].
+    """
+
+    def __init__(self, in_channels: int, hidden: int, out_features: int) -> None:
+        super().__init__()
+        self.in_channels, self.out_features = in_channels, out_features
+        self.hidden = FullyConnected(in_channels, hidden, lr_mult=1.0)
+        self.out = FullyConnected(hidden, 1 + out_features, lr_mult=1.0)
+
+    def forward(self, sampled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """sampled ``[B, 3, N, C]`` -> ``{"rgb": [B, N, out_features], "sigma": [B, N, 1]}``."""
+        x = self.out(F.softplus(self.hidden(sampled.mean(dim=1))))
+        rgb = torch.sigmoid(x[..., 1:]) * (1 + 2 * _RGB_PAD) - _RGB_PAD
+        return {"rgb": rgb, "sigma": x[..., :1]}
