@@ -183,3 +183,26 @@ def test_update_ema_interpolates_params_and_copies_buffers() -> None:
 def test_update_ema_refuses_mismatched_models() -> None:
     with pytest.raises(ValueError, match="parameter"):
         update_ema(nn.Linear(3, 4), nn.Sequential(nn.Linear(3, 4)), beta=0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="mixed precision runs on CUDA only")
+def test_mixed_precision_on_cuda_matches_fp32() -> None:
+    cfg16 = _cfg("model.num_fp16_res=2")
+    torch.manual_seed(0)
+    d16 = Discriminator(cfg16).cuda()
+    d32 = Discriminator(_cfg()).cuda()
+    d32.load_state_dict(d16.state_dict())
+    assert [b.use_fp16 for b in d16.blocks] == [True, True, False, False]  # 64 and 32 px blocks
+    dtypes = []
+    hooks = [b.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype)) for b in d16.blocks]
+    image, raw = (t.cuda() for t in _inputs(cfg16, seed=11))
+    logits16, pose16 = d16(image, raw)
+    for h in hooks:
+        h.remove()
+    logits32, pose32 = d32(image, raw)
+    assert dtypes == [torch.float16, torch.float16, torch.float32, torch.float32]
+    assert logits16.dtype == torch.float32 and pose16.dtype == torch.float32
+    assert torch.allclose(logits16, logits32, atol=2e-2, rtol=2e-2)
+    assert torch.allclose(pose16, pose32, atol=2e-2, rtol=2e-2)
+    (logits16.sum() + pose16.square().sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in d16.parameters() if p.grad is not None)
