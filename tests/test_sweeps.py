@@ -1,0 +1,209 @@
+"""Studies: variants, search-space validation, concurrency planning, results table, MLflow layout,
+and end-to-end Ray Tune runs of the real training (ablation, Optuna + ASHA search, resume)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pof3d.config import apply_overrides, preset
+from pof3d.errors import ConfigError
+from pof3d.studies import mlflow_wiring
+from pof3d.studies.resources import TrialFootprint, plan_concurrency
+from pof3d.studies.results import TrialRecord, build_table
+from pof3d.studies.space import load_space
+from pof3d.studies.variants import VARIANTS, parse_variants, variant_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE_SPACE = ROOT / "sweeps" / "search_space.example.yaml"
+
+# ---------------------------------------------------------------------------------------------
+# Variants
+
+
+def test_variants_are_the_posters_rows_as_config_overrides() -> None:
+    base = preset("ffhq512")
+    cfgs = {name: apply_overrides(base, variant_overrides(name, base)) for name in VARIANTS}
+    assert set(cfgs) == {"full", "no_symmetry", "no_pose_aware_d", "pose_lr_x10", "pose_lr_x0.1"}
+    assert cfgs["full"] == base
+    assert cfgs["no_symmetry"].loss.symmetry_weight == 0
+    assert cfgs["no_pose_aware_d"].model.pose_aware_d is False
+    assert cfgs["no_pose_aware_d"].loss.dis_cam_weight == cfgs["no_pose_aware_d"].loss.pose_gd_weight == 0
+    # The poster's lr rows: 2.5e-4 and 2.5e-6 for the pose learner, everything else untouched.
+    assert cfgs["pose_lr_x10"].optim.pose_lr == pytest.approx(2.5e-4)
+    assert cfgs["pose_lr_x0.1"].optim.pose_lr == pytest.approx(2.5e-6)
+    assert cfgs["pose_lr_x10"].optim.g_lr == base.optim.g_lr
+
+
+def test_pose_lr_variants_scale_the_presets_own_rate() -> None:
+    base = apply_overrides(preset("tiny"), ["optim.pose_lr=1e-3"])
+    cfg = apply_overrides(base, variant_overrides("pose_lr_x0.1", base))
+    assert cfg.optim.pose_lr == pytest.approx(1e-4)
+
+
+def test_variant_names_are_checked() -> None:
+    assert parse_variants("full, no_symmetry") == ["full", "no_symmetry"]
+    with pytest.raises(ConfigError, match="unknown variant 'no_sym'.*full"):
+        parse_variants("full,no_sym")
+    with pytest.raises(ConfigError, match="twice"):
+        parse_variants("full,full")
+    with pytest.raises(ConfigError, match="at least one"):
+        parse_variants(" , ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Search space
+
+
+def test_example_space_parses_and_samples_conditionals() -> None:
+    space = load_space(EXAMPLE_SPACE, preset("tiny"))
+    assert space.metrics == ("js",) and space.modes == ("min",)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(20):
+        trial = study.ask()
+        fixed = space(trial) or {}
+        params = {**trial.params, **fixed}
+        seen.add(params["model.pose_aware_d"])
+        assert 2.5e-6 <= params["optim.pose_lr"] <= 2.5e-4
+        if params["model.pose_aware_d"]:
+            assert "loss.dis_cam_weight" in trial.params and params["loss.dis_cam_weight"] >= 0.5
+        else:
+            # Conditional parameter not sampled; it takes its 'otherwise' value.
+            assert "loss.dis_cam_weight" not in trial.params and fixed["loss.dis_cam_weight"] == 0.0
+        cfg = apply_overrides(preset("tiny"), [f"{k}={v}" for k, v in params.items()])
+        assert cfg.optim.pose_lr == pytest.approx(params["optim.pose_lr"])
+    assert seen == {True, False}
+
+
+def test_flags_add_to_the_file_and_multi_objective(tmp_path: Path) -> None:
+    space = load_space(
+        None,
+        preset("tiny"),
+        flags=["optim.g_lr=loguniform:1e-4:1e-2", "model.pose_aware_d=choice:true,false"],
+        metrics=["eval/js", "eval/pose"],
+        modes=["min"],
+    )
+    assert [p.path for p in space.params] == ["optim.g_lr", "model.pose_aware_d"]
+    assert space.params[1].values == (True, False)
+    assert space.multi_objective and space.modes == ("min", "min")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "params: {optim.gen_lr: {type: uniform, low: 0, high: 1}}",
+            "optim.gen_lr.*unknown.*valid fields of optim",
+        ),
+        ("params: {optimizer.g_lr: {type: uniform, low: 0, high: 1}}", "not a config field"),
+        (
+            "params: {optim.g_lr: {type: loguniform, low: 0.1, high: 0.01}}",
+            "low=0.1 is greater than high=0.01",
+        ),
+        ("params: {optim.g_lr: {type: loguniform, low: 0, high: 0.01}}", "loguniform needs low > 0"),
+        ("params: {optim.g_lr: {type: normal, low: 0, high: 1}}", "type 'normal' is not one of"),
+        ("params: {train.batch: {type: int, low: 0.5, high: 8}}", "integer bounds"),
+        ("params: {model.pose_aware_d: {type: choice, values: [true, maybe]}}", "'maybe' is not valid"),
+        (
+            "params: {loss.dis_cam_weight: {type: uniform, low: 0, high: 1,"
+            " when: {model.pose_aware_d: true}}}",
+            "'when' refers to 'model.pose_aware_d'",
+        ),
+        ("metric: js\nmode: lowest\nparams: {optim.g_lr: {type: uniform, low: 0, high: 1}}", "mode 'lowest'"),
+        ("params: {}", "non-empty mapping"),
+        ("space: {}", "unknown top-level key"),
+    ],
+)
+def test_invalid_space_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_space(path, preset("tiny"))
+    assert str(path) in str(info.value)
+
+
+def test_space_file_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_space(tmp_path / "missing.yaml", preset("tiny"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json is not valid JSON"):
+        load_space(bad, preset("tiny"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Concurrency
+
+
+def test_concurrency_follows_the_machine() -> None:
+    tiny = TrialFootprint.of(preset("tiny"))  # 1 worker x 0.5 CPU + 1 CPU for Ray Data
+    assert plan_concurrency(tiny, {"CPU": 2.0}, None, trials=5) == 1
+    assert plan_concurrency(tiny, {"CPU": 16.0}, None, trials=5) == 5
+    assert plan_concurrency(tiny, {"CPU": 16.0}, None, trials=3) == 3
+
+
+def test_unschedulable_concurrency_is_refused_with_the_sums() -> None:
+    tiny = TrialFootprint.of(preset("tiny"))
+    with pytest.raises(ConfigError, match=r"--concurrency=2 cannot be scheduled.*3 CPU.*2 CPU.*at most 1"):
+        plan_concurrency(tiny, {"CPU": 2.0}, 2, trials=2)
+    gpu = TrialFootprint.of(apply_overrides(preset("tiny"), ["train.workers=2", "train.gpus_per_worker=1"]))
+    with pytest.raises(ConfigError, match="one trial needs .*2 GPU.*has 8 CPU and 0 GPU"):
+        plan_concurrency(gpu, {"CPU": 8.0}, None, trials=1)
+    assert plan_concurrency(gpu, {"CPU": 64.0, "GPU": 8.0}, None, trials=8) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Results table
+
+
+def test_results_table_one_row_per_variant_with_seed_means(tmp_path: Path) -> None:
+    records = [
+        TrialRecord("a", "full", 0, "TERMINATED", {"eval/js": 0.2, "loss/G_adv": 1.0, "images_seen": 40}),
+        TrialRecord("b", "full", 1, "TERMINATED", {"eval/js": 0.4, "loss/G_adv": 3.0, "images_seen": 40}),
+        TrialRecord(
+            "c", "no_symmetry", 0, "TERMINATED", {"eval/js": 0.5, "eval/pose": 7.5, "loss/G_adv": 2.0}
+        ),
+    ]
+    table = build_table(records)
+    assert [r["variant"] for r in table.rows] == ["full", "no_symmetry"]
+    full = table.rows[0]
+    assert full["JS"] == pytest.approx(0.3) and full["loss/G_adv"] == pytest.approx(2.0)
+    assert full["trials"] == 2 and full["kimg"] == pytest.approx(0.04) and full["FID"] is None
+    assert table.rows[1]["Pose"] == 7.5
+    csv_path, md_path = table.write(tmp_path)
+    rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
+    assert rows[0]["variant"] == "full" and math.isclose(float(rows[0]["JS"]), 0.3)
+    assert rows[0]["FID"] == ""  # not measured: empty, never invented
+    md = md_path.read_text().splitlines()
+    assert md[0].startswith("| variant | trials | status | kimg | FID | Depth | Pose | JS |")
+    assert "| no_symmetry |" in md[3] and "| 0.5 |" in md[3]
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow parent / child layout
+
+
+def test_parent_and_child_runs(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = mlflow_wiring.open_parent(uri, "studies", "abl-1", {"mode": "ablation"})
+    assert mlflow_wiring.open_parent(uri, "studies", "abl-1", {}, existing_run_id=parent) == parent
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("studies").experiment_id
+    child = client.create_run(exp, tags=mlflow_wiring.child_tags(parent, "abl-1", "full", "t0"))
+    table = tmp_path / "results.md"
+    table.write_text("| variant |\n")
+    mlflow_wiring.close_parent(uri, parent, [table], {"full/JS": 0.25})
+    runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    assert [r.info.run_id for r in runs] == [child.info.run_id]
+    assert runs[0].data.tags["pof3d.variant"] == "full"
+    done = client.get_run(parent)
+    assert done.info.status == "FINISHED" and done.data.params["mode"] == "ablation"
+    assert done.data.metrics["full/JS"] == 0.25
+    assert [a.path for a in client.list_artifacts(parent)] == ["results.md"]
