@@ -165,6 +165,11 @@ def load_checkpoint(
         raise CheckpointError(
             f"{root}: checkpoint directory not found (expected a directory with {STATE_FILE})"
         )
+    if not (root / MANIFEST_FILE).is_file() and (inner := latest_checkpoint(root)) is not None:
+        raise CheckpointError(
+            f"{root / MANIFEST_FILE}: missing; {root} looks like a run directory, "
+            f"its newest checkpoint is {inner}"
+        )
     manifest = _read_manifest(root)
     for name in _DATA_FILES:
         file = root / name

@@ -56,12 +56,14 @@ class DiscriminatorBlock(nn.Module):
         if self.fromrgb is not None:
             x = self.fromrgb(img)
         assert x is not None
-        y = self.skip(x, gain=SKIP_GAIN)
-        x = self.conv1(self.conv0(x), gain=SKIP_GAIN)
-        out = y + x
-        if out.dtype == torch.float16:
-            out = out.clamp(-FP16_CLAMP, FP16_CLAMP)
-        return out
+        y = _clamp_half(self.skip(x, gain=SKIP_GAIN))
+        x = _clamp_half(self.conv0(x))
+        x = _clamp_half(self.conv1(x, gain=SKIP_GAIN))
+        return y + x
+
+
+def _clamp_half(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-FP16_CLAMP, FP16_CLAMP) if x.dtype == torch.float16 else x
 
 
 class PoseEmbedding(nn.Module):

@@ -156,6 +156,8 @@ def test_latest_orders_by_progress(tmp_path: Path) -> None:
     newest, _ = _save(tmp_path / "checkpoint_a", images_seen=900, step=9)
     _save(tmp_path / "checkpoint_c", images_seen=600, step=6)
     assert latest_checkpoint(tmp_path) == newest
+    with pytest.raises(CheckpointError, match="run directory, its newest checkpoint is .*checkpoint_a"):
+        load_checkpoint(tmp_path)
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
