@@ -65,6 +65,8 @@ def extract_mesh(
     spacing = box_side / (n - 1)
     verts, faces, _, _ = measure.marching_cubes(padded, level=level, spacing=(spacing,) * 3)
     verts = verts - spacing - box_side / 2  # undo the padding offset; grid index 0 sits at -side/2
+    # Caps through the padding layer close the surface at the box faces (the field ends there).
+    verts = np.clip(verts, -box_side / 2, box_side / 2)
     return verts.astype(np.float32), faces.astype(np.int64)
 
 

@@ -1,0 +1,156 @@
+"""generate/evaluate CLIs on a tiny random checkpoint; meshes, PLY files and plots."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pof3d import evaluate, generate
+from pof3d.checkpoint import load_checkpoint, save_checkpoint
+from pof3d.config import load_config
+from pof3d.discriminator import Discriminator
+from pof3d.errors import ConfigError
+from pof3d.generator import Generator
+from pof3d.mesh import density_grid, extract_mesh, read_ply, write_ply
+from pof3d.plots import plot_pose_distribution, save_image_grid
+
+SMALL = [
+    "model.triplane_resolution=16",
+    "model.depth_samples=6",
+    "model.importance_samples=6",
+    "model.neural_resolution=16",
+    "model.image_resolution=32",
+    "data.resolution=32",
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    cfg = load_config("tiny", SMALL)
+    torch.manual_seed(0)
+    G, D = Generator(cfg.model), Discriminator(cfg.model)
+    state = {"G": G.state_dict(), "D": D.state_dict(), "G_ema": G.state_dict()}
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint", state, cfg, {"images_seen": 1234})
+
+
+# ------------------------------------------------------------------------------------------ mesh
+
+
+def _sphere_density(radius: float):
+    # Raw density that is 10 (the iso-level) on the sphere, above inside, below outside.
+    return lambda pts: 10 + 20 * (radius - pts.norm(dim=-1, keepdim=True))
+
+
+def test_sphere_mesh_is_closed_and_on_the_sphere(tmp_path):
+    grid = density_grid(_sphere_density(0.3), 40, box_side=1.0, chunk=5000)
+    verts, faces = extract_mesh(grid, box_side=1.0)
+    assert len(verts) > 100 and len(faces) > 100
+    radii = np.linalg.norm(verts, axis=1)
+    assert np.abs(radii - 0.3).max() < 0.02
+    edges = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
+    _, counts = np.unique(edges, axis=0, return_counts=True)
+    assert (counts == 2).all()  # no boundary edges: watertight
+    assert len(verts) - len(counts) + len(faces) == 2  # Euler characteristic of a sphere
+    for binary in (True, False):
+        path = write_ply(tmp_path / f"s{binary}.ply", verts, faces, binary=binary)
+        v2, f2 = read_ply(path)
+        assert np.allclose(v2, verts, atol=1e-5) and np.array_equal(f2, faces)
+
+
+def test_mesh_cut_by_box_is_closed_and_constant_field_is_empty():
+    # A sphere larger than the box: the padding closes the surface at the box faces.
+    grid = density_grid(_sphere_density(0.7), 24, box_side=1.0)
+    verts, faces = extract_mesh(grid, box_side=1.0)
+    edges = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
+    assert (np.unique(edges, axis=0, return_counts=True)[1] == 2).all()
+    assert np.abs(verts).max() <= 0.5 + 1e-6
+    verts, faces = extract_mesh(np.zeros((8, 8, 8)), box_side=1.0)
+    assert len(verts) == 0 and len(faces) == 0
+
+
+# ----------------------------------------------------------------------------------------- plots
+
+
+def test_image_grid_and_pose_plot(tmp_path):
+    images = torch.rand(6, 3, 16, 20) * 2 - 1
+    path = save_image_grid(images, tmp_path / "grid.png", ncols=4)
+    assert Image.open(path).size == (4 * 20, 2 * 16)
+    rng = np.random.default_rng(0)
+    learned, true = rng.normal(1.5, 0.2, (500, 2)), rng.normal(1.6, 0.1, (500, 2))
+    true[:10] = np.nan
+    plot = plot_pose_distribution(learned, tmp_path / "poses.png", true=true)
+    assert Image.open(plot).size[0] > 100
+
+
+# ------------------------------------------------------------------------------------------ CLIs
+
+
+def test_parse_seeds():
+    assert generate.parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
+    for bad in ("a", "3-1", "-2", ""):
+        with pytest.raises(ConfigError, match="--seeds"):
+            generate.parse_seeds(bad)
+
+
+def test_generate_writes_grid_videos_meshes(checkpoint, tmp_path, capsys):
+    out = tmp_path / "gen"
+    argv = ["--checkpoint", str(checkpoint), "--seeds", "0-2", "--out", str(out), "--video", "--frames", "3"]
+    assert generate.main(argv + ["--mesh", "--mesh-resolution", "12"]) == 0
+    assert "wrote 1 samples, 1 poses, 3 videos, 3 meshes" in capsys.readouterr().out
+    assert Image.open(out / "samples.png").size == (2 * 32, 2 * 32)  # 3 images, 2 columns
+    gif = Image.open(out / "seed0001.gif")
+    assert gif.size == (32, 32) and gif.n_frames == 3
+    verts, faces = read_ply(out / "seed0002.ply")
+    assert len(verts) > 0 and faces.max() < len(verts)
+    assert (out / "poses.png").stat().st_size > 0
+    # Same seed, same image: the grid is reproducible.
+    assert (
+        generate.main(["--checkpoint", str(checkpoint), "--seeds", "0-2", "--out", str(tmp_path / "g2")]) == 0
+    )
+    assert np.array_equal(
+        np.asarray(Image.open(out / "samples.png")), np.asarray(Image.open(tmp_path / "g2/samples.png"))
+    )
+
+
+def test_generate_bad_input_exits_2(checkpoint, tmp_path, capsys):
+    assert generate.main(["--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "checkpoint directory not found" in capsys.readouterr().err
+    assert generate.main(["--checkpoint", str(checkpoint), "--seeds", "x"]) == 2
+
+
+def test_evaluate_cli_writes_json_and_logs_to_mlflow(checkpoint, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("eval-test")).info.run_id
+    cfg, state, _ = load_checkpoint(checkpoint)
+    tracked = save_checkpoint(
+        tmp_path / "tracked",
+        state,
+        cfg,
+        {"images_seen": 4000, "mlflow_run_id": run_id, "mlflow_tracking_uri": uri},
+    )
+    out = tmp_path / "eval"
+    argv = ["--checkpoint", str(tracked), "--metrics", "re", "--num-samples", "8", "--out", str(out)]
+    assert evaluate.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "reprojection_error" in printed and str(out / "metrics.json") in printed
+    record = json.loads((out / "metrics.json").read_text())
+    value = record["metrics"]["reprojection_error"]
+    assert 0 <= value < 1 and record["images_seen"] == 4000 and record["mlflow_run_id"] == run_id
+    history = client.get_metric_history(run_id, "eval/reprojection_error")
+    assert [(m.step, m.value) for m in history] == [(4000, pytest.approx(value))]
+
+
+def test_evaluate_bad_input_exits_2(checkpoint, tmp_path, monkeypatch, capsys):
+    assert evaluate.main(["--checkpoint", str(checkpoint), "--metrics", "fd"]) == 2
+    assert "unknown metric 'fd'" in capsys.readouterr().err
+    monkeypatch.setenv("POF3D_CACHE", str(tmp_path))
+    monkeypatch.delenv("POF3D_INCEPTION", raising=False)
+    assert evaluate.main(["--checkpoint", str(checkpoint), "--metrics", "fid"]) == 2
+    assert "inception-2015-12-05.pt" in capsys.readouterr().err
