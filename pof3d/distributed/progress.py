@@ -1,0 +1,93 @@
+"""Per-tick bookkeeping: averaged figures, throughput, data-wait share, ETA, and the progress line.
+
+Kept free of Ray and of the model so that the arithmetic (and the line users read in ``ray job logs``)
+is tested on its own.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TickMeter:
+    """Accumulates one tick's steps; :meth:`close` returns the tick's figures and starts the next.
+
+    ``images`` counts images over all workers (the trainer's ``images_seen`` delta), so images/s is the
+    global throughput. ``data_wait`` is the time this worker spent blocked on the next batch.
+    """
+
+    target_images: int
+    start_images: int
+    _sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    _counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    _images: int = 0
+    _data_wait: float = 0.0
+    _step_time: float = 0.0
+    _started: float = field(default_factory=time.perf_counter)
+
+    def update(self, figures: dict[str, float], images: int, data_wait: float, step_time: float) -> None:
+        """Add one step: its figures (averaged over the tick), images and timings in seconds."""
+        for name, value in figures.items():
+            value = float(value)
+            if math.isfinite(value):
+                self._sums[name] += value
+                self._counts[name] += 1
+        self._images += images
+        self._data_wait += data_wait
+        self._step_time += step_time
+
+    def close(self, images_seen: int) -> dict[str, float]:
+        """Figures of the tick that ends at ``images_seen``; resets the meter for the next tick."""
+        now = time.perf_counter()
+        wall = max(now - self._started, 1e-9)
+        out = {name: self._sums[name] / self._counts[name] for name in self._sums}
+        rate = self._images / wall
+        remaining = max(self.target_images - images_seen, 0)
+        out.update(
+            {
+                "perf/images_per_sec": rate,
+                "perf/sec_per_kimg": 1000.0 / rate if rate > 0 else math.inf,
+                "perf/data_wait_share": self._data_wait / self._step_time if self._step_time > 0 else 0.0,
+                "perf/tick_sec": wall,
+                "perf/eta_sec": remaining / rate if rate > 0 else math.inf,
+            }
+        )
+        self._sums, self._counts = defaultdict(float), defaultdict(int)
+        self._images, self._data_wait, self._step_time = 0, 0.0, 0.0
+        self._started = now
+        return out
+
+
+def next_boundary(images_seen: int, every_kimg: float) -> int:
+    """The first multiple of ``every_kimg`` thousand images strictly above ``images_seen``."""
+    every = max(int(round(every_kimg * 1000)), 1)
+    return (images_seen // every + 1) * every
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def progress_line(tick: int, images_seen: int, target_images: int, figures: dict[str, float]) -> str:
+    """One concise line: tick, kimg, losses, pose statistics, throughput, ETA."""
+    parts = [f"tick {tick:<4d}", f"kimg {images_seen / 1000:.3f}/{target_images / 1000:g}"]
+    for name in sorted(figures):
+        if name.startswith("loss/"):
+            parts.append(f"{name[5:]} {figures[name]:.3f}")
+    for name in sorted(figures):
+        if name.startswith("pose/"):
+            parts.append(f"{name[5:]} {figures[name]:.1f}")
+    parts.append(f"img/s {figures['perf/images_per_sec']:.1f}")
+    parts.append(f"sec/kimg {figures['perf/sec_per_kimg']:.1f}")
+    parts.append(f"data-wait {100 * figures['perf/data_wait_share']:.0f}%")
+    parts.append(f"eta {format_eta(figures['perf/eta_sec'])}")
+    return " | ".join(parts)

@@ -1,0 +1,312 @@
+"""The function every Ray Train worker runs: resume, stream batches, step, tick, snapshot, report.
+
+Data parallelism lives in :class:`pof3d.loop.Trainer` (it broadcasts parameters and all-reduces
+gradients when ``torch.distributed`` is initialised, which Ray's ``TorchTrainer`` does), so nothing is
+wrapped in DDP here. Rank 0 alone writes files, logs progress lines and talks to MLflow; every rank calls
+``ray.train.report`` at each tick because it is a barrier across workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pof3d.checkpoint import load_checkpoint, save_checkpoint
+from pof3d.config import Config
+from pof3d.distributed.progress import TickMeter, next_boundary, progress_line
+from pof3d.errors import TrainingError
+from pof3d.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_SEED = 123  # fixed latents so that sample grids are comparable across snapshots
+SAMPLE_COUNT = 16
+POSE_SAMPLES = 512
+TRUE_POSE_LIMIT = 4096
+METRICS_FILE = "metrics.jsonl"
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Entry point of each Ray Train worker; ``config`` is built by :mod:`pof3d.distributed.launcher`.
+
+    Returns (rank 0's value reaches the driver) the counters reached and, if training had to stop,
+    ``training_error``: a non-finite loss ends the workers cleanly instead of raising, because a raised
+    error would be retried from the last checkpoint by Ray's FailureConfig and fail the same way again.
+    """
+    import ray.train
+
+    _configure_logging()
+    cfg = Config.from_dict(config["cfg"])
+    run_dir = Path(config["run_dir"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = _device(cfg)
+    _write_pid(run_dir, rank)
+
+    from pof3d.loop import Trainer
+
+    trainer = Trainer(cfg, device=device, seed=cfg.train.seed)
+    progress = _resume(trainer, ray.train.get_checkpoint(), config.get("resume_from"), device)
+    tick = int(progress.get("tick", 0))
+    tracker = Tracker(config["mlflow_uri"], config.get("mlflow_run_id")) if rank == 0 else None
+    if rank == 0:
+        _truncate_metrics(run_dir / METRICS_FILE, trainer.images_seen)
+        logger.info(
+            "worker rank 0/%d on %s: starting at kimg %.3f (tick %d), target kimg %g",
+            world,
+            device,
+            trainer.images_seen / 1000,
+            tick,
+            cfg.train.kimg,
+        )
+
+    target = int(round(cfg.train.kimg * 1000))
+    per_worker = cfg.train.batch // world
+    batches = _endless_batches(ray.train.get_dataset_shard("train"), per_worker)
+    true_poses: list[np.ndarray] = []
+    meter = TickMeter(target_images=target, start_images=trainer.images_seen)
+    next_tick = next_boundary(trainer.images_seen, cfg.train.tick_kimg)
+    next_snapshot = next_boundary(trainer.images_seen, cfg.train.snapshot_kimg)
+    next_eval = next_boundary(trainer.images_seen, cfg.train.eval_kimg) if cfg.train.eval_kimg > 0 else None
+
+    while trainer.images_seen < target:
+        started = time.perf_counter()
+        batch = next(batches)
+        real = batch["image"].to(device, non_blocking=True)
+        fetched = time.perf_counter()
+        if rank == 0 and "pose" in batch and sum(len(p) for p in true_poses) < TRUE_POSE_LIMIT:
+            true_poses.append(batch["pose"].cpu().numpy().reshape(-1, 2))
+        before = trainer.images_seen
+        try:
+            figures = trainer.train_step(real)
+        except TrainingError as exc:
+            if rank == 0:
+                logger.error("training stopped: %s", exc)
+            return {"images_seen": trainer.images_seen, "tick": tick, "training_error": str(exc)}
+        meter.update(
+            figures,
+            images=trainer.images_seen - before,
+            data_wait=fetched - started,
+            step_time=time.perf_counter() - started,
+        )
+        done = trainer.images_seen >= target
+        if not (done or trainer.images_seen >= next_tick):
+            continue
+        tick += 1
+        next_tick = next_boundary(trainer.images_seen, cfg.train.tick_kimg)
+        metrics = meter.close(trainer.images_seen)
+        snapshot = done or trainer.images_seen >= next_snapshot
+        if snapshot:
+            next_snapshot = next_boundary(trainer.images_seen, cfg.train.snapshot_kimg)
+            metrics["ddp/param_spread"] = _replica_spread(trainer)
+        if next_eval is not None and (done or trainer.images_seen >= next_eval):
+            next_eval = next_boundary(trainer.images_seen, cfg.train.eval_kimg)
+            if rank == 0:
+                metrics.update(_evaluate(trainer, cfg, config["data_uri"], device))
+        metrics.update({"images_seen": trainer.images_seen, "tick": tick, "world_size": world})
+        if rank == 0:
+            logger.info(progress_line(tick, trainer.images_seen, target, metrics))
+            _append_metrics(run_dir / METRICS_FILE, metrics)
+            tracker.log_metrics(metrics, step=trainer.images_seen)
+        _report(trainer, cfg, config, metrics, tick, snapshot, done, rank, tracker, run_dir, true_poses)
+    if rank == 0:
+        logger.info("training reached kimg %.3f after %d ticks", trainer.images_seen / 1000, tick)
+    return {"images_seen": trainer.images_seen, "tick": tick, "training_error": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up
+
+
+def _configure_logging() -> None:
+    """Ray workers start with bare logging; progress lines must reach ``ray job logs``."""
+    root = logging.getLogger("pof3d")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+def _device(cfg: Config) -> torch.device:
+    if cfg.train.gpus_per_worker > 0:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    return torch.device("cpu")
+
+
+def _write_pid(run_dir: Path, rank: int) -> None:
+    """``workers/rank-N.pid`` lets an operator find (and signal) the process of each rank."""
+    folder = run_dir / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank-{rank}.pid").write_text(f"{os.getpid()}\n")
+
+
+def _resume(trainer: Any, ray_checkpoint: Any, resume_from: str | None, device: torch.device) -> dict:
+    """Load the run's latest reported checkpoint (after a worker failure) or the ``--resume`` one.
+
+    Ray's checkpoint wins: it is the newest state of this very run, so it is never behind
+    ``--resume``'s starting point.
+    """
+    if ray_checkpoint is not None:
+        with ray_checkpoint.as_directory() as directory:
+            _, state, progress = load_checkpoint(directory, map_location=device)
+        source = "the run's latest checkpoint"
+    elif resume_from:
+        _, state, progress = load_checkpoint(resume_from, map_location=device)
+        source = resume_from
+    else:
+        return {}
+    trainer.load_state_dict(state)
+    logger.info("resumed from %s at kimg %.3f", source, trainer.images_seen / 1000)
+    return progress
+
+
+def _endless_batches(shard: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Epoch after epoch of full batches from this worker's shard of the streaming dataset."""
+    while True:
+        empty = True
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
+            empty = False
+            yield batch
+        if empty:
+            raise TrainingError(f"the training data yields no full batch of {batch_size} images per worker")
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+@torch.no_grad()
+def _learned_poses(trainer: Any, count: int) -> np.ndarray:
+    g = trainer.G_ema
+    return g.predict_pose(g.map(_fixed_latents(g, count))).float().cpu().numpy()
+
+
+def _fixed_latents(g: Any, count: int) -> torch.Tensor:
+    """The same latents at every snapshot, so grids and pose plots are comparable over training."""
+    z = torch.randn(count, g.cfg.z_dim, generator=torch.Generator().manual_seed(SAMPLE_SEED))
+    return z.to(next(g.parameters()).device)
+
+
+@torch.no_grad()
+def _replica_spread(trainer: Any) -> float:
+    """Largest difference of any parameter between ranks (0 when data-parallel replicas agree)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0.0
+    params = [p for net in (trainer.G, trainer.D) for p in net.parameters()]
+    flat = torch.cat([p.detach().float().reshape(-1) for p in params])
+    high, low = flat.clone(), -flat
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MAX)
+    return float((high + low).max())
+
+
+def _evaluate(trainer: Any, cfg: Config, data_uri: str, device: torch.device) -> dict[str, float]:
+    from pof3d.metrics import evaluate_generator
+
+    names = [m.strip() for m in cfg.train.eval_metrics.split(",") if m.strip()]
+    results = evaluate_generator(
+        trainer.G_ema, trainer.D, cfg, data_uri, names, device=device, seed=cfg.train.seed
+    )
+    return {f"eval/{k}": float(v) for k, v in results.items() if isinstance(v, (int, float))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _report(
+    trainer: Any,
+    cfg: Config,
+    config: dict[str, Any],
+    metrics: dict[str, float],
+    tick: int,
+    snapshot: bool,
+    done: bool,
+    rank: int,
+    tracker: Tracker | None,
+    run_dir: Path,
+    true_poses: list[np.ndarray],
+) -> None:
+    """Every rank reports (a barrier); at snapshots rank 0 attaches a checkpoint and figures."""
+    import ray.train
+
+    if not (snapshot and rank == 0):
+        ray.train.report(metrics)
+        return
+    kimg = f"{trainer.images_seen / 1000:07.3f}"
+    samples = run_dir / "samples"
+    grid = _sample_grid(trainer, samples / f"fakes-{kimg}.png")
+    poses = _pose_plot(trainer, samples / f"poses-{kimg}.png", true_poses)
+    tracker.log_artifact(grid, "samples")
+    tracker.log_artifact(poses, "poses")
+    progress = {
+        "images_seen": trainer.images_seen,
+        "step": trainer.step,
+        "tick": tick,
+        "seed": cfg.train.seed,
+        "mlflow_run_id": config.get("mlflow_run_id"),
+        "mlflow_tracking_uri": config["mlflow_uri"],
+    }
+    with tempfile.TemporaryDirectory(prefix="pof3d-ckpt-") as tmp:
+        path = save_checkpoint(Path(tmp) / "checkpoint", trainer.state_dict(), cfg, progress)
+        if done:
+            tracker.log_artifacts(path, "checkpoint")
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(path)),
+            checkpoint_dir_name=f"checkpoint-kimg{kimg}",
+        )
+
+
+def _sample_grid(trainer: Any, path: Path) -> Path:
+    from pof3d.plots import save_image_grid
+
+    g = trainer.G_ema
+    z = _fixed_latents(g, SAMPLE_COUNT)
+    with torch.no_grad():
+        images = g(z, noise_mode="const")["image"]
+    return save_image_grid(images, path)
+
+
+def _pose_plot(trainer: Any, path: Path, true_poses: list[np.ndarray]) -> Path:
+    from pof3d.plots import plot_pose_distribution
+
+    truth = np.concatenate(true_poses) if true_poses else None
+    if truth is not None:
+        truth = truth[np.isfinite(truth).all(axis=1)]
+        truth = truth if len(truth) else None
+    return plot_pose_distribution(_learned_poses(trainer, POSE_SAMPLES), path, true=truth)
+
+
+def _append_metrics(path: Path, metrics: dict[str, float]) -> None:
+    clean = {k: (v if isinstance(v, (int, str)) or np.isfinite(v) else None) for k, v in metrics.items()}
+    with path.open("a") as f:
+        f.write(json.dumps(clean, sort_keys=True) + "\n")
+
+
+def _truncate_metrics(path: Path, images_seen: int) -> None:
+    """After a restart, drop ticks logged after the checkpoint we resumed from (they are redone)."""
+    if not path.exists():
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("images_seen", 0) <= images_seen
+    ]
+    path.write_text("".join(line + "\n" for line in kept))
