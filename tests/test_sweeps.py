@@ -63,7 +63,7 @@ def test_variant_names_are_checked() -> None:
 
 def test_example_space_parses_and_samples_conditionals() -> None:
     space = load_space(EXAMPLE_SPACE, preset("tiny"))
-    assert space.metrics == ("js",) and space.modes == ("min",)
+    assert space.metrics == ("eval/js",) and space.modes == ("min",)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(20):
@@ -87,7 +87,7 @@ def test_flags_add_to_the_file_and_multi_objective(tmp_path: Path) -> None:
         None,
         preset("tiny"),
         flags=["optim.g_lr=loguniform:1e-4:1e-2", "model.pose_aware_d=choice:true,false"],
-        metrics=["eval/js", "eval/pose"],
+        metrics=["eval/js", "eval/pose_error_deg"],
         modes=["min"],
     )
     assert [p.path for p in space.params] == ["optim.g_lr", "model.pose_aware_d"]
@@ -168,7 +168,7 @@ def test_results_table_one_row_per_variant_with_seed_means(tmp_path: Path) -> No
         TrialRecord("a", "full", 0, "TERMINATED", {"eval/js": 0.2, "loss/G_adv": 1.0, "images_seen": 40}),
         TrialRecord("b", "full", 1, "TERMINATED", {"eval/js": 0.4, "loss/G_adv": 3.0, "images_seen": 40}),
         TrialRecord(
-            "c", "no_symmetry", 0, "TERMINATED", {"eval/js": 0.5, "eval/pose": 7.5, "loss/G_adv": 2.0}
+            "c", "no_symmetry", 0, "TERMINATED", {"eval/js": 0.5, "eval/pose_error_deg": 7.5, "loss/G_adv": 2.0}
         ),
     ]
     table = build_table(records)

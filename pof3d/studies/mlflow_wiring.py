@@ -24,10 +24,19 @@ TRIAL_TAG = "pof3d.trial"
 ROLE_TAG = "pof3d.role"
 
 
-def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created on first use."""
+def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """The id of experiment ``name``, created on first use.
+
+    With a local SQLite store, artifacts go next to the database (as for training runs), not into
+    whatever directory the command happened to start in.
+    """
     found = client.get_experiment_by_name(name)
-    return found.experiment_id if found is not None else client.create_experiment(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
 
 
 def open_parent(
@@ -44,7 +53,7 @@ def open_parent(
         logger.info("resuming MLflow parent run %s", existing_run_id)
         return existing_run_id
     run = client.create_run(
-        experiment_id(client, experiment),
+        experiment_id(client, experiment, tracking_uri),
         run_name=study,
         tags={STUDY_TAG: study, ROLE_TAG: "study", MLFLOW_RUN_NAME: study},
     )

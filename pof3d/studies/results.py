@@ -19,12 +19,12 @@ from typing import Any
 
 # Poster column -> metric names a trial may report it under (first match wins).
 PAPER_COLUMNS: dict[str, tuple[str, ...]] = {
-    "FID": ("fid", "metrics/fid", "eval/fid"),
-    "KID": ("kid", "metrics/kid", "eval/kid"),
-    "Depth": ("depth_error", "depth", "metrics/depth", "eval/depth"),
-    "Pose": ("pose_error", "pose", "metrics/pose", "eval/pose"),
-    "RE": ("re", "reprojection_error", "metrics/re", "eval/re"),
-    "JS": ("js", "pose_js", "metrics/js", "eval/js"),
+    "FID": ("eval/fid", "fid"),
+    "KID": ("eval/kid", "kid"),
+    "Depth": ("eval/depth_error", "depth_error"),
+    "Pose": ("eval/pose_error_deg", "pose_error_deg"),
+    "RE": ("eval/reprojection_error", "reprojection_error"),
+    "JS": ("eval/js", "js"),
 }
 LOSS_PREFIXES = ("loss/", "loss_", "Loss/")
 

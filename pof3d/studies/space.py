@@ -49,7 +49,7 @@ class SearchSpace:
     """Ordered parameters plus the objective(s); callable as Optuna's define-by-run space."""
 
     params: tuple[Param, ...]
-    metrics: tuple[str, ...] = ("js",)
+    metrics: tuple[str, ...] = ("eval/js",)
     modes: tuple[str, ...] = ("min",)
 
     def __call__(self, trial: Any) -> dict[str, Any] | None:
@@ -206,7 +206,7 @@ def build_space(
                     f"values {list(earlier.values)}"
                 )
         params.append(param)
-    metric_t = tuple(metrics) if metrics else _as_tuple(raw.get("metric", "js"), "metric", source)
+    metric_t = tuple(metrics) if metrics else _as_tuple(raw.get("metric", "eval/js"), "metric", source)
     mode_t = tuple(modes) if modes else _as_tuple(raw.get("mode", "min"), "mode", source)
     if len(mode_t) == 1 and len(metric_t) > 1:
         mode_t = mode_t * len(metric_t)
