@@ -223,3 +223,41 @@ def test_reprojection_error_zero_for_consistent_geometry_and_grows_when_perturbe
         _, bumpy, _, _ = _render_sphere(pose1, 64, bump=bump)
         errors.append(reprojection_error(img1, bumpy, cam1, img2, depth2, cam2, FOCAL, fg1, fg2).mean())
     assert consistent.mean() * 3 < errors[0] < errors[1]
+
+
+# --------------------------------------------------------------------------------------- depth
+
+
+def test_normalised_depth_error_is_scale_and_shift_invariant():
+    from pof3d.metrics.depth import normalised_depth_error
+
+    g = torch.Generator().manual_seed(0)
+    depth = torch.rand(3, 1, 16, 16, generator=g) + 2
+    mask = torch.ones_like(depth, dtype=torch.bool)
+    mask[:, :, :4] = False
+    assert torch.allclose(normalised_depth_error(3 * depth - 1, depth, mask), torch.zeros(3), atol=1e-6)
+    # Outside the mask nothing counts; an inverted map is maximally wrong (error 4).
+    other = torch.where(mask, depth, torch.full_like(depth, 100.0))
+    assert torch.allclose(normalised_depth_error(other, depth, mask), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(normalised_depth_error(-depth, depth, mask), torch.full((3,), 4.0), atol=1e-4)
+    unrelated = torch.rand(3, 1, 16, 16, generator=g)
+    assert (normalised_depth_error(unrelated, depth, mask) > 1.0).all()
+    tiny = torch.zeros_like(mask)
+    tiny[:, :, 0, :3] = True
+    assert torch.isnan(normalised_depth_error(depth, depth, tiny)).all()
+
+
+def test_depth_estimator_learns_sphere_depth(tmp_path):
+    from pof3d.metrics.depth import generated_depth_error, load_or_train_estimator
+
+    poses = torch.stack((torch.linspace(1.2, 1.9, 48), torch.linspace(1.4, 1.7, 48).flip(0)), -1)
+    images, depth, fg, _ = _render_sphere(poses, 16)
+    pixels = ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    gt = torch.where(fg, depth, torch.full_like(depth, float("inf")))[:, 0].numpy()
+    model, held_out = load_or_train_estimator(pixels, gt, 16, "k", tmp_path, steps=150)
+    assert held_out < 0.5  # uncorrelated depth would score about 2
+    again, cached = load_or_train_estimator(pixels, gt, 16, "k", tmp_path, steps=150)
+    assert cached == pytest.approx(held_out) and (tmp_path / "depth-estimator-k.pt").is_file()
+    right = generated_depth_error(again, images[:8], depth[:8], fg[:8])
+    wrong = generated_depth_error(again, images[:8], -depth[:8], fg[:8])
+    assert right.mean() < 0.5 < 3.0 < wrong.mean()

@@ -125,7 +125,7 @@ def train_depth_estimator(
         loss.backward()
         opt.step()
         if step % 100 == 0:
-            log.info("depth estimator step %d loss %.4f", step, float(loss))
+            log.info("depth estimator step %d loss %.4f", step, loss.item())
     model.eval()
     with torch.no_grad():
         pred, _ = model(x[n_train:])
