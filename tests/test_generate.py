@@ -154,3 +154,19 @@ def test_evaluate_bad_input_exits_2(checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("POF3D_INCEPTION", raising=False)
     assert evaluate.main(["--checkpoint", str(checkpoint), "--metrics", "fid"]) == 2
     assert "inception-2015-12-05.pt" in capsys.readouterr().err
+
+
+def test_evaluate_generator_names_and_skips(checkpoint, caplog):
+    from pof3d.metrics import evaluate_generator, resolve_metrics
+
+    assert resolve_metrics(["JS_yaw", "re", "reprojection_error", "fid", "kid"]) == ["js", "re", "fid", "kid"]
+    with pytest.raises(ConfigError, match="unknown metric 'psnr'"):
+        resolve_metrics(["psnr"])
+    cfg, G, D, _ = evaluate.load_models(checkpoint)
+    G.train()
+    with caplog.at_level("WARNING"):
+        results = evaluate_generator(G, D, cfg, None, ["pose", "depth", "fid", "kid"], num_samples=4)
+    assert results == {}
+    text = caplog.text
+    assert "pose error skipped" in text and "depth error skipped" in text and "fid/kid skipped" in text
+    assert G.training  # the caller's train/eval mode is restored
