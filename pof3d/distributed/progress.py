@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -21,13 +22,16 @@ class TickMeter:
     """
 
     target_images: int
-    start_images: int
+    clock: Callable[[], float] = time.perf_counter
     _sums: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     _counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     _images: int = 0
     _data_wait: float = 0.0
     _step_time: float = 0.0
-    _started: float = field(default_factory=time.perf_counter)
+    _started: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._started = self.clock()
 
     def update(self, figures: dict[str, float], images: int, data_wait: float, step_time: float) -> None:
         """Add one step: its figures (averaged over the tick), images and timings in seconds."""
@@ -42,7 +46,7 @@ class TickMeter:
 
     def close(self, images_seen: int) -> dict[str, float]:
         """Figures of the tick that ends at ``images_seen``; resets the meter for the next tick."""
-        now = time.perf_counter()
+        now = self.clock()
         wall = max(now - self._started, 1e-9)
         out = {name: self._sums[name] / self._counts[name] for name in self._sums}
         rate = self._images / wall

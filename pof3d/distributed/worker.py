@@ -74,7 +74,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     per_worker = cfg.train.batch // world
     batches = _endless_batches(ray.train.get_dataset_shard("train"), per_worker)
     true_poses: list[np.ndarray] = []
-    meter = TickMeter(target_images=target, start_images=trainer.images_seen)
+    meter = TickMeter(target_images=target)
     next_tick = next_boundary(trainer.images_seen, cfg.train.tick_kimg)
     next_snapshot = next_boundary(trainer.images_seen, cfg.train.snapshot_kimg)
     next_eval = next_boundary(trainer.images_seen, cfg.train.eval_kimg) if cfg.train.eval_kimg > 0 else None

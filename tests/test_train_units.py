@@ -1,0 +1,123 @@
+"""Fast checks of the training wiring that need no Ray workers: progress figures, resource and
+request checks, CLI exit codes, and MLflow tracking against a real local store or a dead server."""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pof3d.config import load_config
+from pof3d.distributed.launcher import check_resources
+from pof3d.distributed.plan import TrainRequest, flag_overrides, plan_run
+from pof3d.distributed.progress import TickMeter, format_eta, next_boundary, progress_line
+from pof3d.errors import ConfigError
+from pof3d.tracking import Tracker, default_tracking_uri, ui_command
+from pof3d.train import main
+
+
+def test_next_boundary_is_the_next_multiple() -> None:
+    assert next_boundary(0, 0.2) == 200
+    assert next_boundary(199, 0.2) == 200
+    assert next_boundary(200, 0.2) == 400
+    assert next_boundary(1000, 0.004) == 1004
+
+
+def test_tick_meter_averages_figures_and_measures_throughput() -> None:
+    clock = iter([0.0, 10.0, 14.0])
+    meter = TickMeter(target_images=100, clock=lambda: next(clock))
+    meter.update({"loss/G_adv": 1.0, "pose/h_mean_deg": 90.0}, images=8, data_wait=1.0, step_time=4.0)
+    meter.update({"loss/G_adv": 3.0, "bad": math.nan}, images=12, data_wait=0.0, step_time=4.0)
+    out = meter.close(images_seen=20)
+    assert out["loss/G_adv"] == pytest.approx(2.0)
+    assert "bad" not in out
+    assert out["perf/images_per_sec"] == pytest.approx(2.0)  # 20 images in 10 s
+    assert out["perf/sec_per_kimg"] == pytest.approx(500.0)
+    assert out["perf/data_wait_share"] == pytest.approx(1.0 / 8.0)
+    assert out["perf/eta_sec"] == pytest.approx(40.0)  # 80 images left at 2 img/s
+    line = progress_line(3, 20, 100, out)
+    assert line.startswith("tick 3") and "kimg 0.020/0.1" in line and "G_adv 2.000" in line
+    assert "h_mean_deg 90.0" in line and "eta 0m40s" in line
+    second = meter.close(images_seen=20)  # the meter restarted: no figures carried over
+    assert "loss/G_adv" not in second and second["perf/images_per_sec"] == 0.0
+    assert format_eta(math.inf) == "?" and format_eta(3725) == "1h02m"
+
+
+def test_resource_check_rejects_requests_that_would_starve_ray_data() -> None:
+    cfg = load_config("tiny", ["train.workers=2", "train.cpus_per_worker=0.5"])
+    check_resources(cfg, {"CPU": 2.0})  # 1 CPU for training, 1 for data
+    greedy = load_config("tiny", ["train.workers=2", "train.cpus_per_worker=1"])
+    with pytest.raises(ConfigError, match=r"train.cpus_per_worker=1 = 2 CPUs .* cluster's 2 CPUs"):
+        check_resources(greedy, {"CPU": 2.0})
+    gpu = load_config("tiny", ["train.workers=2", "train.gpus_per_worker=1"])
+    with pytest.raises(ConfigError, match="2 GPUs, but the Ray cluster has 0"):
+        check_resources(gpu, {"CPU": 16.0})
+
+
+def test_flags_become_overrides_only_when_given() -> None:
+    assert flag_overrides(TrainRequest()) == []
+    request = TrainRequest(kimg=0.5, workers=2, data="/d")
+    assert flag_overrides(request) == ["data.path=/d", "train.kimg=0.5", "train.workers=2"]
+
+
+def test_bad_requests_are_config_errors_before_anything_runs(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="valid fields of train"):
+        plan_run(TrainRequest(overrides=["train.nope=1"], run_dir=tmp_path))
+    with pytest.raises(ConfigError, match="no such path"):
+        plan_run(TrainRequest(resume=str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        plan_run(TrainRequest(resume=str(tmp_path)))
+
+
+def test_cli_exits_2_on_config_errors(tmp_path, capsys) -> None:
+    assert main(["--set", "loss.nope=1", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "unknown field loss.nope" in capsys.readouterr().err
+    assert main(["--batch", "7", "--workers", "2", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "train.batch=7 must be divisible by train.workers=2" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_tracker_logs_params_metrics_and_continues_a_run(tmp_path) -> None:
+    uri = default_tracking_uri(tmp_path)
+    assert ui_command(uri) == f"mlflow ui --backend-store-uri {uri}"
+    tracker = Tracker.open(uri, "exp", "run-a", {"train.kimg": 1.0, "model.pivot": (0.0, 0.0, 0.2)})
+    assert tracker.active
+    tracker.log_metrics({"loss/G_adv": 0.5, "perf/eta_sec": math.inf}, step=8)
+    (tmp_path / "a.txt").write_text("x")
+    tracker.log_artifact(tmp_path / "a.txt", "files")
+    tracker.finish()
+    again = Tracker.open(uri, "exp", "run-a", {"train.kimg": 2.0, "extra": 1}, run_id=tracker.run_id)
+    assert again.run_id == tracker.run_id
+    again.log_metrics({"loss/G_adv": 0.25}, step=16)
+    client = MlflowClient(uri)
+    run = client.get_run(tracker.run_id)
+    assert run.data.params["train.kimg"] == "1.0" and run.data.params["model.pivot"] == "0.0,0.0,0.2"
+    assert run.data.params["extra"] == "1" and run.data.tags["resumed.train.kimg"] == "2.0"
+    assert "perf/eta_sec" not in run.data.metrics  # non-finite values are not sent
+    history = client.get_metric_history(tracker.run_id, "loss/G_adv")
+    assert [(m.step, m.value) for m in history] == [(8, 0.5), (16, 0.25)]
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "files")] == ["files/a.txt"]
+    assert (tmp_path / "mlartifacts").is_dir()  # artifacts next to the store, not in the cwd
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_tracking_server_warns_once_and_never_raises(caplog) -> None:
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    with caplog.at_level(logging.WARNING, logger="pof3d.tracking"):
+        tracker = Tracker.open(uri, "exp", "run", {"a": 1})
+        tracker.log_metrics({"x": 1.0}, step=1)
+        tracker.log_artifact(__file__)
+        tracker.finish()
+        attached = Tracker(uri, "some-run-id")
+        attached.log_metrics({"x": 1.0}, step=1)
+    assert not tracker.active and tracker.run_id is None and not attached.active
+    warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
+    assert len(warnings) == 2  # one per tracker, not one per call
