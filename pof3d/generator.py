@@ -1,0 +1,133 @@
+"""The pose-free generator: latent -> (learned pose, tri-planes) -> volume rendering -> super-resolution.
+
+G(z) = render(planes(w), pose_learner(w)): the pose is predicted from the latent instead of being drawn
+from a dataset's pose prior. Every step from the pose to the image is differentiable, so image losses
+train the pose learner through the camera and the rays.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from pof3d.camera import intrinsics, pose_to_cam2world
+from pof3d.config import ModelConfig
+from pof3d.pose_learner import PoseLearner
+from pof3d.renderer import VolumeRenderer, make_rays
+from pof3d.stylegan import MappingNetwork, SynthesisNetwork
+from pof3d.superres import SuperResolution
+from pof3d.triplane import TriplaneDecoder
+
+logger = logging.getLogger(__name__)
+
+
+class Generator(nn.Module):
+    """PoF3D generator; see ``docs/architecture.md`` for the contract other modules rely on."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.triplane_channels
+        self.backbone = SynthesisNetwork(
+            cfg.w_dim,
+            cfg.triplane_resolution,
+            3 * c,
+            channel_base=cfg.channel_base,
+            channel_max=cfg.channel_max,
+            use_noise=cfg.use_noise,
+            num_fp16_res=cfg.num_fp16_res,
+        )
+        self.mapping = MappingNetwork(
+            cfg.z_dim,
+            cfg.w_dim,
+            self.backbone.num_ws,
+            layers=cfg.mapping_layers,
+            lr_mult=cfg.mapping_lr_mult,
+            w_avg_beta=cfg.w_avg_beta,
+        )
+        self.pose_learner = PoseLearner(
+            cfg.w_dim, cfg.pose_hidden, cfg.yaw_center, cfg.pitch_center, clamp=cfg.pose_clamp
+        )
+        self.decoder = TriplaneDecoder(c, cfg.decoder_hidden, cfg.decoder_features)
+        self.renderer = VolumeRenderer(cfg)
+        self.superres = SuperResolution(
+            cfg.w_dim,
+            cfg.decoder_features,
+            cfg.neural_resolution,
+            cfg.image_resolution,
+            channels=cfg.sr_channels,
+            use_noise=cfg.use_noise,
+            num_fp16_res=cfg.num_fp16_res,
+        )
+
+    @property
+    def num_ws(self) -> int:
+        return self.mapping.num_ws
+
+    def pose_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained at ``optim.pose_lr``."""
+        return list(self.pose_learner.parameters())
+
+    def main_parameters(self) -> list[nn.Parameter]:
+        """All other parameters, trained at ``optim.g_lr``."""
+        pose_ids = {id(p) for p in self.pose_learner.parameters()}
+        return [p for p in self.parameters() if id(p) not in pose_ids]
+
+    def map(self, z: torch.Tensor, truncation_psi: float = 1.0, update_w_avg: bool = False) -> torch.Tensor:
+        """z ``[B, z_dim]`` -> ws ``[B, num_ws, w_dim]``."""
+        return self.mapping(z, truncation_psi=truncation_psi, update_w_avg=update_w_avg)
+
+    def predict_pose(self, ws: torch.Tensor) -> torch.Tensor:
+        """Learned pose ``[B, 2]`` from the first w (all entries are equal before style mixing)."""
+        return self.pose_learner(ws[:, 0])
+
+    def synthesize_planes(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
+        """Tri-planes ``[B, 3, C, R, R]`` (xy, xz, zy) from the backbone's ``3C``-channel image."""
+        img = self.backbone(ws, noise_mode=noise_mode)
+        return img.view(img.shape[0], 3, self.cfg.triplane_channels, img.shape[-2], img.shape[-1])
+
+    def render(
+        self, planes: torch.Tensor, ws: torch.Tensor, pose: torch.Tensor, noise_mode: str = "random"
+    ) -> dict[str, torch.Tensor]:
+        """Render the planes from ``pose``: dict(image [B,3,H,W], image_raw [B,3,r,r], depth [B,1,r,r])."""
+        m = self.cfg
+        b, r = planes.shape[0], m.neural_resolution
+        cam2world = pose_to_cam2world(pose.to(torch.float32), m.camera_radius, m.pivot)
+        intr = intrinsics(m.focal, b, device=planes.device)
+        origins, dirs = make_rays(cam2world, intr, r)
+        out = self.renderer(planes, self.decoder, origins, dirs)
+        features = out["features"].permute(0, 2, 1).reshape(b, -1, r, r)
+        depth = out["depth"].permute(0, 2, 1).reshape(b, 1, r, r)
+        image_raw = features[:, :3]
+        image = self.superres(image_raw, features, ws, noise_mode=noise_mode)
+        return {"image": image, "image_raw": image_raw, "depth": depth}
+
+    def density(self, planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """Density ``[B, N, 1]`` at world points ``[B, N, 3]`` (for the density regulariser and meshes)."""
+        return self.renderer.density(planes, self.decoder, points)
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        truncation_psi: float = 1.0,
+        pose: torch.Tensor | None = None,
+        noise_mode: str = "random",
+        update_w_avg: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Full pass; ``pose`` overrides the learned pose (e.g. for view sweeps and mirrored renders)."""
+        ws = self.map(z, truncation_psi=truncation_psi, update_w_avg=update_w_avg)
+        if pose is None:
+            pose = self.predict_pose(ws)
+        planes = self.synthesize_planes(ws, noise_mode=noise_mode)
+        out = self.render(planes, ws, pose, noise_mode=noise_mode)
+        out.update(pose=pose, ws=ws, planes=planes)
+        return out
+
+
+def count_parameters(module: nn.Module) -> dict[str, int]:
+    """Trainable parameter count per direct child plus ``total``, e.g. for logging model sizes."""
+    counts = {name: sum(p.numel() for p in child.parameters()) for name, child in module.named_children()}
+    counts["total"] = sum(p.numel() for p in module.parameters())
+    return counts

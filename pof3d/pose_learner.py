@@ -1,0 +1,64 @@
+"""The pose learner: a small MLP that turns a latent w into a camera pose (h, v).
+
+Replacing a fixed pose prior by this learned map is what makes the generator pose-free: the pose
+distribution is whatever the pose learner maps the latent distribution to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pof3d.camera import V_EPS
+from pof3d.layers import FullyConnected
+
+
+def straight_through_clamp(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Clamp in the forward pass, identity gradient in the backward pass.
+
+    A hard clamp would zero the gradient of every pose that leaves its range, so no loss could pull it
+    back; passing the gradient straight through keeps the pose learner trainable at the boundary.
+    """
+    return x + (x.clamp(low, high) - x).detach()
+
+
+class PoseLearner(nn.Module):
+    """w ``[B, w_dim]`` -> pose ``[B, 2]`` = (yaw h, pitch v) in radians, EG3D convention.
+
+    FC(w_dim -> hidden, leaky ReLU) -> FC(hidden -> 2), output shifted by the centre pose. v always stays
+    inside (1e-5, pi - 1e-5) so the camera never sits on a pole; with ``clamp`` (cars) h is kept in
+    [0, 2 pi] and v in [0, pi] as well.
+
+    The layers are plain equalised-learning-rate layers (lr multiplier 1): the pose learner's learning
+    rate is its own optimiser parameter group (``optim.pose_lr``, 2.5e-5 in the paper, which equals the
+    reference's G rate 0.0025 times its pose multiplier 0.01). The output layer starts with weights
+    scaled by ``init_scale`` so that the initial poses spread only a few degrees around the centre.
+    """
+
+    def __init__(
+        self,
+        w_dim: int,
+        hidden: int = 512,
+        yaw_center: float = math.pi / 2,
+        pitch_center: float = math.pi / 2,
+        clamp: bool = False,
+        init_scale: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.yaw_center, self.pitch_center, self.clamp = float(yaw_center), float(pitch_center), clamp
+        self.hidden = FullyConnected(w_dim, hidden, activation="lrelu")
+        self.out = FullyConnected(hidden, 2)
+        with torch.no_grad():
+            self.out.weight.mul_(init_scale)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        x = self.out(self.hidden(w))
+        h = x[:, 0] + self.yaw_center
+        v = x[:, 1] + self.pitch_center
+        if self.clamp:
+            h = straight_through_clamp(h, 0.0, 2 * math.pi)
+            v = straight_through_clamp(v, 0.0, math.pi)
+        v = straight_through_clamp(v, V_EPS, math.pi - V_EPS)
+        return torch.stack((h, v), dim=1)
