@@ -8,6 +8,7 @@ wrapped in DDP here. Rank 0 alone writes files, logs progress lines and talks to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pof3d.checkpoint import load_checkpoint, save_checkpoint
+from pof3d.checkpoint import PROGRESS_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
 from pof3d.config import Config
+from pof3d.distributed.launcher import CHECKPOINTS_DIR
 from pof3d.distributed.progress import TickMeter, next_boundary, progress_line
 from pof3d.errors import TrainingError
 from pof3d.tracking import Tracker
@@ -56,7 +58,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from pof3d.loop import Trainer
 
     trainer = Trainer(cfg, device=device, seed=cfg.train.seed)
-    progress = _resume(trainer, ray.train.get_checkpoint(), config.get("resume_from"), device)
+    progress = _resume(trainer, ray.train.get_checkpoint(), run_dir, config.get("resume_from"), device)
     tick = int(progress.get("tick", 0))
     tracker = Tracker(config["mlflow_uri"], config.get("mlflow_run_id")) if rank == 0 else None
     if rank == 0:
@@ -154,24 +156,38 @@ def _write_pid(run_dir: Path, rank: int) -> None:
     (folder / f"rank-{rank}.pid").write_text(f"{os.getpid()}\n")
 
 
-def _resume(trainer: Any, ray_checkpoint: Any, resume_from: str | None, device: torch.device) -> dict:
-    """Load the run's latest reported checkpoint (after a worker failure) or the ``--resume`` one.
+def _resume(
+    trainer: Any, ray_checkpoint: Any, run_dir: Path, resume_from: str | None, device: torch.device
+) -> dict:
+    """Load the most advanced of: Ray's latest registered checkpoint, the newest complete checkpoint in
+    the run's checkpoint folder, and ``--resume``'s. Returns its progress (``{}`` for a fresh start).
 
-    Ray's checkpoint wins: it is the newest state of this very run, so it is never behind
-    ``--resume``'s starting point.
+    The folder matters because a worker can die after a checkpoint was persisted but before the
+    controller registered the report; restarting from an older state would redo finished work.
     """
-    if ray_checkpoint is not None:
-        with ray_checkpoint.as_directory() as directory:
-            _, state, progress = load_checkpoint(directory, map_location=device)
-        source = "the run's latest checkpoint"
-    elif resume_from:
-        _, state, progress = load_checkpoint(resume_from, map_location=device)
-        source = resume_from
-    else:
-        return {}
+    with contextlib.ExitStack() as stack:
+        candidates = []
+        if ray_checkpoint is not None:
+            candidates.append(Path(stack.enter_context(ray_checkpoint.as_directory())))
+        on_disk = latest_checkpoint(run_dir / CHECKPOINTS_DIR)
+        if on_disk is not None:
+            candidates.append(on_disk)
+        if resume_from:
+            candidates.append(Path(resume_from))
+        if not candidates:
+            return {}
+        source = max(candidates, key=_images_seen)  # ties keep the earlier candidate
+        _, state, progress = load_checkpoint(source, map_location=device)
     trainer.load_state_dict(state)
     logger.info("resumed from %s at kimg %.3f", source, trainer.images_seen / 1000)
     return progress
+
+
+def _images_seen(checkpoint: Path) -> int:
+    try:
+        return int(json.loads((checkpoint / PROGRESS_FILE).read_text()).get("images_seen", 0))
+    except (OSError, ValueError):
+        return -1
 
 
 def _endless_batches(shard: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
