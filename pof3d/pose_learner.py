@@ -21,7 +21,8 @@ def straight_through_clamp(x: torch.Tensor, low: float, high: float) -> torch.Te
     A hard clamp would zero the gradient of every pose that leaves its range, so no loss could pull it
     back; passing the gradient straight through keeps the pose learner trainable at the boundary.
     """
-    return x + (x.clamp(low, high) - x).detach()
+    # x - x.detach() is exactly zero, so the forward value is the exact clamp even for huge x.
+    return x.clamp(low, high).detach() + (x - x.detach())
 
 
 class PoseLearner(nn.Module):

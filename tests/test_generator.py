@@ -1,0 +1,209 @@
+"""Generator and its parts: shapes, ranges, truncation, determinism, gradient paths (tiny preset, CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pof3d.camera import V_EPS
+from pof3d.config import load_config
+from pof3d.generator import Generator, count_parameters
+from pof3d.pose_learner import PoseLearner
+from pof3d.stylegan import MappingNetwork, SynthesisNetwork
+from pof3d.superres import SuperResolution
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_config("tiny").model
+
+
+@pytest.fixture()
+def G(tiny):
+    torch.manual_seed(0)
+    return Generator(tiny)
+
+
+def test_mapping_shapes_w_avg_and_truncation():
+    torch.manual_seed(0)
+    mapping = MappingNetwork(16, 24, num_ws=5, layers=2, lr_mult=0.01, w_avg_beta=0.5)
+    z = torch.randn(6, 16)
+    ws = mapping(z)
+    assert ws.shape == (6, 5, 24) and ws.dtype == torch.float32
+    assert torch.equal(ws[:, 0], ws[:, 4])
+    assert torch.count_nonzero(mapping.w_avg) == 0
+    ws = mapping(z, update_w_avg=True)
+    # beta 0.5 from zero: w_avg is half the batch mean.
+    torch.testing.assert_close(mapping.w_avg, 0.5 * ws[:, 0].mean(dim=0))
+    truncated = mapping(torch.randn(3, 16), truncation_psi=0.0)
+    torch.testing.assert_close(truncated, mapping.w_avg.expand(3, 5, 24))
+    half = mapping(z, truncation_psi=0.5)
+    torch.testing.assert_close(half, 0.5 * (ws + mapping.w_avg))
+    # z is normalised: scaling it changes nothing.
+    torch.testing.assert_close(mapping(z * 7.0), ws)
+
+
+def test_synthesis_shapes_and_num_ws():
+    net = SynthesisNetwork(32, 16, 3 * 4, channel_base=256, channel_max=16)
+    assert net.num_ws == 1 + 2 * 2 + 1  # 4x4 (1 conv), 8x8 and 16x16 (2 convs), final ToRGB
+    assert [b.conv1.weight.shape[0] for b in net.blocks] == [16, 16, 16]
+    out = net(torch.randn(2, net.num_ws, 32), noise_mode="random")
+    assert out.shape == (2, 12, 16, 16) and out.dtype == torch.float32
+    with pytest.raises(ValueError, match="ws must be"):
+        net(torch.randn(2, net.num_ws + 1, 32))
+    with pytest.raises(ValueError, match="noise_mode"):
+        net(torch.randn(2, net.num_ws, 32), noise_mode="bogus")
+    wide = SynthesisNetwork(8, 64, 3, channel_base=512, channel_max=64)
+    assert [b.conv1.weight.shape[0] for b in wide.blocks] == [64, 64, 32, 16, 8]
+
+
+def test_pose_learner_starts_near_centre_and_stays_in_range():
+    torch.manual_seed(0)
+    learner = PoseLearner(32, 32, yaw_center=math.pi / 2, pitch_center=math.pi / 2)
+    pose = learner(torch.randn(256, 32))
+    assert pose.shape == (256, 2)
+    assert (pose - math.pi / 2).abs().max() < 0.5
+    assert pose.std(dim=0).min() > 1e-3  # not collapsed to one pose
+    extreme = learner(torch.randn(256, 32) * 1e5)
+    assert extreme[:, 1].min() >= V_EPS and extreme[:, 1].max() <= math.pi - V_EPS
+    assert extreme[:, 1].min() < 0.1 and extreme[:, 1].max() > math.pi - 0.1  # the clamp was hit
+    assert extreme[:, 0].abs().max() > 2 * math.pi  # faces: yaw is not clamped
+
+
+def test_pose_learner_clamp_for_cars_keeps_gradient():
+    torch.manual_seed(0)
+    learner = PoseLearner(16, 16, yaw_center=math.pi, pitch_center=math.pi / 2, clamp=True)
+    w = torch.randn(128, 16) * 1e5
+    pose = learner(w)
+    assert pose[:, 0].min() >= 0.0 and pose[:, 0].max() <= 2 * math.pi
+    assert pose[:, 1].min() >= V_EPS and pose[:, 1].max() <= math.pi - V_EPS
+    assert ((pose[:, 0] == 0.0) | (pose[:, 0] == 2 * math.pi)).any()
+    pose.sum().backward()
+    assert learner.out.weight.grad.abs().sum() > 0  # clamped outputs still pass gradient
+
+
+@pytest.mark.parametrize(("r_in", "r_out"), [(16, 16), (16, 32), (16, 64), (8, 64)])
+def test_superresolution_ratios(r_in, r_out):
+    sr = SuperResolution(32, in_channels=8, in_resolution=r_in, out_resolution=r_out, channels=16)
+    features = torch.randn(2, 8, r_in, r_in)
+    out = sr(features[:, :3], features, torch.randn(2, 5, 32))
+    assert out.shape == (2, 3, r_out, r_out) and out.dtype == torch.float32
+    with pytest.raises(ValueError, match="ratio"):
+        SuperResolution(32, 8, 16, 48)
+
+
+def test_generator_outputs_shapes_and_dtypes(G, tiny):
+    z = torch.randn(2, tiny.z_dim)
+    out = G(z)
+    r, res = tiny.neural_resolution, tiny.image_resolution
+    expected = {
+        "image": (2, 3, res, res),
+        "image_raw": (2, 3, r, r),
+        "depth": (2, 1, r, r),
+        "pose": (2, 2),
+        "ws": (2, G.num_ws, tiny.w_dim),
+        "planes": (2, 3, tiny.triplane_channels, tiny.triplane_resolution, tiny.triplane_resolution),
+    }
+    assert {k: tuple(v.shape) for k, v in out.items()} == expected
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in out.values())
+    assert out["depth"].min() >= tiny.ray_start and out["depth"].max() <= tiny.ray_end
+    assert out["image_raw"].abs().max() <= 1.0 + 1e-4
+    points = torch.rand(2, 50, 3) - 0.5
+    assert G.density(out["planes"], points).shape == (2, 50, 1)
+
+
+def test_generator_api_pieces_compose_to_forward(G, tiny):
+    G.eval()
+    z = torch.randn(2, tiny.z_dim)
+    out = G(z, noise_mode="const")
+    ws = G.map(z)
+    pose = G.predict_pose(ws)
+    planes = G.synthesize_planes(ws, noise_mode="const")
+    img = G.render(planes, ws, pose, noise_mode="const")
+    torch.testing.assert_close(pose, out["pose"])
+    torch.testing.assert_close(planes, out["planes"])
+    torch.testing.assert_close(img["image"], out["image"])
+
+
+def test_truncation_psi_zero_gives_w_avg(G, tiny):
+    G.map(torch.randn(64, tiny.z_dim), update_w_avg=True)
+    assert torch.count_nonzero(G.mapping.w_avg) > 0
+    out = G(torch.randn(3, tiny.z_dim), truncation_psi=0.0)
+    torch.testing.assert_close(out["ws"], G.mapping.w_avg.expand(3, G.num_ws, -1))
+    torch.testing.assert_close(out["pose"][0], out["pose"][2])
+
+
+def test_fixed_seed_and_const_noise_is_deterministic(G, tiny):
+    z = torch.randn(2, tiny.z_dim)
+    for module in G.modules():  # non-zero noise strengths, so a noise difference would show
+        if hasattr(module, "noise_strength"):
+            torch.nn.init.constant_(module.noise_strength, 0.5)
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        outs.append(G(z, noise_mode="const"))
+    for key in ("image", "image_raw", "depth", "pose"):
+        torch.testing.assert_close(outs[0][key], outs[1][key], rtol=0, atol=0)
+    G.eval()  # no depth jitter: const noise alone makes it deterministic
+    a, b = G(z, noise_mode="const")["image"], G(z, noise_mode="const")["image"]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    c = G(z, noise_mode="random")["image"]
+    assert not torch.allclose(a, c)
+
+
+def test_image_gradient_reaches_pose_learner(G, tiny):
+    out = G(torch.randn(2, tiny.z_dim))
+    out["image"].sum().backward()
+    for p in G.pose_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert G.backbone.blocks[0].const.grad.abs().sum() > 0
+
+
+def test_explicit_pose_is_used(G, tiny):
+    G.eval()
+    z = torch.randn(1, tiny.z_dim)
+    front = torch.tensor([[math.pi / 2, math.pi / 2]])
+    side = torch.tensor([[math.pi / 2 + 0.6, math.pi / 2]])
+    a = G(z, pose=front, noise_mode="const")
+    b = G(z, pose=side, noise_mode="const")
+    assert torch.equal(a["pose"], front)
+    torch.testing.assert_close(a["planes"], b["planes"])
+    assert (a["image"] - b["image"]).abs().max() > 1e-4
+
+
+def test_parameter_groups_partition(G):
+    pose_ids = {id(p) for p in G.pose_parameters()}
+    main_ids = {id(p) for p in G.main_parameters()}
+    assert pose_ids and main_ids and not pose_ids & main_ids
+    assert pose_ids | main_ids == {id(p) for p in G.parameters()}
+
+
+def test_count_parameters(G):
+    counts = count_parameters(G)
+    print("tiny generator parameters:", counts)
+    assert counts["total"] == sum(p.numel() for p in G.parameters())
+    assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+    assert counts["pose_learner"] == 64 * 64 + 64 + 64 * 2 + 2
+
+
+def test_mixed_precision_setting_is_fp32_on_cpu():
+    m = load_config("tiny", ["model.num_fp16_res=2"]).model
+    G = Generator(m)
+    assert [b.use_fp16 for b in G.backbone.blocks] == [False, False, True, True]
+    out = G(torch.randn(1, m.z_dim))
+    assert out["image"].dtype == torch.float32 and out["planes"].dtype == torch.float32
+
+
+def test_anchor_preset_builds_and_runs_one_sample():
+    m = load_config("anchor").model
+    torch.manual_seed(0)
+    G = Generator(m).eval()
+    print("anchor generator parameters:", count_parameters(G))
+    with torch.no_grad():
+        out = G(torch.randn(1, m.z_dim), noise_mode="const")
+    assert out["image"].shape == (1, 3, 128, 128)
+    assert out["planes"].shape == (1, 3, 32, 256, 256)
+    assert G.num_ws == 14
+    assert torch.isfinite(out["image"]).all()
