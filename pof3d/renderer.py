@@ -196,7 +196,7 @@ class VolumeRenderer(nn.Module):
         out, start = None, 0
         for feat in features:
             s = feat.shape[-2]
-            part = (per_sample[..., start : start + s, None] * feat).sum(dim=-2)
+            part = torch.einsum("bns,bnsc->bnc", per_sample[..., start : start + s], feat)
             out = part if out is None else out + part
             start += s
         if self.white_background:

@@ -47,10 +47,26 @@ def sample_triplanes(
     # [B, N, 6] -> [B, 3, N, 2] -> one grid per (sample, plane): all planes in one grid_sample call.
     grid = coords.index_select(-1, _axis_index(quirk, points.device)).view(b, n, 3, 2)
     grid = grid.permute(0, 2, 1, 3).reshape(b * 3, 1, n, 2)
-    out = F.grid_sample(
-        planes.reshape(b * 3, c, h, w), grid, mode="bilinear", padding_mode="zeros", align_corners=False
-    )
+    # Channels-last planes make each bilinear tap read (and its gradient write) C contiguous values.
+    flat = planes.reshape(b * 3, c, h, w).contiguous(memory_format=torch.channels_last)
+    out = F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out.view(b, 3, c, n).transpose(2, 3)
+
+
+def _mean_over_planes(sampled: torch.Tensor) -> torch.Tensor:
+    """Mean over the plane axis of ``[B, 3, N, C]``, reduced in the layout the samples are stored in.
+
+    :func:`sample_triplanes` returns a transposed view of grid_sample's ``[B, 3, C, N]`` output.
+    Reducing in that layout, and making the incoming gradient contiguous (a copy of the mean, a third
+    of the size), hands grid_sample's backward its gradient in its own layout; otherwise autograd
+    would transpose the three times larger per-plane gradient.
+    """
+    if sampled.stride(-2) != 1:
+        return sampled.mean(dim=1)
+    mean = sampled.transpose(2, 3).mean(dim=1)  # [B, C, N], contiguous
+    if mean.requires_grad:
+        mean.register_hook(torch.Tensor.contiguous)
+    return mean.transpose(1, 2)
 
 
 class TriplaneDecoder(nn.Module):
@@ -68,6 +84,7 @@ class TriplaneDecoder(nn.Module):
 
     def forward(self, sampled: torch.Tensor) -> dict[str, torch.Tensor]:
         """sampled ``[B, 3, N, C]`` -> ``{"rgb": [B, N, out_features], "sigma": [B, N, 1]}``."""
-        x = self.out(F.softplus(self.hidden(sampled.mean(dim=1))))
-        rgb = torch.sigmoid(x[..., 1:]) * (1 + 2 * _RGB_PAD) - _RGB_PAD
-        return {"rgb": rgb, "sigma": x[..., :1]}
+        x = self.out(F.softplus(self.hidden(_mean_over_planes(sampled))))
+        sigma, features = x.split((1, self.out_features), dim=-1)  # split's backward is one concatenation
+        rgb = torch.sigmoid(features) * (1 + 2 * _RGB_PAD) - _RGB_PAD
+        return {"rgb": rgb, "sigma": sigma}

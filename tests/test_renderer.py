@@ -126,6 +126,33 @@ def test_sample_triplanes_rejects_bad_shapes():
         sample_triplanes(torch.zeros(1, 3, 4, 8, 8), torch.zeros(2, 5, 3), 1.0)
 
 
+def test_fast_paths_match_plain_sampling_and_mean():
+    """Channels-last sampling and the layout-aware plane mean give the textbook values and gradients."""
+    torch.manual_seed(0)
+    planes = torch.randn(2, 3, 6, 16, 16, requires_grad=True)
+    points = (torch.rand(2, 40, 3) * 1.2 - 0.6).requires_grad_(True)
+    dec = TriplaneDecoder(6, 8, 5)
+
+    def plain() -> dict[str, torch.Tensor]:
+        x, y, z = points.unbind(-1)
+        grids = [torch.stack(pair, -1) * 2.0 for pair in ((x, y), (x, z), (z, y))]
+        feats = [
+            torch.nn.functional.grid_sample(planes[:, k], grids[k][:, None], align_corners=False)[:, :, 0]
+            for k in range(3)
+        ]
+        h = torch.nn.functional.softplus(dec.hidden(torch.stack(feats, 1).mean(1).transpose(1, 2)))
+        out = dec.out(h)
+        return {"sigma": out[..., :1], "rgb": torch.sigmoid(out[..., 1:]) * 1.002 - 0.001}
+
+    results = []
+    for fn in (plain, lambda: dec(sample_triplanes(planes, points, 1.0))):
+        out = fn()
+        grads = torch.autograd.grad(out["sigma"].sum() + out["rgb"].square().sum(), (planes, points))
+        results.append((out["sigma"], out["rgb"], *grads))
+    for expected, got in zip(*results, strict=True):
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_decoder_shapes_and_ranges():
     dec = TriplaneDecoder(16, 32, 12)
     out = dec(torch.randn(2, 3, 50, 16) * 10)
