@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pof3d.config import ModelConfig
-from pof3d.triplane import TriplaneDecoder, sample_triplanes
+from pof3d.triplane import TriplaneDecoder, channels_last, sample_triplanes
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ class VolumeRenderer(nn.Module):
         """
         jitter = self.training if jitter is None else jitter
         b, n, _ = origins.shape
+        planes = channels_last(planes)  # sampled twice: convert the layout once
         coarse = stratified_depths(
             (b, n), self.depth_samples, self.ray_start, self.ray_end, jitter, origins.device, origins.dtype
         )

@@ -53,6 +53,15 @@ def sample_triplanes(
     return out.view(b, 3, c, n).transpose(2, 3)
 
 
+def channels_last(planes: torch.Tensor) -> torch.Tensor:
+    """The same ``[B, 3, C, R, R]`` planes stored channels-innermost, the layout sampling reads fastest.
+
+    :func:`sample_triplanes` converts on every call; converting once up front saves a copy (and one
+    in the backward pass) per call when the same planes are sampled repeatedly.
+    """
+    return planes.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
 def _mean_over_planes(sampled: torch.Tensor) -> torch.Tensor:
     """Mean over the plane axis of ``[B, 3, N, C]``, reduced in the layout the samples are stored in.
 
