@@ -332,6 +332,21 @@ def test_density_matches_decoder_sigma():
     assert torch.equal(sigma, dec(sample_triplanes(planes, points, BOX))["sigma"])
 
 
+class ThirdPlaneHeight(nn.Module):
+    """Reports as density what the zy plane reads along its height axis."""
+
+    def forward(self, sampled: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"sigma": sampled[:, 2, :, 1:2], "rgb": sampled[:, 2]}
+
+
+def test_triplane_quirk_flag_reaches_the_renderer():
+    points = torch.tensor([[[0.3, -0.2, 0.1], [-1.1, 0.7, 2.5]]])
+    correct = renderer().density(coordinate_planes(), ThirdPlaneHeight(), points)
+    quirk = renderer(triplane_quirk=True).density(coordinate_planes(), ThirdPlaneHeight(), points)
+    assert torch.allclose(correct[0, :, 0], points[0, :, 1], atol=1e-5)  # y
+    assert torch.allclose(quirk[0, :, 0], points[0, :, 0], atol=1e-5)  # x
+
+
 def test_shapes_dtypes_and_gradients_reach_planes_decoder_and_pose():
     m = preset("tiny").model
     r = VolumeRenderer(m).train()
