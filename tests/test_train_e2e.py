@@ -1,0 +1,197 @@
+"""End-to-end training on a real local Ray with real MLflow stores and the real synthetic data set.
+
+The model is shrunk with ``--set`` (32 px output) and runs are a few dozen images long so that the
+whole module stays around three minutes on two cores; the wiring exercised is the one of full runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pof3d.checkpoint import latest_checkpoint, load_checkpoint
+from pof3d.train import main
+
+pytestmark = pytest.mark.slow
+
+MICRO = [
+    "model.image_resolution=32",
+    "data.resolution=32",
+    "data.synthetic_n=64",
+    "model.neural_resolution=16",
+    "model.triplane_resolution=16",
+    "model.triplane_channels=8",
+    "model.channel_base=256",
+    "model.channel_max=32",
+    "model.disc_channel_base=256",
+    "model.disc_channel_max=32",
+    "model.depth_samples=6",
+    "model.importance_samples=6",
+    "model.sr_channels=16",
+    "model.z_dim=32",
+    "model.w_dim=32",
+    "model.cmap_dim=32",
+    "model.pose_hidden=32",
+    "model.decoder_hidden=16",
+    "model.decoder_features=8",
+    "train.tick_kimg=0.004",
+    "train.snapshot_kimg=0.008",
+]
+BATCH = ["--batch", "4"]
+
+
+def _sets(extra: list[str] = ()) -> list[str]:
+    return [arg for item in [*MICRO, *extra] for arg in ("--set", item)]
+
+
+def _ticks(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _assert_continuous(ticks: list[dict], per_tick: int) -> None:
+    """Ticks numbered 1..N, each exactly ``per_tick`` images after the previous: nothing twice, no gap."""
+    assert [t["tick"] for t in ticks] == list(range(1, len(ticks) + 1))
+    assert [t["images_seen"] for t in ticks] == [per_tick * (i + 1) for i in range(len(ticks))]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _isolated_dirs(tmp_path_factory):
+    """The synthetic-set cache and default run root of these tests live in a temporary folder."""
+    root = tmp_path_factory.mktemp("train-env")
+    saved = {k: os.environ.get(k) for k in ("POF3D_CACHE", "POF3D_RUNS", "MLFLOW_TRACKING_URI")}
+    os.environ.update(POF3D_CACHE=str(root / "cache"), POF3D_RUNS=str(root / "runs"))
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_local, tmp_path_factory) -> tuple[Path, str]:
+    """The embedded default (synthetic set generated on first use), shrunk and 16 images long."""
+    run_dir = tmp_path_factory.mktemp("runs") / "default"
+    code = main(["--kimg", "0.016", *BATCH, "--run-dir", str(run_dir), *_sets()])
+    assert code == 0
+    return run_dir, f"sqlite:///{run_dir / 'mlflow.db'}"
+
+
+def test_embedded_default_tracks_params_metrics_and_artifacts(finished_run, capsys) -> None:
+    run_dir, uri = finished_run
+    assert (run_dir / "config.json").is_file()
+    assert list((Path(os.environ["POF3D_CACHE"])).iterdir()), "the synthetic set was not generated"
+    _assert_continuous(_ticks(run_dir), per_tick=4)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("pof3d").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.kimg"] == "0.016" and run.data.params["model.image_resolution"] == "32"
+    history = client.get_metric_history(run.info.run_id, "loss/G_adv")
+    assert [m.step for m in history] == [4, 8, 12, 16]  # step = images seen
+    assert "perf/images_per_sec" in run.data.metrics and "perf/data_wait_share" in run.data.metrics
+    grids = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    poses = [a.path for a in client.list_artifacts(run.info.run_id, "poses")]
+    assert grids == ["samples/fakes-000.008.png", "samples/fakes-000.016.png"]
+    assert poses == ["poses/poses-000.008.png", "poses/poses-000.016.png"]
+    final = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert {"checkpoint/state.pt", "checkpoint/config.json", "checkpoint/progress.json"} <= final
+    _, _, progress = load_checkpoint(latest_checkpoint(run_dir))
+    assert progress["images_seen"] == 16 and progress["mlflow_run_id"] == run.info.run_id
+
+
+def test_resume_continues_a_finished_run_and_its_mlflow_run(finished_run) -> None:
+    run_dir, uri = finished_run
+    assert main(["--resume", str(run_dir), "--kimg", "0.024"]) == 0
+    ticks = _ticks(run_dir)
+    _assert_continuous(ticks, per_tick=4)
+    assert ticks[-1]["images_seen"] == 24
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("pof3d").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/G_adv")] == [
+        4,
+        8,
+        12,
+        16,
+        20,
+        24,
+    ]
+    assert run.data.tags["resumed.train.kimg"] == "0.024"
+    _, _, progress = load_checkpoint(latest_checkpoint(run_dir))
+    assert progress["images_seen"] == 24 and progress["step"] == 6
+
+
+def test_non_finite_loss_stops_cleanly_and_keeps_the_last_checkpoint(finished_run, capsys) -> None:
+    run_dir, _ = finished_run
+    before = latest_checkpoint(run_dir)
+    started = time.monotonic()
+    code = main(["--resume", str(run_dir), "--kimg", "0.1", "--set", "loss.dis_cam_weight=1e40"])
+    err = capsys.readouterr().err
+    assert code == 1
+    stopped = re.search(r"training stopped: non-finite loss in phase (\w+) at step (\d+)", err)
+    assert stopped, err[-3000:]
+    assert stopped.group(1) in ("G_main", "G_density", "D_main", "D_r1") and int(stopped.group(2)) >= 6
+    assert time.monotonic() - started < 120, "the failure was retried instead of stopping the run"
+    assert latest_checkpoint(run_dir) == before
+    _, _, progress = load_checkpoint(before)
+    assert progress["images_seen"] == 24
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_stay_in_sync_and_a_dead_mlflow_server_does_not_stop_training(
+    ray_local, tmp_path
+) -> None:
+    run_dir = tmp_path / "ddp"
+    dead = f"http://127.0.0.1:{_closed_port()}"
+    args = ["--kimg", "0.016", *BATCH, "--workers", "2", "--run-dir", str(run_dir), "--mlflow-uri", dead]
+    assert main([*args, *_sets()]) == 0
+    ticks = _ticks(run_dir)
+    _assert_continuous(ticks, per_tick=4)
+    assert {t["world_size"] for t in ticks} == {2}
+    spreads = [t["ddp/param_spread"] for t in ticks if "ddp/param_spread" in t]
+    assert spreads == [0.0, 0.0]  # identical parameters on both ranks at every snapshot
+    assert not (run_dir / "mlflow.db").exists()
+    assert latest_checkpoint(run_dir) is not None
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint_and_reaches_the_target(ray_local, tmp_path) -> None:
+    run_dir = tmp_path / "faulty"
+    pid_file = run_dir / "workers" / "rank-1.pid"
+    killed: list[int] = []
+
+    def kill_rank_1_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if (run_dir / "metrics.jsonl").exists() and latest_checkpoint(run_dir) is not None:
+                if any(t["images_seen"] >= 12 for t in _ticks(run_dir)):
+                    killed.append(int(pid_file.read_text()))
+                    os.kill(killed[0], signal.SIGKILL)
+                    return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_rank_1_after_first_checkpoint, daemon=True)
+    killer.start()
+    args = ["--kimg", "0.024", *BATCH, "--workers", "2", "--run-dir", str(run_dir)]
+    assert main([*args, *_sets()]) == 0
+    killer.join(timeout=5)
+    assert killed, "the worker was never killed"
+    assert int(pid_file.read_text()) != killed[0], "rank 1 was not restarted"
+    ticks = _ticks(run_dir)
+    _assert_continuous(ticks, per_tick=4)
+    assert ticks[-1]["images_seen"] == 24
+    _, _, progress = load_checkpoint(latest_checkpoint(run_dir))
+    assert progress["images_seen"] == 24 and progress["step"] == 6  # one step per global batch of 4
