@@ -262,7 +262,10 @@ def _report(
     """Every rank reports (a barrier); at snapshots rank 0 attaches a checkpoint and figures."""
     import ray.train
 
-    if not (snapshot and rank == 0):
+    if rank != 0:  # only rank 0's metrics are kept; the others just meet the barrier
+        ray.train.report({"images_seen": trainer.images_seen, "tick": tick})
+        return
+    if not snapshot:
         ray.train.report(metrics)
         return
     kimg = f"{trainer.images_seen / 1000:07.3f}"
@@ -320,9 +323,13 @@ def _truncate_metrics(path: Path, images_seen: int) -> None:
     """After a restart, drop ticks logged after the checkpoint we resumed from (they are redone)."""
     if not path.exists():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("images_seen", 0) <= images_seen
-    ]
+    kept = [line for line in path.read_text().splitlines() if _tick_images(line) <= images_seen]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+def _tick_images(line: str) -> float:
+    """Images seen of a ``metrics.jsonl`` line; a line cut short by a crash sorts after everything."""
+    try:
+        return float(json.loads(line)["images_seen"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
