@@ -10,6 +10,7 @@ import socket
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pof3d.checkpoint import save_checkpoint
 from pof3d.config import load_config
 from pof3d.distributed.launcher import check_resources
 from pof3d.distributed.plan import TrainRequest, flag_overrides, plan_run
@@ -121,3 +122,35 @@ def test_unreachable_tracking_server_warns_once_and_never_raises(caplog) -> None
     assert not tracker.active and tracker.run_id is None and not attached.active
     warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
     assert len(warnings) == 2  # one per tracker, not one per call
+
+
+def _saved_run(root, images_seen: int):
+    """A run directory as training leaves it: config.json and one Ray checkpoint directory."""
+    cfg = load_config("tiny", ["data.path=/data/shards"])
+    run_dir = root / "run-a"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(cfg.to_json())
+    progress = {
+        "images_seen": images_seen,
+        "step": 3,
+        "tick": 2,
+        "mlflow_run_id": "abc",
+        "mlflow_tracking_uri": "x",
+    }
+    ckpt = save_checkpoint(run_dir / "checkpoints" / "checkpoint-kimg000.024", {"w": 1}, cfg, progress)
+    return run_dir, ckpt
+
+
+def test_resume_latest_finds_the_newest_run_and_keeps_its_tracking(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("POF3D_RUNS", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match="no run directory with config.json"):
+        plan_run(TrainRequest(resume="latest"))
+    run_dir, ckpt = _saved_run(tmp_path, images_seen=24)
+    plan = plan_run(TrainRequest(resume="latest", kimg=0.05, overrides=["train.tick_kimg=0.01"]))
+    assert (plan.resume_from, plan.run_dir) == (ckpt, run_dir)
+    assert plan.cfg.train.kimg == 0.05 and plan.cfg.train.tick_kimg == 0.01 and plan.cfg.preset == "tiny"
+    assert (plan.mlflow_run_id, plan.mlflow_uri, plan.data_uri) == ("abc", "x", "/data/shards")
+    assert plan_run(TrainRequest(resume=str(ckpt), kimg=0.05)).run_dir == run_dir
+    with pytest.raises(ConfigError, match="already at kimg 0.024; expected a longer --kimg"):
+        plan_run(TrainRequest(resume=str(run_dir), kimg=0.02))
