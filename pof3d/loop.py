@@ -141,6 +141,7 @@ class Trainer:
             if self.step % phase.interval == 0:
                 figures.update(self.run_phase(phase, real))
         batch = real.shape[0] * self.world_size
+        self._average_buffers(self.G)
         self.images_seen += batch
         o = self.cfg.optim
         update_ema(self.G_ema, self.G, ema_beta(batch, o.ema_kimg, o.ema_rampup, self.images_seen))
@@ -197,6 +198,21 @@ class Trainer:
             n = p.numel()
             p.grad = flat[offset : offset + n].view_as(p)
             offset += n
+
+    def _average_buffers(self, module: nn.Module) -> None:
+        """Average running statistics (``w_avg``) so that every worker keeps the same generator."""
+        if self.world_size == 1:
+            return
+        buffers = [b for b in module.buffers() if b.is_floating_point()]
+        if not buffers:
+            return
+        flat = torch.cat([b.flatten() for b in buffers])
+        dist.all_reduce(flat)
+        flat.div_(self.world_size)
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset : offset + b.numel()].view_as(b))
+            offset += b.numel()
 
     # ------------------------------------------------------------------------------------------
     # State

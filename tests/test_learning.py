@@ -144,3 +144,39 @@ def test_non_finite_loss_raises_training_error() -> None:
     real[0, 0, 0, 0] = float("nan")
     with pytest.raises(TrainingError, match=r"D_main at step 0"):
         trainer.train_step(real)
+
+
+def _data_parallel_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        trainer = Trainer(_cfg(f"train.workers={world}"), seed=rank)  # rank 0's weights must win
+        trainer.train_step(_real(batch=2, seed=10 + rank))  # each worker its own half of the batch
+        grads = torch.cat([p.grad.flatten() for p in trainer.D.parameters() if p.grad is not None])
+        torch.save(
+            {"params": _params(trainer), "grads": grads, "seen": trainer.images_seen}, f"{out}/{rank}.pt"
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_data_parallel_workers_stay_in_sync(tmp_path) -> None:
+    """Two gloo workers: rank 0's weights are broadcast, gradients averaged, weights equal after a step."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_data_parallel_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
+    assert a["seen"] == b["seen"] == 4  # images over all workers
+    assert torch.equal(a["grads"], b["grads"])
+    for name in a["params"]:
+        assert torch.equal(a["params"][name], b["params"][name]), name
+    single = Trainer(_cfg(), seed=0)
+    assert not torch.equal(single.D.state_dict()["fc.weight"], a["params"]["D.fc.weight"])  # it trained
