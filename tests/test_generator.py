@@ -10,6 +10,7 @@ import torch
 from pof3d.camera import V_EPS
 from pof3d.config import load_config
 from pof3d.generator import Generator, count_parameters
+from pof3d.layers import ModulatedConv2d, upsample2d
 from pof3d.pose_learner import PoseLearner
 from pof3d.stylegan import MappingNetwork, SynthesisNetwork
 from pof3d.superres import SuperResolution
@@ -57,6 +58,17 @@ def test_synthesis_shapes_and_num_ws():
         net(torch.randn(2, net.num_ws, 32), noise_mode="bogus")
     wide = SynthesisNetwork(8, 64, 3, channel_base=512, channel_max=64)
     assert [b.conv1.weight.shape[0] for b in wide.blocks] == [64, 64, 32, 16, 8]
+
+
+def test_upsampling_modulated_conv_equals_upsample_then_conv_inside():
+    torch.manual_seed(0)
+    up = ModulatedConv2d(6, 5, 3, 8, up=True)
+    same = ModulatedConv2d(6, 5, 3, 8)
+    same.load_state_dict(up.state_dict())
+    x, w = torch.randn(2, 6, 16, 16), torch.randn(2, 8)
+    a, b = up(x, w), same(upsample2d(x), w)
+    assert a.shape == b.shape == (2, 5, 32, 32)
+    torch.testing.assert_close(a[..., 3:-3, 3:-3], b[..., 3:-3, 3:-3], rtol=1e-4, atol=1e-4)
 
 
 def test_pose_learner_starts_near_centre_and_stays_in_range():
