@@ -183,13 +183,16 @@ class ModulatedConv2d(nn.Module):
                 padding=self.padding,
                 output_padding=1,
             )
-            x = blur(x) * 4.0
+            x = blur(x)
         else:
             x = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
+        filter_gain = 4.0 if self.up else 1.0  # zero-stuffing keeps 1 pixel in 4
         if self.demodulate:
             # d_j = 1 / sqrt(sum_i,k (s_i w_jik)^2): computed from the styles, not the activations.
             dcoefs = (styles.square() @ weight.square().sum(dim=(2, 3)).t() + 1e-8).rsqrt()
-            x = x * dcoefs.to(x.dtype)[:, :, None, None]
+            x = x * (dcoefs * filter_gain).to(x.dtype)[:, :, None, None]
+        elif self.up:
+            x = x * filter_gain
         if self.use_noise and noise_mode != "none":
             if noise_mode == "const":
                 noise = self.noise_const.to(x.dtype)
