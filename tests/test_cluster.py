@@ -1,5 +1,9 @@
 """Cluster configs are checked, not just written: schema, KubeRay structure, and every command they
-(and cluster/README.md) run exists in the project's real command lines."""
+(and cluster/README.md) run exists in the project's real command lines.
+
+The ``ray job submit`` of ``cluster/runtime_env.yaml`` against a local ``ray start --head`` is
+tests/test_train_job.py (one slow head start for the suite, not two).
+"""
 
 from __future__ import annotations
 
@@ -127,6 +131,10 @@ def test_kuberay_rayjob_has_the_required_fields() -> None:
     assert "--preset ffhq512" in spec["entrypoint"]
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"] and "MLFLOW_TRACKING_URI" in runtime_env["env_vars"]
+    # The job-submission runtime_env's settings hold in the RayJob too (the same training, submitted).
+    submitted = _load(CLUSTER / "runtime_env.yaml")
+    assert submitted["env_vars"].items() <= runtime_env["env_vars"].items()
+    assert any(p.startswith("torch") for p in runtime_env["pip"])
     assert spec["shutdownAfterJobFinishes"] is True
     assert _check_cluster_spec(spec["rayClusterSpec"], "rayjob.yaml") == GPUS_IN_PAPER_SETTING
 
