@@ -261,3 +261,37 @@ def test_depth_estimator_learns_sphere_depth(tmp_path):
     right = generated_depth_error(again, images[:8], depth[:8], fg[:8])
     wrong = generated_depth_error(again, images[:8], -depth[:8], fg[:8])
     assert right.mean() < 0.5 < 3.0 < wrong.mean()
+
+
+# ------------------------------------------------------------------------- JS through the suite
+
+
+class _PosePrior(torch.nn.Module):
+    """Stands in for G: its pose learner maps z to exactly the synthetic faces distribution (+ offset)."""
+
+    def __init__(self, yaw_offset: float) -> None:
+        super().__init__()
+        self.yaw_offset = yaw_offset
+
+    def map(self, z, truncation_psi=1.0, update_w_avg=False):
+        return z[:, None]
+
+    def predict_pose(self, ws):
+        from pof3d.data.synthetic import setting
+
+        s, z = setting("faces"), ws[:, 0]
+        h = s.h_mean + self.yaw_offset + (s.h_std * z[:, 0]).clamp(-s.h_clip, s.h_clip)
+        v = math.pi / 2 + (s.v_std * z[:, 1]).clamp(-s.v_clip, s.v_clip)
+        return torch.stack((h, v), -1)
+
+
+def test_js_of_a_perfect_pose_learner_is_near_zero():
+    from pof3d.config import load_config
+    from pof3d.metrics import evaluate_generator
+
+    cfg = load_config("tiny", ["model.z_dim=2", "data.synthetic_poses=faces"])
+    perfect = evaluate_generator(_PosePrior(0.0), None, cfg, None, ["js"], num_samples=100)
+    assert set(perfect) == {"js", "js_yaw", "js_pitch"}
+    assert perfect["js"] < 0.03 and perfect["js_yaw"] < 0.005 and perfect["js_pitch"] < 0.005
+    shifted = evaluate_generator(_PosePrior(1.0), None, cfg, None, ["js"], num_samples=100)
+    assert shifted["js"] > 0.3 and shifted["js_yaw"] > 0.3 and shifted["js_pitch"] < 0.005
