@@ -50,6 +50,7 @@ def test_tick_meter_averages_figures_and_measures_throughput() -> None:
 def test_resource_check_rejects_requests_that_would_starve_ray_data() -> None:
     cfg = load_config("tiny", ["train.workers=2", "train.cpus_per_worker=0.5"])
     check_resources(cfg, {"CPU": 2.0})  # 1 CPU for training, 1 for data
+    check_resources(load_config("tiny", ["train.workers=3", "train.batch=6"]), {"CPU": 2.0})  # 0.5 left
     greedy = load_config("tiny", ["train.workers=2", "train.cpus_per_worker=1"])
     with pytest.raises(ConfigError, match=r"train.cpus_per_worker=1 = 2 CPUs .* cluster's 2 CPUs"):
         check_resources(greedy, {"CPU": 2.0})

@@ -1,10 +1,10 @@
 """Driver side of a training run on Ray Train: connect, check resources, build and fit the TorchTrainer.
 
-Resource rule: Ray Data's read and decode tasks need whole CPUs that the Train workers do not hold.
-Workers default to half a CPU each (``train.cpus_per_worker``), and a request that would leave less
-than :data:`DATA_CPUS` free for the data pipeline, or that asks for more than the cluster has, is a
-``ConfigError`` before anything starts: otherwise the run waits forever ("backpressured") instead
-of failing.
+Resource rule: Ray Data's read and decode tasks need CPU that the Train workers do not hold. Workers
+default to half a CPU each (``train.cpus_per_worker``), and a request that would leave less than one
+decode task's CPU (:data:`pof3d.data.streaming.DECODE_CPUS`) free for the data pipeline, or that asks
+for more than the cluster has, is a ``ConfigError`` before anything starts: otherwise the run waits
+forever ("backpressured") instead of failing.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pof3d.errors import ConfigError, TrainingError
 
 logger = logging.getLogger(__name__)
 
-DATA_CPUS = 1.0  # one Ray Data task at a time must always be schedulable
 CHECKPOINTS_DIR = "checkpoints"
 
 
@@ -58,6 +57,8 @@ def connect(address: str | None) -> None:
 
 def check_resources(cfg: Config, available: dict[str, float]) -> None:
     """Raise ``ConfigError`` if ``train.workers`` x per-worker resources cannot run on ``available``."""
+    from pof3d.data.streaming import DECODE_CPUS
+
     t = cfg.train
     cpus, gpus = t.workers * t.cpus_per_worker, t.workers * t.gpus_per_worker
     have_cpu, have_gpu = float(available.get("CPU", 0.0)), float(available.get("GPU", 0.0))
@@ -66,11 +67,11 @@ def check_resources(cfg: Config, available: dict[str, float]) -> None:
             f"train.workers={t.workers} x train.gpus_per_worker={t.gpus_per_worker:g} = {gpus:g} GPUs, "
             f"but the Ray cluster has {have_gpu:g}; lower --workers/--gpus-per-worker"
         )
-    if cpus + DATA_CPUS > have_cpu:
+    if cpus + DECODE_CPUS > have_cpu:
         raise ConfigError(
             f"train.workers={t.workers} x train.cpus_per_worker={t.cpus_per_worker:g} = {cpus:g} CPUs for "
-            f"training + {DATA_CPUS:g} for Ray Data exceeds the cluster's {have_cpu:g} CPUs; lower --workers "
-            "or train.cpus_per_worker (fractions such as 0.5 are fine)"
+            f"training + {DECODE_CPUS:g} for Ray Data exceeds the cluster's {have_cpu:g} CPUs; "
+            "lower --workers or train.cpus_per_worker (fractions such as 0.5 are fine)"
         )
 
 
