@@ -43,8 +43,9 @@ SCHEMA = pa.schema(
         pa.field("format", pa.string(), nullable=False),  # "png" | "jpeg"
         pa.field("width", pa.int32(), nullable=False),
         pa.field("height", pa.int32(), nullable=False),
-        pa.field("label", pa.list_(pa.float32(), LABEL_DIM)),  # EG3D: 16 cam2world + 9 intrinsics
-        pa.field("pose", pa.list_(pa.float32(), 2)),  # ground-truth (h, v), radians
+        # Variable-size lists: pyarrow's dataset reader rejects null entries of fixed-size lists.
+        pa.field("label", pa.list_(pa.float32())),  # 25 floats, EG3D: 16 cam2world + 9 intrinsics
+        pa.field("pose", pa.list_(pa.float32())),  # 2 floats, ground-truth (h, v), radians
         pa.field("depth", pa.binary()),  # float32 little-endian [height, width]; inf = background
         pa.field("source", pa.string(), nullable=False),  # input file name (or synthetic id)
     ]
@@ -345,8 +346,10 @@ def verify(uri: str) -> dict[str, int]:
                 raise DataError(f"{where}: does not decode ({err})") from err
             if d["image"].shape != (r, r, 3) or (row["width"], row["height"]) != (r, r):
                 raise DataError(f"{where}: image {d['image'].shape}, expected ({r}, {r}, 3)")
-            if d["pose"] is not None and not np.isfinite(d["pose"]).all():
-                raise DataError(f"{where}: pose {d['pose']} is not finite")
+            if d["pose"] is not None and (d["pose"].shape != (2,) or not np.isfinite(d["pose"]).all()):
+                raise DataError(f"{where}: pose {d['pose']}, expected 2 finite floats")
+            if d["label"] is not None and d["label"].shape != (LABEL_DIM,):
+                raise DataError(f"{where}: label of {d['label'].shape[0]} floats, expected {LABEL_DIM}")
             total += 1
     if total != manifest["rows"]:
         raise DataError(f"{uri}: {total} rows in the shards, the manifest says {manifest['rows']}")
