@@ -61,6 +61,7 @@ class Generator(nn.Module):
             use_noise=cfg.use_noise,
             num_fp16_res=cfg.num_fp16_res,
         )
+        logger.debug("generator parameters: %s", count_parameters(self))
 
     @property
     def num_ws(self) -> int:

@@ -21,6 +21,12 @@ logger = logging.getLogger(__name__)
 NOISE_MODES = ("random", "const", "none")
 
 
+def check_noise_mode(noise_mode: str) -> None:
+    """Reject a misspelt mode early: the layers would otherwise silently treat it as "random"."""
+    if noise_mode not in NOISE_MODES:
+        raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+
+
 def normalize_2nd_moment(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Scale each row to unit root-mean-square, so the mapping sees z on a sphere of fixed radius."""
     return x * (x.square().mean(dim=1, keepdim=True) + eps).rsqrt()
@@ -182,8 +188,7 @@ class SynthesisNetwork(nn.Module):
 
     def forward(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
         """ws ``[B, num_ws, w_dim]`` -> image ``[B, out_channels, resolution, resolution]`` (float32)."""
-        if noise_mode not in NOISE_MODES:
-            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        check_noise_mode(noise_mode)
         if ws.dim() != 3 or ws.shape[1] != self.num_ws or ws.shape[2] != self.w_dim:
             raise ValueError(f"ws must be [B, {self.num_ws}, {self.w_dim}], got {list(ws.shape)}")
         x = img = None

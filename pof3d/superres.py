@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pof3d.stylegan import SynthesisBlock
+from pof3d.stylegan import SynthesisBlock, check_noise_mode
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class SuperResolution(nn.Module):
     def forward(
         self, rgb: torch.Tensor, features: torch.Tensor, ws: torch.Tensor, noise_mode: str = "random"
     ) -> torch.Tensor:
+        check_noise_mode(noise_mode)
         if self.pre_scale > 1:
             size = features.shape[-1] * self.pre_scale
             features = F.interpolate(features, size=(size, size), mode="bilinear", align_corners=False)

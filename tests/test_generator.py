@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -102,6 +103,8 @@ def test_superresolution_ratios(r_in, r_out):
     features = torch.randn(2, 8, r_in, r_in)
     out = sr(features[:, :3], features, torch.randn(2, 5, 32))
     assert out.shape == (2, 3, r_out, r_out) and out.dtype == torch.float32
+    with pytest.raises(ValueError, match="noise_mode"):
+        sr(features[:, :3], features, torch.randn(2, 5, 32), noise_mode="cosnt")
     with pytest.raises(ValueError, match="ratio"):
         SuperResolution(32, 8, 16, 48)
 
@@ -148,7 +151,7 @@ def test_truncation_psi_zero_gives_w_avg(G, tiny):
 
 
 def test_fixed_seed_and_const_noise_is_deterministic(G, tiny):
-    z = torch.randn(2, tiny.z_dim)
+    z = torch.randn(1, tiny.z_dim)
     for module in G.modules():  # non-zero noise strengths, so a noise difference would show
         if hasattr(module, "noise_strength"):
             torch.nn.init.constant_(module.noise_strength, 0.5)
@@ -183,6 +186,17 @@ def test_explicit_pose_is_used(G, tiny):
     assert torch.equal(a["pose"], front)
     torch.testing.assert_close(a["planes"], b["planes"])
     assert (a["image"] - b["image"]).abs().max() > 1e-4
+
+
+def test_state_dict_round_trip_and_deepcopy(G, tiny):
+    G.eval()
+    z = torch.randn(1, tiny.z_dim)
+    twin = Generator(tiny).eval()
+    twin.load_state_dict(G.state_dict())
+    clone = copy.deepcopy(G)
+    ref = G(z, noise_mode="const")["image"]
+    torch.testing.assert_close(twin(z, noise_mode="const")["image"], ref)
+    torch.testing.assert_close(clone(z, noise_mode="const")["image"], ref)
 
 
 def test_parameter_groups_partition(G):
