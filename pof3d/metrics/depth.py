@@ -103,23 +103,24 @@ def train_depth_estimator(
     steps: int = 300,
     batch: int = 32,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> tuple[DepthEstimator, float]:
     """Fit the estimator on uint8 images ``[N, H, W, 3]`` with depths ``[N, H, W]``.
 
     The last eighth of the images (at least one) is held out; returns the model and its normalised
     depth error on them.
     """
-    x, d, mask = _as_tensors(images, depth, resolution)
+    x, d, mask = (t.to(device) for t in _as_tensors(images, depth, resolution))
     n_val = max(1, len(x) // 8)
     if len(x) - n_val < 1:
         raise ValueError(f"depth estimator needs at least 2 images with depth, got {len(x)}")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = DepthEstimator()
+    model = DepthEstimator().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     n_train = len(x) - n_val
     for step in range(steps):
-        idx = torch.randint(0, n_train, (min(batch, n_train),), generator=g)
+        idx = torch.randint(0, n_train, (min(batch, n_train),), generator=g).to(device)
         loss = estimator_loss(model, x[idx], d[idx], mask[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -138,17 +139,23 @@ def train_depth_estimator(
 
 
 def load_or_train_estimator(
-    images: np.ndarray, depth: np.ndarray, resolution: int, key: str, folder: Path | None, steps: int = 300
+    images: np.ndarray,
+    depth: np.ndarray,
+    resolution: int,
+    key: str,
+    folder: Path | None,
+    steps: int = 300,
+    device: str | torch.device = "cpu",
 ) -> tuple[DepthEstimator, float]:
     """:func:`train_depth_estimator`, cached as ``depth-estimator-<key>.pt`` (tensors only) in ``folder``."""
     target = folder / f"depth-estimator-{key}.pt" if folder is not None else None
     if target is not None and target.is_file():
-        saved = torch.load(target, map_location="cpu", weights_only=True)
-        model = DepthEstimator()
+        saved = torch.load(target, map_location=device, weights_only=True)
+        model = DepthEstimator().to(device)
         model.load_state_dict(saved["model"])
         log.info("depth estimator from cache %s", target)
         return model.eval(), float(saved["held_out_error"])
-    model, error = train_depth_estimator(images, depth, resolution, steps=steps)
+    model, error = train_depth_estimator(images, depth, resolution, steps=steps, device=device)
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(f".tmp{os.getpid()}")
@@ -165,6 +172,9 @@ def generated_depth_error(
 
     Scored on pixels the estimator calls foreground (and ``depth_mask`` if given).
     """
+    device = next(model.parameters()).device
+    image, depth = image.to(device), depth.to(device)
+    depth_mask = depth_mask.to(device) if depth_mask is not None else None
     r = depth.shape[-1]
     x = F.interpolate(image.float(), size=r, mode="bilinear", antialias=True, align_corners=False)
     ref, logit = model(x)

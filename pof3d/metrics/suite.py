@@ -281,7 +281,7 @@ def _image_metrics(
             r = run.cfg.model.neural_resolution
             key = _data_key(run.data_uri, "depth", r)
             estimator, results["depth_estimator_error"] = depthlib.load_or_train_estimator(
-                real["image"], real["depth"], r, key, run.cache / "depth"
+                real["image"], real["depth"], r, key, run.cache / "depth", device=run.device
             )
     if not want_fid and estimator is None:
         return results
