@@ -83,10 +83,9 @@ def make_dataset(
         cars = (manifest.get("synthetic") or {}).get("kind") == "cars"
     ds = ray.data.read_parquet(
         shard_paths(uri, manifest),
-        columns=["id", "image", "pose"],
         shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle else None,
         num_cpus=decode_cpus,
-    )
+    ).select_columns(["id", "image", "pose"])  # pushed down into the reader: depth is never read
     if full_shuffle:
         ds = ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
     ds = ds.map_batches(

@@ -1,0 +1,101 @@
+"""Ray Data streaming: decoded batches, per-epoch coverage across 2 Ray Train workers, flips."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pof3d.data.shards import iter_rows
+from pof3d.data.streaming import make_dataset
+from pof3d.data.synthetic import generate
+
+N_ROWS = 48
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory) -> Path:
+    # Tiny shards so that the set has several files for the per-epoch file shuffle and the split.
+    out = tmp_path_factory.mktemp("data") / "faces"
+    return generate(out, N_ROWS, 16, "faces", seed=5, shard_mb=12 * 1500 / 2**20)
+
+
+@pytest.fixture(scope="module")
+def stored(shard_set: Path) -> dict[int, dict]:
+    return {r["id"]: r for r in iter_rows(str(shard_set), ["id", "image", "pose"])}
+
+
+def _expected_image(pixels: np.ndarray) -> np.ndarray:
+    return pixels.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+
+
+@pytest.mark.slow
+def test_batches_are_decoded_images_and_poses_and_epochs_reshuffle(ray_local, shard_set, stored):
+    ds = make_dataset(str(shard_set), seed=1)
+    orders = []
+    for _ in range(2):
+        ids = []
+        for batch in ds.iter_batches(batch_size=10, batch_format="numpy"):
+            assert batch["image"].dtype == np.float32 and batch["image"].shape[1:] == (3, 16, 16)
+            for i, image, pose in zip(batch["id"], batch["image"], batch["pose"], strict=True):
+                np.testing.assert_allclose(image, _expected_image(stored[i]["image"]), atol=1e-6)
+                np.testing.assert_array_equal(pose, stored[i]["pose"])
+            ids.extend(int(i) for i in batch["id"])
+        assert sorted(ids) == list(range(N_ROWS))
+        orders.append(ids)
+    assert orders[0] != orders[1]  # a new order every epoch
+    assert orders[0] != sorted(orders[0])
+
+
+@pytest.mark.slow
+def test_flip_mirrors_the_image_and_negates_the_yaw_offset(ray_local, shard_set, stored):
+    flipped = kept = 0
+    for batch in make_dataset(str(shard_set), xflip=True, seed=2).iter_batches(batch_format="numpy"):
+        for i, image, pose in zip(batch["id"], batch["image"], batch["pose"], strict=True):
+            original = _expected_image(stored[i]["image"])
+            h0, v0 = stored[i]["pose"]
+            if np.allclose(image, original, atol=1e-6) and np.isclose(pose[0], h0):
+                kept += 1
+            else:
+                np.testing.assert_allclose(image, original[:, :, ::-1], atol=1e-6)
+                assert pose[0] - math.pi / 2 == pytest.approx(-(h0 - math.pi / 2), abs=1e-6)
+                flipped += 1
+            assert pose[1] == v0
+    assert flipped + kept == N_ROWS and flipped > 5 and kept > 5
+
+
+@pytest.mark.slow
+def test_two_train_workers_see_every_row_once_per_epoch(ray_local, shard_set, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    # Defined here so that it is pickled by value (the workers cannot import this test module).
+    def _train_loop(config: dict) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        shard = ray.train.get_dataset_shard("train")
+        for epoch in range(2):
+            ids = []
+            for batch in shard.iter_torch_batches(batch_size=8):
+                assert batch["image"].shape[1:] == (3, 16, 16) and batch["pose"].shape[1:] == (2,)
+                ids.extend(batch["id"].tolist())
+            out = Path(config["out"]) / f"rank{ctx.get_world_rank()}-epoch{epoch}.json"
+            out.write_text(json.dumps(ids))
+
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
+        datasets={"train": make_dataset(str(shard_set), seed=3)},
+        run_config=RunConfig(name="stream", storage_path=str(tmp_path / "storage")),
+    )
+    trainer.fit()
+    for epoch in range(2):
+        per_rank = [json.loads((tmp_path / f"rank{r}-epoch{epoch}.json").read_text()) for r in range(2)]
+        assert all(per_rank), "each worker gets part of the data"
+        assert not set(per_rank[0]) & set(per_rank[1])
+        assert sorted(per_rank[0] + per_rank[1]) == list(range(N_ROWS))
