@@ -68,6 +68,9 @@ def test_flags_become_overrides_only_when_given() -> None:
 def test_bad_requests_are_config_errors_before_anything_runs(tmp_path) -> None:
     with pytest.raises(ConfigError, match="valid fields of train"):
         plan_run(TrainRequest(overrides=["train.nope=1"], run_dir=tmp_path))
+    with pytest.raises(ConfigError, match="train.eval_metrics='pose,nope': unknown metric 'nope'"):
+        evaluating = ["train.eval_kimg=1", "train.eval_metrics=pose,nope"]
+        plan_run(TrainRequest(overrides=evaluating, run_dir=tmp_path))
     with pytest.raises(ConfigError, match="no such path"):
         plan_run(TrainRequest(resume=str(tmp_path / "missing")))
     with pytest.raises(ConfigError, match="no complete checkpoint"):

@@ -142,6 +142,7 @@ def plan_run(request: TrainRequest) -> RunPlan:
         cfg = load_config(request.preset, overrides)
         run_dir = request.run_dir or new_run_dir(cfg.preset)
     run_dir = Path(run_dir).expanduser().resolve()
+    _check_eval_metrics(cfg)
     data_uri = cfg.data.path or _synthetic_data(cfg)
     mlflow_uri = (
         request.mlflow_uri
@@ -158,6 +159,18 @@ def plan_run(request: TrainRequest) -> RunPlan:
         mlflow_run_id=run_id,
         resume_from=resume_from,
     )
+
+
+def _check_eval_metrics(cfg: Config) -> None:
+    """Unknown metric names would otherwise fail on rank 0 at the first evaluation, mid-run."""
+    if cfg.train.eval_kimg <= 0:
+        return
+    from pof3d.metrics.suite import resolve_metrics
+
+    try:
+        resolve_metrics([m for m in cfg.train.eval_metrics.split(",") if m.strip()])
+    except ConfigError as exc:
+        raise ConfigError(f"train.eval_metrics={cfg.train.eval_metrics!r}: {exc}") from exc
 
 
 def _synthetic_data(cfg: Config) -> str:

@@ -236,9 +236,13 @@ def _evaluate(trainer: Any, cfg: Config, data_uri: str, device: torch.device) ->
     from pof3d.metrics import evaluate_generator
 
     names = [m.strip() for m in cfg.train.eval_metrics.split(",") if m.strip()]
-    results = evaluate_generator(
-        trainer.G_ema, trainer.D, cfg, data_uri, names, device=device, seed=cfg.train.seed
-    )
+    try:
+        results = evaluate_generator(
+            trainer.G_ema, trainer.D, cfg, data_uri, names, device=device, seed=cfg.train.seed
+        )
+    except Exception:  # a broken metric must not cost the run; the next evaluation tries again
+        logger.exception("evaluation at kimg %.3f failed; training goes on", trainer.images_seen / 1000)
+        return {}
     return {f"eval/{k}": float(v) for k, v in results.items() if isinstance(v, (int, float))}
 
 
