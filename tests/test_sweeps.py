@@ -168,7 +168,11 @@ def test_results_table_one_row_per_variant_with_seed_means(tmp_path: Path) -> No
         TrialRecord("a", "full", 0, "TERMINATED", {"eval/js": 0.2, "loss/G_adv": 1.0, "images_seen": 40}),
         TrialRecord("b", "full", 1, "TERMINATED", {"eval/js": 0.4, "loss/G_adv": 3.0, "images_seen": 40}),
         TrialRecord(
-            "c", "no_symmetry", 0, "TERMINATED", {"eval/js": 0.5, "eval/pose_error_deg": 7.5, "loss/G_adv": 2.0}
+            "c",
+            "no_symmetry",
+            0,
+            "TERMINATED",
+            {"eval/js": 0.5, "eval/pose_error_deg": 7.5, "loss/G_adv": 2.0},
         ),
     ]
     table = build_table(records)
@@ -207,3 +211,192 @@ def test_parent_and_child_runs(tmp_path: Path) -> None:
     assert done.info.status == "FINISHED" and done.data.params["mode"] == "ablation"
     assert done.data.metrics["full/JS"] == 0.25
     assert [a.path for a in client.list_artifacts(parent)] == ["results.md"]
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: real Ray Tune trials of the real training, real Optuna, real MLflow (slow)
+
+# The training tests' micro model: a few seconds per trial on 2 cores.
+MICRO = [
+    "model.image_resolution=32",
+    "data.resolution=32",
+    "data.synthetic_n=64",
+    "model.neural_resolution=16",
+    "model.triplane_resolution=16",
+    "model.triplane_channels=8",
+    "model.channel_base=256",
+    "model.channel_max=32",
+    "model.disc_channel_base=256",
+    "model.disc_channel_max=32",
+    "model.depth_samples=6",
+    "model.importance_samples=6",
+    "model.sr_channels=16",
+    "model.z_dim=32",
+    "model.w_dim=32",
+    "model.cmap_dim=32",
+    "model.pose_hidden=32",
+    "model.decoder_hidden=16",
+    "model.decoder_features=8",
+    "train.tick_kimg=0.004",
+    "train.snapshot_kimg=0.008",
+    "train.eval_metrics=pose,js",
+]
+
+
+@pytest.fixture(scope="module")
+def study_env(tmp_path_factory):
+    """Synthetic-set cache and run root of these tests in a temporary folder."""
+    import os
+
+    root = tmp_path_factory.mktemp("study-env")
+    saved = {k: os.environ.get(k) for k in ("POF3D_CACHE", "POF3D_RUNS", "MLFLOW_TRACKING_URI")}
+    os.environ.update(POF3D_CACHE=str(root / "cache"), POF3D_RUNS=str(root / "runs"))
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield root
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _request(root: Path, name: str, **kwargs):
+    from pof3d.studies.study import StudyRequest
+
+    kwargs.setdefault("overrides", list(MICRO))
+    return StudyRequest(batch=4, storage=str(root / "studies"), name=name, **kwargs)
+
+
+def _children(uri: str, experiment: str, parent: str) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment).experiment_id
+    return client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+
+
+@pytest.mark.slow
+def test_two_variant_ablation_tracks_parent_children_and_table(ray_local, study_env) -> None:
+    from pof3d.studies.study import run_study
+
+    summary = run_study(_request(study_env, "abl", variants=["full", "no_symmetry"], kimg=0.008))
+    assert summary.finished
+    assert [r["variant"] for r in summary.table.rows] == ["full", "no_symmetry"]
+    for row in summary.table.rows:
+        assert row["status"] == "done" and row["kimg"] == pytest.approx(0.008)
+        assert 0.0 <= row["JS"] <= math.log(2) + 1e-6  # measured at the end of each trial
+        assert math.isfinite(row["loss/G_adv"]) and math.isfinite(row["loss/D_real"])
+    assert row["loss/G_sym"] is None  # the no_symmetry trial has no symmetry term at all
+    assert summary.table.rows[0]["loss/G_sym"] is not None
+    assert (summary.study_dir / "results.csv").is_file() and (summary.study_dir / "results.md").is_file()
+
+    client = MlflowClient(summary.mlflow_uri)
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["pof3d.study"] == "abl"
+    assert {a.path for a in client.list_artifacts(summary.parent_run_id)} == {"results.csv", "results.md"}
+    assert "full/JS" in parent.data.metrics
+    children = _children(summary.mlflow_uri, "pof3d-studies", summary.parent_run_id)
+    assert sorted(c.data.tags["pof3d.variant"] for c in children) == ["full", "no_symmetry"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert "loss/G_adv" in child.data.metrics and "eval/js" in child.data.metrics
+        history = client.get_metric_history(child.info.run_id, "loss/G_adv")
+        assert [m.step for m in history] == [4, 8]  # one point per tick, step = images seen
+    sym = {c.data.tags["pof3d.variant"]: c.data.params["loss.symmetry_weight"] for c in children}
+    assert sym == {"full": "1.0", "no_symmetry": "0.0"}
+
+
+@pytest.mark.slow
+def test_unschedulable_concurrency_is_refused_before_any_trial(ray_local, study_env) -> None:
+    from pof3d.studies.study import run_study
+
+    with pytest.raises(ConfigError, match="--concurrency=2 cannot be scheduled"):
+        run_study(
+            _request(study_env, "too-many", variants=["full", "no_symmetry"], kimg=0.004, concurrency=2)
+        )
+    assert not (study_env / "studies" / "too-many").exists()
+
+
+@pytest.mark.slow
+def test_invalid_search_space_fails_before_any_trial(ray_local, study_env, tmp_path) -> None:
+    from pof3d.studies.study import run_study
+
+    space = tmp_path / "space.yaml"
+    space.write_text("params: {optim.g_lr: {type: loguniform, low: 0.01, high: 0.001}}\n")
+    with pytest.raises(ConfigError, match="low=0.01 is greater than high=0.001"):
+        run_study(_request(study_env, "bad-space", mode="search", space=str(space), samples=2, kimg=0.004))
+    with pytest.raises(ConfigError, match="optim.glr.*unknown"):
+        run_study(
+            _request(study_env, "bad-param", mode="search", params=["optim.glr=uniform:0:1"], samples=2)
+        )
+    assert not (study_env / "studies" / "bad-space").exists()
+    assert not (study_env / "studies" / "bad-param").exists()
+
+
+@pytest.mark.slow
+def test_interrupted_study_resumes_without_rerunning_finished_trials(ray_local, study_env) -> None:
+    import os
+    import signal
+
+    from ray import tune
+
+    from pof3d.studies.study import run_study
+    from pof3d.studies.trainable import TRIALS_DIR, attempts
+
+    class CtrlCAfterFirstTrial(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does; Tune saves its state and returns
+
+    request = _request(study_env, "resume", variants=["full", "pose_lr_x10"], kimg=0.008)
+    first = run_study(request, callbacks=[CtrlCAfterFirstTrial()])
+    assert not first.finished
+    runs = sorted((first.study_dir / TRIALS_DIR).iterdir())
+    done = [
+        r
+        for r in runs
+        if (r / "metrics.jsonl").is_file() and len((r / "metrics.jsonl").read_text().splitlines()) == 2
+    ]
+    assert len(done) == 1
+    lines_before = (done[0] / "metrics.jsonl").read_text()
+
+    second = run_study(_request(study_env, "resume"), resume=True)
+    assert second.finished and second.parent_run_id == first.parent_run_id
+    assert sorted(r["variant"] for r in second.table.rows) == ["full", "pose_lr_x10"]
+    assert all(r["status"] == "done" for r in second.table.rows)
+    # The finished trial was not started again; its files are untouched.
+    assert attempts(done[0]) == 1
+    assert (done[0] / "metrics.jsonl").read_text() == lines_before
+    children = _children(second.mlflow_uri, "pof3d-studies", second.parent_run_id)
+    assert sorted(c.data.tags["pof3d.variant"] for c in children) == ["full", "pose_lr_x10"]
+
+
+@pytest.mark.slow
+def test_search_with_asha_stops_a_clearly_worse_trial_early(ray_local, study_env, tmp_path) -> None:
+    """The objective is the R1 term, which is proportional to R1 gamma by construction. The start points
+    lower gamma 100x per trial, so each good trial beats the rung median of those before it; the last
+    has 1e5 times the largest gamma before it, so ASHA's first rung must stop it after one tick."""
+    from pof3d.studies.study import run_study
+
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "metric: loss/D_r1\nmode: min\n"
+        "params: {loss.r1_gamma: {type: loguniform, low: 1.0e-6, high: 1.0e+3}}\n"
+        "points: [{loss.r1_gamma: 1.0e-2}, {loss.r1_gamma: 1.0e-4}, {loss.r1_gamma: 1.0e-6},"
+        " {loss.r1_gamma: 1.0e+3}]\n"
+    )
+    overrides = [*MICRO, "loss.r1_interval=1"]
+    summary = run_study(
+        _request(
+            study_env, "search", mode="search", space=str(space), samples=4, kimg=0.016, overrides=overrides
+        )
+    )
+    assert summary.finished
+    rows = {row["loss.r1_gamma"]: row for row in summary.table.rows}
+    assert len(summary.table.rows) == 4
+    stopped = [r for r in summary.table.rows if r["status"] == "stopped early"]
+    assert [r["loss.r1_gamma"] for r in stopped] == [1000.0]
+    assert stopped[0]["kimg"] < 0.016
+    assert all(
+        rows[g]["status"] == "done" and rows[g]["kimg"] == pytest.approx(0.016) for g in (1e-2, 1e-4, 1e-6)
+    )
+    children = _children(summary.mlflow_uri, "pof3d-studies", summary.parent_run_id)
+    assert len(children) == 4
+    assert sorted(c.info.status for c in children).count("KILLED") == 1

@@ -17,6 +17,8 @@ from pof3d.errors import ConfigError
 
 # CPU kept free per trial for Ray Data's read/decode tasks (outside any placement group).
 DATA_CPU_PER_TRIAL = 1.0
+# The trial function only waits on its TorchTrainer; Tune refuses a zero request, so a token amount.
+TRIAL_DRIVER_CPU = 0.01
 
 
 @dataclass(frozen=True)

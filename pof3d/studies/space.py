@@ -51,6 +51,7 @@ class SearchSpace:
     params: tuple[Param, ...]
     metrics: tuple[str, ...] = ("eval/js",)
     modes: tuple[str, ...] = ("min",)
+    points: tuple[dict[str, Any], ...] = ()  # configurations tried first (e.g. the paper's values)
 
     def __call__(self, trial: Any) -> dict[str, Any] | None:
         chosen: dict[str, Any] = {}
@@ -182,10 +183,10 @@ def build_space(
     modes: list[str] | None = None,
 ) -> SearchSpace:
     """Turn a parsed file (``params``, ``metric``, ``mode``) plus flag overrides into a checked space."""
-    unknown = set(raw) - {"params", "metric", "mode"}
+    unknown = set(raw) - {"params", "metric", "mode", "points"}
     if unknown:
         raise ConfigError(
-            f"{source}: unknown top-level key(s) {sorted(unknown)}; expected params, metric, mode"
+            f"{source}: unknown top-level key(s) {sorted(unknown)}; expected params, metric, mode, points"
         )
     specs = raw.get("params") or {}
     if not isinstance(specs, dict) or not specs:
@@ -215,7 +216,27 @@ def build_space(
     bad = [m for m in mode_t if m not in ("min", "max")]
     if bad:
         raise ConfigError(f"{source}: mode {bad[0]!r} is not 'min' or 'max'")
-    return SearchSpace(tuple(params), metric_t, mode_t)
+    points = _check_points(raw.get("points") or [], params, base, source)
+    return SearchSpace(tuple(params), metric_t, mode_t, points)
+
+
+def _check_points(raw: Any, params: list[Param], base: Config, source: str) -> tuple[dict[str, Any], ...]:
+    """Start points must only name searched parameters, with values the config accepts."""
+    if not isinstance(raw, list) or not all(isinstance(p, dict) for p in raw):
+        raise ConfigError(f"{source}: 'points' must be a list of mappings of parameter to value, got {raw!r}")
+    names = {p.path for p in params}
+    for point in raw:
+        extra = set(point) - names
+        if extra:
+            raise ConfigError(
+                f"{source}: point {point} names {sorted(extra)}, which are not searched; expected some of "
+                f"{sorted(names)}"
+            )
+        try:
+            apply_overrides(base, [f"{k}={_render(v)}" for k, v in point.items()])
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: point {point} is not a valid config: {exc}") from exc
+    return tuple(dict(p) for p in raw)
 
 
 def load_space(

@@ -1,0 +1,365 @@
+"""A study from start to results: validate, plan resources, open the MLflow parent, run Ray Tune
+(fresh or ``Tuner.restore``), then build the results table and close the parent.
+
+Every check that can fail (variants, search space, config overrides, concurrency) runs before Tune
+starts, so a bad request costs seconds and never leaves half a study behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pof3d.config import Config, load_config
+from pof3d.errors import ConfigError
+from pof3d.studies import mlflow_wiring
+from pof3d.studies.resources import TRIAL_DRIVER_CPU, TrialFootprint, plan_concurrency
+from pof3d.studies.results import Table, TrialRecord, build_table, paper_figures
+from pof3d.studies.space import SearchSpace, load_space
+from pof3d.studies.trainable import SEARCH_VARIANT, StudySetup, run_trial
+from pof3d.studies.variants import VARIANTS, parse_variants, variant_overrides
+
+logger = logging.getLogger(__name__)
+
+STUDY_FILE = "study.json"
+DEFAULT_STORAGE = "runs/studies"
+DEFAULT_EXPERIMENT = "pof3d-studies"
+DEFAULT_EVAL_METRICS = "pose,js,depth,re,fid"  # FID only where Inception weights are available
+METRIC_PREFIXES = ("eval/", "loss/", "pose/", "scores/", "perf/")
+
+
+@dataclass
+class StudyRequest:
+    """The sweep CLI's flags; ``None`` means "keep the preset's value"."""
+
+    mode: str = "ablation"
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    preset: str = "tiny"
+    kimg: float | None = None
+    batch: int | None = None
+    workers: int | None = None
+    gpus_per_worker: float | None = None
+    data: str | None = None
+    samples: int = 1  # seeds per variant (ablation) or number of trials (search)
+    seed: int = 0
+    concurrency: int | None = None
+    storage: str = DEFAULT_STORAGE
+    name: str | None = None
+    mlflow_uri: str | None = None
+    experiment: str = DEFAULT_EXPERIMENT
+    overrides: list[str] = field(default_factory=list)
+    space: str | None = None
+    params: list[str] = field(default_factory=list)
+    metrics: list[str] = field(default_factory=list)
+    directions: list[str] = field(default_factory=list)
+    grace_ticks: int = 1
+    reduction_factor: float = 2.0
+
+
+@dataclass
+class StudySummary:
+    study_dir: Path
+    table: Table
+    files: list[Path]
+    mlflow_uri: str
+    parent_run_id: str
+    finished: bool
+
+    def line(self) -> str:
+        from pof3d.tracking import ui_command
+
+        state = "finished" if self.finished else "interrupted (continue with --resume)"
+        return (
+            f"study {self.study_dir.name} {state}: {len(self.table.rows)} row(s) in "
+            f"{self.files[0] if self.files else self.study_dir}; MLflow parent run {self.parent_run_id}: "
+            f"{ui_command(self.mlflow_uri)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving the request
+
+
+def base_overrides(request: StudyRequest) -> list[str]:
+    """Flags as ``--set`` items (flags first, the user's own ``--set`` after, as in training)."""
+    pairs = {
+        "data.path": request.data,
+        "train.kimg": request.kimg,
+        "train.batch": request.batch,
+        "train.workers": request.workers,
+        "train.gpus_per_worker": request.gpus_per_worker,
+    }
+    return [f"{k}={v}" for k, v in pairs.items() if v is not None] + list(request.overrides)
+
+
+def _user_set(request: StudyRequest, path: str) -> bool:
+    return any(item.split("=", 1)[0].strip() == path for item in request.overrides)
+
+
+def evaluation_overrides(request: StudyRequest, cfg: Config, space: SearchSpace | None) -> list[str]:
+    """Make trials report the figures the study needs.
+
+    Ablations evaluate once, at the end of each trial, for the results table. Searches on an ``eval/``
+    metric evaluate every tick, because ASHA and Optuna compare trials tick by tick.
+    """
+    out = []
+    groups = [g.strip() for g in cfg.train.eval_metrics.split(",") if g.strip()]
+    if not _user_set(request, "train.eval_metrics"):
+        groups = [g.strip() for g in DEFAULT_EVAL_METRICS.split(",")]
+    wanted = [m.split("/", 1)[1] for m in (space.metrics if space else ()) if m.startswith("eval/")]
+    from pof3d.metrics.suite import resolve_metrics
+
+    try:
+        wanted_groups = resolve_metrics(wanted) if wanted else []
+    except Exception as exc:  # the metrics module names what it knows
+        raise ConfigError(f"--metric: {exc}") from exc
+    groups += [g for g in wanted_groups if g not in groups]
+    out.append(f"train.eval_metrics={','.join(groups)}")
+    if not _user_set(request, "train.eval_kimg"):
+        every = cfg.train.tick_kimg if wanted else cfg.train.kimg
+        out.append(f"train.eval_kimg={every!r}")
+    return out
+
+
+def _check_metrics(metrics: tuple[str, ...]) -> None:
+    for metric in metrics:
+        if not metric.startswith(METRIC_PREFIXES):
+            raise ConfigError(
+                f"--metric {metric!r}: expected a figure the training reports, named with one of the "
+                f"prefixes {', '.join(METRIC_PREFIXES)} (e.g. eval/js, eval/pose_error_deg, loss/G_adv)"
+            )
+
+
+def study_dir_for(request: StudyRequest) -> Path:
+    storage = Path(request.storage).expanduser().resolve()
+    if request.name:
+        return storage / request.name
+    if not storage.is_dir():
+        raise ConfigError(f"--resume: no studies under --storage {storage}")
+    studies = sorted(
+        (p for p in storage.iterdir() if (p / STUDY_FILE).is_file()), key=lambda p: p.stat().st_mtime
+    )
+    if not studies:
+        raise ConfigError(f"--resume: no study folder with {STUDY_FILE} under --storage {storage}")
+    return studies[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def run_study(
+    request: StudyRequest, resume: bool = False, callbacks: list[Any] | None = None
+) -> StudySummary:
+    """Run (or resume) a study; ``callbacks`` are extra Ray Tune callbacks."""
+    import ray
+
+    saved: dict[str, Any] = {}
+    if resume:
+        study_dir = study_dir_for(request)
+        if not (study_dir / STUDY_FILE).is_file():
+            raise ConfigError(f"--resume: {study_dir} has no {STUDY_FILE}; expected a study folder")
+        saved = json.loads((study_dir / STUDY_FILE).read_text())
+        concurrency = request.concurrency
+        request = StudyRequest(**saved["request"])
+        request.concurrency = concurrency if concurrency is not None else request.concurrency
+    else:
+        name = request.name or f"{request.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
+        study_dir = Path(request.storage).expanduser().resolve() / name
+        if study_dir.exists():
+            raise ConfigError(f"study folder {study_dir} already exists; pass --resume to continue it")
+        request.name = name
+    if request.mode not in ("ablation", "search"):
+        raise ConfigError(f"--mode {request.mode!r}: expected ablation or search")
+    if request.samples < 1:
+        raise ConfigError(f"--samples={request.samples}: expected at least 1")
+
+    base = base_overrides(request)
+    cfg = load_config(request.preset, base)
+    space = None
+    if request.mode == "search":
+        space = load_space(
+            request.space, cfg, request.params, request.metrics or None, request.directions or None
+        )
+        _check_metrics(space.metrics)
+        variants = [SEARCH_VARIANT]
+        trials = request.samples
+    else:
+        variants = parse_variants(request.variants)
+        trials = len(variants) * request.samples
+        for variant in variants:  # every variant must make a valid config before anything starts
+            load_config(request.preset, base + variant_overrides(variant, cfg))
+    base += evaluation_overrides(request, cfg, space)
+    cfg = load_config(request.preset, base)
+
+    from pof3d.distributed.launcher import connect
+
+    connect(None)
+    concurrency = plan_concurrency(
+        TrialFootprint.of(cfg), ray.cluster_resources(), request.concurrency, trials
+    )
+    if not cfg.data.path:
+        base.append(f"data.path={_prepare_data(request, base, study_dir)}")
+
+    from pof3d.tracking import default_tracking_uri
+
+    mlflow_uri = request.mlflow_uri or saved.get("mlflow_uri") or default_tracking_uri(study_dir)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    parent = mlflow_wiring.open_parent(
+        mlflow_uri,
+        request.experiment,
+        request.name,
+        {"mode": request.mode, "preset": request.preset, "variants": ",".join(variants), "trials": trials},
+        existing_run_id=saved.get("parent_run_id"),
+    )
+    (study_dir / STUDY_FILE).write_text(
+        json.dumps(
+            {"request": dataclasses.asdict(request), "parent_run_id": parent, "mlflow_uri": mlflow_uri},
+            indent=2,
+        )
+    )
+    setup = StudySetup(
+        name=request.name,
+        study_dir=str(study_dir),
+        preset=request.preset,
+        overrides=tuple(base),
+        mlflow_uri=mlflow_uri,
+        experiment=request.experiment,
+        parent_run_id=parent,
+    )
+    logger.info("study %s: %d trial(s), %d at a time, in %s", request.name, trials, concurrency, study_dir)
+    tuner = _tuner(request, setup, space, variants, concurrency, study_dir, resume, callbacks or [], cfg)
+    grid = tuner.fit()
+    finished = grid.num_terminated + grid.num_errors == len(grid) and len(grid) >= trials
+    records = _records(grid, cfg)
+    table = build_table(records, by_variant=request.mode == "ablation")
+    files = list(table.write(study_dir))
+    if finished:
+        _close_stopped_children(mlflow_uri, request.experiment, parent)
+    mlflow_wiring.close_parent(
+        mlflow_uri, parent, files, _summary(table, request.mode), status="FINISHED" if finished else "KILLED"
+    )
+    return StudySummary(study_dir, table, files, mlflow_uri, parent, finished)
+
+
+def _prepare_data(request: StudyRequest, base: list[str], study_dir: Path) -> str:
+    """Generate the built-in synthetic set once, before trials start (they would race for it)."""
+    from pof3d.distributed.plan import TrainRequest, plan_run
+
+    return plan_run(TrainRequest(preset=request.preset, run_dir=study_dir, overrides=list(base))).data_uri
+
+
+def _tuner(
+    request: StudyRequest,
+    setup: StudySetup,
+    space: SearchSpace | None,
+    variants: list[str],
+    concurrency: int,
+    study_dir: Path,
+    resume: bool,
+    callbacks: list[Any],
+    cfg: Config,
+) -> Any:
+    from ray import tune
+
+    trainable = tune.with_resources(functools.partial(run_trial, setup=setup), {"cpu": TRIAL_DRIVER_CPU})
+    if resume:
+        return tune.Tuner.restore(
+            str(study_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
+    run_config = tune.RunConfig(
+        name=study_dir.name, storage_path=str(study_dir.parent), callbacks=callbacks, verbose=1
+    )
+    if space is None:
+        seeds = [request.seed + i for i in range(request.samples)]
+        param_space = {"variant": tune.grid_search(variants), "seed": tune.grid_search(seeds)}
+        tune_config = tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency)
+        return tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    metrics, modes = list(space.metrics), list(space.modes)
+    searcher = OptunaSearch(
+        space=space,
+        metric=metrics if space.multi_objective else metrics[0],
+        mode=modes if space.multi_objective else modes[0],
+        points_to_evaluate=[dict(p) for p in space.points] or None,
+        seed=request.seed,
+    )
+    ticks = max(1, math.ceil(cfg.train.kimg / cfg.train.tick_kimg - 1e-9))
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        metric=metrics[0],
+        mode=modes[0],
+        # One past the last tick: ASHA must never be the one that ends a trial that reached its length
+        # (a stop kills the trial mid-way through its final checkpoint and MLflow close).
+        max_t=ticks + 1,
+        grace_period=min(request.grace_ticks, ticks),
+        reduction_factor=request.reduction_factor,
+    )
+    tune_config = tune.TuneConfig(
+        search_alg=searcher,
+        scheduler=scheduler,
+        num_samples=request.samples,
+        max_concurrent_trials=concurrency,
+    )
+    return tune.Tuner(
+        trainable, param_space={"seed": request.seed}, tune_config=tune_config, run_config=run_config
+    )
+
+
+def _records(grid: Any, cfg: Config) -> list[TrialRecord]:
+    target = int(round(cfg.train.kimg * 1000))
+    records = []
+    for result in grid:
+        config = result.config or {}
+        metrics = dict(result.metrics or {})
+        seen = int(metrics.get("images_seen", 0) or 0)
+        status = "error" if result.error else ("done" if seen >= target else "stopped early")
+        records.append(
+            TrialRecord(
+                trial_id=str(metrics.get("trial_id", result.path.rsplit("/", 1)[-1])),
+                variant=str(config.get("variant", SEARCH_VARIANT)),
+                seed=int(config.get("seed", 0)),
+                status=status,
+                metrics=metrics,
+                params={k: v for k, v in config.items() if "." in k},
+            )
+        )
+    return records
+
+
+def _summary(table: Table, mode: str) -> dict[str, float]:
+    """Per-variant figures for the parent run, e.g. ``full/JS``, so the UI shows them at a glance."""
+    out: dict[str, float] = {}
+    if mode != "ablation":
+        return out
+    for row in table.rows:
+        for column in paper_figures({}):
+            value = row.get(column)
+            if isinstance(value, float) and math.isfinite(value):
+                out[f"{row['variant']}/{column}"] = value
+    return out
+
+
+def _close_stopped_children(uri: str, experiment: str, parent: str) -> None:
+    """Trials stopped early by ASHA end without closing their run; mark those runs KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        client.set_terminated(run.info.run_id, status="KILLED")
