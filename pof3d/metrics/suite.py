@@ -71,6 +71,19 @@ class _Fakes:
     depth: torch.Tensor  # [n, 1, r, r]
 
 
+@dataclass
+class _Run:
+    """What every metric of one evaluation shares."""
+
+    G: torch.nn.Module
+    cfg: Config
+    data_uri: str | None
+    num_samples: int
+    device: torch.device
+    seed: int
+    cache: Path
+
+
 def _latents(n: int, z_dim: int, seed: int) -> torch.Tensor:
     return torch.randn(n, z_dim, generator=torch.Generator().manual_seed(seed))
 
@@ -244,17 +257,6 @@ def evaluate_generator(
     summary = ", ".join(f"{k}={v:.4g}" for k, v in results.items())
     log.info("metrics %s in %.1f s", summary, time.perf_counter() - started)
     return results
-
-
-@dataclass
-class _Run:
-    G: torch.nn.Module
-    cfg: Config
-    data_uri: str | None
-    num_samples: int
-    device: torch.device
-    seed: int
-    cache: Path
 
 
 def _image_metrics(
