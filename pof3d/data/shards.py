@@ -34,7 +34,7 @@ FORMAT_NAME = "pof3d-shards"
 MANIFEST = "manifest.json"
 LABEL_DIM = 25
 DEFAULT_SHARD_MB = 256.0
-ROW_GROUP_ROWS = 256  # small row groups: Ray Data reads and shuffles at a finer grain
+ROW_GROUP_ROWS = 64  # small row groups: Ray Data splits, decodes and shuffles at this grain
 
 SCHEMA = pa.schema(
     [

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DECODE_BATCH = 64  # rows per decode task call; also the span of the in-batch row permutation
+BLOCK_BYTES = 4 * 2**20  # small read blocks (about a row group each): decode tasks run in parallel
 DECODE_CPUS = 0.25  # fractional: on small machines the decoders share cores with the training workers
 
 
@@ -95,6 +96,7 @@ def make_dataset(
         num_cpus=decode_cpus,
         fn_kwargs={"xflip": xflip, "cars": cars, "permute": shuffle},
     )
+    ds.context.target_max_block_size = BLOCK_BYTES
     if cpu_budget is not None:
         from ray.data import ExecutionResources
 

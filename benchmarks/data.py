@@ -1,0 +1,125 @@
+"""Images/s delivered to one consumer: the Ray Data shard pipeline vs. a PyTorch DataLoader over PNG files.
+
+Both decode the same PNG bytes into float32 [B, 3, R, R] tensors in [-1, 1] with 2 parallel workers
+(Ray: a local Ray with 2 CPUs and one-CPU decode tasks; DataLoader: ``num_workers=2``), on the
+synthetic set at 64 and 256 px. Epoch 1 includes start-up (Ray's first pipeline, the DataLoader's worker
+processes); later epochs are what a long training run sees (both restart their workers per epoch).
+
+    python benchmarks/data.py [--n64 4096] [--n256 768] [--batch 32] [--epochs 3] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
+
+from pof3d.data.shards import iter_rows, shard_paths  # noqa: E402
+from pof3d.data.streaming import make_dataset  # noqa: E402
+from pof3d.data.synthetic import generate  # noqa: E402
+
+
+class PngFolder(Dataset):
+    """The plain baseline: one PNG file per image."""
+
+    def __init__(self, root: Path) -> None:
+        self.files = sorted(root.glob("*.png"))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.files[i]) as img:
+            pixels = np.asarray(img.convert("RGB"))
+        return torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def _epoch(batches) -> tuple[int, float]:
+    start = time.perf_counter()
+    count = sum((b["image"] if isinstance(b, dict) else b).shape[0] for b in batches)
+    return count, time.perf_counter() - start
+
+
+def _timed(make_batches, epochs: int) -> tuple[int, float, float]:
+    """(images per epoch, img/s of the first epoch, img/s of the later epochs)."""
+    first_count, first = _epoch(make_batches())
+    later = [_epoch(make_batches()) for _ in range(epochs - 1)]
+    rest = sum(c for c, _ in later) / max(sum(t for _, t in later), 1e-9)
+    return first_count, first_count / first, rest
+
+
+def bench_ray(uri: str, batch: int, epochs: int) -> tuple[int, float, float]:
+    ds = make_dataset(uri, seed=0, decode_cpus=1.0)
+    ds.context.enable_progress_bars = False
+    return _timed(lambda: ds.iter_torch_batches(batch_size=batch), epochs)
+
+
+def bench_loader(folder: Path, batch: int, epochs: int) -> tuple[int, float, float]:
+    loader = DataLoader(PngFolder(folder), batch_size=batch, shuffle=True, num_workers=2)
+    return _timed(lambda: iter(loader), epochs)
+
+
+def prepare(root: Path, n: int, resolution: int) -> tuple[str, Path]:
+    shards = root / f"shards-{resolution}"
+    if not (shards / "manifest.json").exists():
+        generate(shards, n, resolution, "faces", seed=0, overwrite=True, workers=2 if n >= 1000 else 1)
+    folder = root / f"png-{resolution}"
+    if not folder.exists():
+        folder.mkdir()
+        for row in iter_rows(str(shards), ["id", "image"]):
+            Image.fromarray(row["image"]).save(folder / f"{row['id']:07d}.png", compress_level=1)
+    return str(shards), folder
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n64", type=int, default=4096)
+    p.add_argument("--n256", type=int, default=768)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--workdir", default=None, help="keep the generated data here (default: a temp dir)")
+    args = p.parse_args()
+
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="pof3d-databench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for resolution, n in ((64, args.n64), (256, args.n256)):
+            uri, folder = prepare(root, n, resolution)
+            shard_mb = sum(Path(s).stat().st_size for s in shard_paths(uri)) / 2**20
+            for name in ("ray-data", "dataloader"):
+                bench = bench_ray if name == "ray-data" else bench_loader
+                count, first, later = bench(uri if name == "ray-data" else folder, args.batch, args.epochs)
+                rows.append((resolution, name, count, first, later))
+            print(f"# {resolution} px: {n} images, {shard_mb:.1f} MB of shards", flush=True)
+    finally:
+        ray.shutdown()
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+    load = os.getloadavg()[0]
+    print(f"\nload average {load:.1f} on {os.cpu_count()} CPUs")
+    print("| res | loader | images/epoch | img/s epoch 1 | img/s later epochs |")
+    print("|---|---|---|---|---|")
+    for res, name, count, first, later in rows:
+        print(f"| {res} | {name} | {count} | {first:.0f} | {later:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
