@@ -18,6 +18,16 @@ from pof3d.generator import Generator
 from pof3d.mesh import density_grid, extract_mesh, read_ply, write_ply
 from pof3d.plots import plot_pose_distribution, save_image_grid
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: one intra-op thread is as fast and does not fight other processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 SMALL = [
     "model.triplane_resolution=16",
     "model.depth_samples=6",

@@ -15,6 +15,16 @@ from pof3d.metrics.pose import pose_error_deg, predict_poses
 from pof3d.metrics.reprojection import project, reprojection_error
 from pof3d.renderer import make_rays
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: one intra-op thread is as fast and does not fight other processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------------------- JS
 
 
