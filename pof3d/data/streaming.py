@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DECODE_BATCH = 64  # rows per decode task call; also the span of the in-batch row permutation
-BLOCK_BYTES = 4 * 2**20  # small read blocks (about a row group each): decode tasks run in parallel
+BLOCK_BYTES = 32 * 2**20  # smaller than Ray's default, so that decode tasks run in parallel on small sets
 DECODE_CPUS = 0.25  # fractional: on small machines the decoders share cores with the training workers
 
 

@@ -365,8 +365,8 @@ def generate(
     if workers > 1:
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold Ray/torch threads
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            futures = [pool.submit(_render_rows, *c) for c in chunks]
-            _write(writer, (f.result() for f in futures), pose_all, poses, seed, on_row)
+            # map() drops each chunk's result once it is consumed: memory stays at a few chunks.
+            _write(writer, pool.map(_render_rows, *zip(*chunks, strict=True)), pose_all, poses, seed, on_row)
     else:
         _write(writer, (_render_rows(*c) for c in chunks), pose_all, poses, seed, on_row)
     writer.close()
