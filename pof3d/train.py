@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="PATH|latest", help="continue from a checkpoint or run directory")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or run dir)")
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
-    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a new local Ray)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",

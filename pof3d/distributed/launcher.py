@@ -10,6 +10,7 @@ forever ("backpressured") instead of failing.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,15 +45,15 @@ class LaunchResult:
 
 
 def connect(address: str | None) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray."""
+    """Join the cluster at ``address`` or ``RAY_ADDRESS`` (set for Ray job drivers), else start a new
+    local Ray: a plain ``ray.init()`` would silently join whatever ``ray start`` cluster runs here."""
     import ray
 
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(log_to_driver=True)  # honours RAY_ADDRESS; starts a local Ray when unset
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    logger.info("connecting to Ray at %s", target)
+    ray.init(address=target, log_to_driver=True)
 
 
 def check_resources(cfg: Config, available: dict[str, float]) -> None:
