@@ -118,6 +118,14 @@ def test_flags_add_to_the_file_and_multi_objective(tmp_path: Path) -> None:
         ),
         ("metric: js\nmode: lowest\nparams: {optim.g_lr: {type: uniform, low: 0, high: 1}}", "mode 'lowest'"),
         ("params: {}", "non-empty mapping"),
+        (
+            "params: {optim.g_lr: {type: uniform, low: 0, high: 1}}\npoints: [{optim.d_lr: 0.1}]",
+            "not searched",
+        ),
+        (
+            "params: {train.batch: {type: int, low: 4, high: 8}}\npoints: [{train.batch: 0}]",
+            "not a valid config",
+        ),
         ("space: {}", "unknown top-level key"),
     ],
 )
