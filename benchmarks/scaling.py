@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     rows = [
         measure(args.preset, int(w), args.kimg, args.batch, args.tick_kimg, args.sets)
         for w in args.workers.split(",")
