@@ -146,6 +146,14 @@ def test_space_file_errors_name_the_file(tmp_path: Path) -> None:
         load_space(bad, preset("tiny"))
 
 
+def test_tiny_studies_default_to_short_trials() -> None:
+    from pof3d.studies.study import StudyRequest, base_overrides
+
+    assert "train.kimg=0.2" in base_overrides(StudyRequest())
+    assert "train.kimg=0.05" in base_overrides(StudyRequest(kimg=0.05))
+    assert not any(o.startswith("train.kimg") for o in base_overrides(StudyRequest(preset="ffhq512")))
+
+
 # ---------------------------------------------------------------------------------------------
 # Concurrency
 
