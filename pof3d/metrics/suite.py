@@ -46,7 +46,7 @@ DEPTH_SAMPLES = 256  # generated images for the depth error
 FOREGROUND_DEPTH = 0.95  # rendered depth below ray_start + this * (ray_end - ray_start) is foreground
 BATCH = 16
 # Learned poses (and sampler draws) for JS: only the mapping and pose learner run, so many are cheap,
-# and the histogram noise floor of JS falls with the sample count (documented in docs/metrics.md).
+# and the histogram noise floor of JS falls with the sample count (documented in the README metrics section).
 JS_SAMPLES = 10000
 
 
