@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from micro_config import MICRO as MICRO_MODEL
 from mlflow.tracking import MlflowClient
 
 from pof3d.config import apply_overrides, preset
@@ -233,30 +234,7 @@ def test_parent_and_child_runs(tmp_path: Path) -> None:
 # End to end: real Ray Tune trials of the real training, real Optuna, real MLflow (slow)
 
 # The training tests' micro model: a few seconds per trial on 2 cores.
-MICRO = [
-    "model.image_resolution=32",
-    "data.resolution=32",
-    "data.synthetic_n=64",
-    "model.neural_resolution=16",
-    "model.triplane_resolution=16",
-    "model.triplane_channels=8",
-    "model.channel_base=256",
-    "model.channel_max=32",
-    "model.disc_channel_base=256",
-    "model.disc_channel_max=32",
-    "model.depth_samples=6",
-    "model.importance_samples=6",
-    "model.sr_channels=16",
-    "model.z_dim=32",
-    "model.w_dim=32",
-    "model.cmap_dim=32",
-    "model.pose_hidden=32",
-    "model.decoder_hidden=16",
-    "model.decoder_features=8",
-    "train.tick_kimg=0.004",
-    "train.snapshot_kimg=0.008",
-    "train.eval_metrics=pose,js",
-]
+MICRO = [*MICRO_MODEL, "train.eval_metrics=pose,js"]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,25 @@
+"""A micro model (32 px, a few thousand parameters) for end-to-end Ray tests that must finish fast."""
+
+MICRO = [
+    "model.image_resolution=32",
+    "data.resolution=32",
+    "data.synthetic_n=64",
+    "model.neural_resolution=16",
+    "model.triplane_resolution=16",
+    "model.triplane_channels=8",
+    "model.channel_base=256",
+    "model.channel_max=32",
+    "model.disc_channel_base=256",
+    "model.disc_channel_max=32",
+    "model.depth_samples=6",
+    "model.importance_samples=6",
+    "model.sr_channels=16",
+    "model.z_dim=32",
+    "model.w_dim=32",
+    "model.cmap_dim=32",
+    "model.pose_hidden=32",
+    "model.decoder_hidden=16",
+    "model.decoder_features=8",
+    "train.tick_kimg=0.004",
+    "train.snapshot_kimg=0.008",
+]
