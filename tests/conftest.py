@@ -19,3 +19,13 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the study tests last.
+
+    An ASHA-stopped trial is killed by Tune; Ray Train's placement-group cleaner may keep that trial's
+    worker reservation (0.5 CPU) alive for the rest of the Ray session. On a 2-core machine that is enough
+    to starve a later Train run of this session's shared local Ray, so the Tune tests go at the end.
+    """
+    items.sort(key=lambda item: item.nodeid.startswith("tests/test_sweeps.py"))
