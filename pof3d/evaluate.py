@@ -1,6 +1,6 @@
 """``python -m pof3d.evaluate``: all metrics of a checkpoint, as a table, metrics.json and MLflow.
 
-    python -m pof3d.evaluate --checkpoint PATH [--data DIR] [--metrics pose,js,depth,re,fid,kid]
+    python -m pof3d.evaluate --checkpoint PATH [--data DIR] [--metrics pose,js,depth,re,fid,kid,fd_random,...]
                              [--out DIR] [--num-samples N] [--seed S] [--inception FILE] [--device D]
 
 When the checkpoint's ``progress.json`` names an MLflow run (``mlflow_run_id`` and

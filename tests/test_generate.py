@@ -253,6 +253,21 @@ def test_evaluate_generator_all_metrics_on_shards(checkpoint, sphere_shards, tmp
     assert again == pytest.approx(results)
 
 
+def test_random_feature_stand_in_on_shards(checkpoint, sphere_shards, tmp_path):
+    """fd_random/kd_random need no weights file, render the fakes once with the depth error, and the
+    real-image features are cached under their own key."""
+    from pof3d.metrics import evaluate_generator
+
+    cfg, G, D, _ = evaluate.load_models(checkpoint)
+    names = ["fd_random", "kd_random", "depth"]
+    results = evaluate_generator(G, D, cfg, sphere_shards, names, num_samples=16, cache=tmp_path)
+    assert {"fd_random", "kd_random", "depth_error", "depth_estimator_error"} == set(results)
+    assert results["fd_random"] > 0 and np.isfinite(results["kd_random"])
+    assert len(list((tmp_path / "stats").glob("real-features-*.npy"))) == 1
+    again = evaluate_generator(G, D, cfg, sphere_shards, names, num_samples=16, cache=tmp_path)
+    assert again == pytest.approx(results)
+
+
 def test_evaluate_cli_with_data(checkpoint, sphere_shards, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("POF3D_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "ev"

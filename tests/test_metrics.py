@@ -140,6 +140,27 @@ def test_fid_and_kid_zero_on_identical_sets_and_grow_with_noise():
     assert kids[0] < kids[1] < kids[2] and kids[2] > 0
 
 
+def test_random_feature_network_is_fixed_and_separates_distributions():
+    from pof3d.metrics.random_features import RandomConvFeatures, random_feature_fn
+
+    a, b = RandomConvFeatures(), RandomConvFeatures()
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+    assert not torch.equal(RandomConvFeatures(seed=1).convs[0].weight, a.convs[0].weight)
+    feature_fn = random_feature_fn()
+    real = _images(300, seed=1)
+    f_real = fidlib.compute_features(feature_fn, [real[:150], real[150:]])
+    assert f_real.shape == (300, 768)
+    same = fidlib.compute_features(feature_fn, [_images(300, seed=3)])
+    g = torch.Generator().manual_seed(2)
+    shifted = fidlib.compute_features(
+        feature_fn, [(real + 0.3 * torch.randn(real.shape, generator=g)).clamp(-1, 1)]
+    )
+    # A second draw of the same distribution is much closer than a visibly noisier one.
+    assert fidlib.fid_from_features(f_real, same) * 3 < fidlib.fid_from_features(f_real, shifted)
+
+
 def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
     mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
     s1, s2 = np.diag([1.0, 4.0, 9.0]), np.diag([4.0, 1.0, 1.0])

@@ -25,6 +25,7 @@ from pof3d.errors import ConfigError
 from pof3d.layers import resize
 from pof3d.metrics import depth as depthlib
 from pof3d.metrics import fid as fidlib
+from pof3d.metrics import random_features
 from pof3d.metrics.js import pose_js
 from pof3d.metrics.pose import pose_error_deg, predict_poses
 from pof3d.metrics.reprojection import reprojection_error
@@ -39,7 +40,12 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "re": ("reprojection_error",),
     "fid": ("fid",),
     "kid": ("kid",),
+    # Stand-ins for FID/KID over a fixed random network (pof3d.metrics.random_features): no weights needed.
+    "fd_random": ("fd_random",),
+    "kd_random": ("kd_random",),
 }
+INCEPTION_GROUPS = ("fid", "kid")
+RANDOM_GROUPS = ("fd_random", "kd_random")
 RE_YAW_OFFSET_DEG = 15.0  # second view of the reprojection error: the learned pose turned by this yaw
 RE_SAMPLES = 64  # latents for RE (two renders each)
 DEPTH_SAMPLES = 256  # generated images for the depth error
@@ -152,22 +158,26 @@ def _pose_error(D: torch.nn.Module, cfg: Config, real: dict, device) -> float | 
 
 
 @torch.no_grad()
-def _generate(run: _Run, feature_fn, keep: int) -> tuple[np.ndarray | None, _Fakes | None]:
-    """Render the samples; features of all of them (if ``feature_fn``), images/depth of the first ``keep``."""
+def _generate(
+    run: _Run, feature_fns: dict[str, fidlib.FeatureFn], keep: int
+) -> tuple[dict[str, np.ndarray], _Fakes | None]:
+    """Render the samples once; features of all of them per feature network, images/depth of the first
+    ``keep``."""
     z = _latents(run.num_samples, run.cfg.model.z_dim, run.seed + 1)
-    features, kept_images, kept_depth = [], [], []
+    features: dict[str, list[np.ndarray]] = {name: [] for name in feature_fns}
+    kept_images, kept_depth = [], []
     r = run.cfg.model.neural_resolution
     for i, zb in enumerate(_batches(z)):
         out = run.G(zb.to(run.device), noise_mode="const")
-        if feature_fn is not None:
-            features.append(feature_fn(out["image"]).double().cpu().numpy())
+        for name, fn in feature_fns.items():
+            features[name].append(fn(out["image"]).double().cpu().numpy())
         if i * BATCH < keep:
             kept_images.append(resize(out["image"], r).cpu())
             kept_depth.append(out["depth"].cpu())
+    stacked = {name: np.concatenate(parts) for name, parts in features.items() if parts}
     if not kept_images:
-        return (np.concatenate(features) if features else None), None
-    fakes = _Fakes(torch.cat(kept_images)[:keep], torch.cat(kept_depth)[:keep])
-    return (np.concatenate(features) if features else None), fakes
+        return stacked, None
+    return stacked, _Fakes(torch.cat(kept_images)[:keep], torch.cat(kept_depth)[:keep])
 
 
 @torch.no_grad()
@@ -262,19 +272,31 @@ def evaluate_generator(
 def _image_metrics(
     run: _Run, real: dict | None, groups: list[str], inception_path: str | None, feature_fn
 ) -> dict[str, float]:
-    """FID, KID and depth error: the metrics that need many generated images."""
+    """FID/KID, their random-network stand-ins and depth error: the metrics that need many generated
+    images (rendered once for all of them)."""
     results: dict[str, float] = {}
-    want_fid = [g for g in groups if g in ("fid", "kid")]
-    custom_features = feature_fn is not None
-    if want_fid and real is None:
-        log.warning("%s skipped: needs data with real images", "/".join(want_fid))
-        want_fid = []
-    if want_fid and feature_fn is None:
+    wanted = [g for g in groups if g in INCEPTION_GROUPS + RANDOM_GROUPS]
+    if wanted and real is None:
+        log.warning("%s skipped: needs data with real images", "/".join(wanted))
+        wanted = []
+    # Each feature network: (function, cache folder or None, cache key, the distances it serves).
+    networks: dict[str, tuple[fidlib.FeatureFn, Path | None, str, list[str]]] = {}
+    inception = [g for g in wanted if g in INCEPTION_GROUPS]
+    if inception:
+        custom = feature_fn is not None
         try:
-            feature_fn = fidlib.load_inception(inception_path, run.device)
+            fn = feature_fn if custom else fidlib.load_inception(inception_path, run.device)
+            key = _data_key(run.data_uri, "inception", fidlib.INCEPTION_SHA256, len(real["image"]))
+            networks["inception"] = (fn, None if custom else run.cache / "stats", key, inception)
         except fidlib.WeightsError as exc:
-            log.warning("%s skipped: %s", "/".join(want_fid), exc)
-            want_fid = []
+            log.warning("%s skipped: %s", "/".join(inception), exc)
+    stand_in = [g for g in wanted if g in RANDOM_GROUPS]
+    if stand_in:
+        fn = random_features.random_feature_fn(run.device)
+        key = _data_key(
+            run.data_uri, "random", random_features.SEED, random_features.VERSION, len(real["image"])
+        )
+        networks["random"] = (fn, run.cache / "stats", key, stand_in)
     estimator = None
     if "depth" in groups:
         if real is None or "depth" not in real:
@@ -285,24 +307,24 @@ def _image_metrics(
             estimator, results["depth_estimator_error"] = depthlib.load_or_train_estimator(
                 real["image"], real["depth"], r, key, run.cache / "depth", device=run.device
             )
-    if not want_fid and estimator is None:
+    if not networks and estimator is None:
         return results
     keep = min(run.num_samples, DEPTH_SAMPLES) if estimator is not None else 0
-    fake_features, fakes = _generate(run, feature_fn if want_fid else None, keep)
+    fake_features, fakes = _generate(run, {name: net[0] for name, net in networks.items()}, keep)
     if estimator is not None:
         mask = _foreground(fakes.depth, run.cfg)
         per_image = depthlib.generated_depth_error(estimator, fakes.images, fakes.depth, mask)
         finite = per_image[torch.isfinite(per_image)]
         results["depth_error"] = float(finite.mean()) if len(finite) else float("nan")
-    if want_fid:
-        folder = None if custom_features else run.cache / "stats"
-        key = _data_key(run.data_uri, "inception", fidlib.INCEPTION_SHA256, len(real["image"]))
+    for name, (fn, folder, key, distances) in networks.items():
         batches = lambda: (_to_images(b, run.device) for b in _chunks(real["image"]))  # noqa: E731
-        real_features = fidlib.cached_features(feature_fn, batches, key, folder)
-        if "fid" in want_fid:
-            results["fid"] = fidlib.fid_from_features(real_features, fake_features)
-        if "kid" in want_fid:
-            results["kid"] = fidlib.kid_from_features(real_features, fake_features, seed=run.seed)
+        real_features = fidlib.cached_features(fn, batches, key, folder)
+        fake = fake_features[name]
+        for distance in distances:
+            if distance in ("fid", "fd_random"):
+                results[distance] = fidlib.fid_from_features(real_features, fake)
+            else:
+                results[distance] = fidlib.kid_from_features(real_features, fake, seed=run.seed)
     return results
 
 
