@@ -205,6 +205,14 @@ def test_results_table_one_row_per_variant_with_seed_means(tmp_path: Path) -> No
     md = md_path.read_text().splitlines()
     assert md[0].startswith("| variant | trials | status | kimg | FID | Depth | Pose | JS |")
     assert "| no_symmetry |" in md[3] and "| 0.5 |" in md[3]
+    assert "FD_random" not in table.columns  # a stand-in column appears only where it was measured
+    records[2].metrics["eval/fd_random"] = 12.5
+    table = build_table(records)
+    assert (
+        "FD_random" in table.columns
+        and table.rows[1]["FD_random"] == 12.5
+        and table.rows[0]["FD_random"] is None
+    )
 
 
 # ---------------------------------------------------------------------------------------------

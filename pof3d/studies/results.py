@@ -21,6 +21,8 @@ from typing import Any
 PAPER_COLUMNS: dict[str, tuple[str, ...]] = {
     "FID": ("eval/fid", "fid"),
     "KID": ("eval/kid", "kid"),
+    # Stand-in for FID without the Inception file (pof3d.metrics.random_features); not on FID's scale.
+    "FD_random": ("eval/fd_random", "fd_random"),
     "Depth": ("eval/depth_error", "depth_error"),
     "Pose": ("eval/pose_error_deg", "pose_error_deg"),
     "RE": ("eval/reprojection_error", "reprojection_error"),
