@@ -48,7 +48,12 @@ class Generator(nn.Module):
             w_avg_beta=cfg.w_avg_beta,
         )
         self.pose_learner = PoseLearner(
-            cfg.w_dim, cfg.pose_hidden, cfg.yaw_center, cfg.pitch_center, clamp=cfg.pose_clamp
+            cfg.w_dim,
+            cfg.pose_hidden,
+            cfg.yaw_center,
+            cfg.pitch_center,
+            clamp=cfg.pose_clamp,
+            init_scale=cfg.pose_init_scale,
         )
         self.decoder = TriplaneDecoder(c, cfg.decoder_hidden, cfg.decoder_features)
         self.renderer = VolumeRenderer(cfg)

@@ -85,6 +85,20 @@ def test_pose_learner_starts_near_centre_and_stays_in_range():
     assert extreme[:, 0].abs().max() > 2 * math.pi  # faces: yaw is not clamped
 
 
+def test_pose_learner_init_scale_sets_the_initial_spread():
+    """init_scale=1 is the reference's standard initialisation: poses spread about a radian around the
+    centre; the yaw spread scales linearly with init_scale (pitch is clipped at the poles)."""
+    w = torch.randn(4096, 64, generator=torch.Generator().manual_seed(1))
+    spreads = {}
+    for scale in (1.0, 0.1):
+        torch.manual_seed(0)
+        learner = PoseLearner(64, 64, init_scale=scale)
+        spreads[scale] = learner(w).std(dim=0)
+    assert 0.4 < spreads[1.0].min() and spreads[1.0].max() < 2.0
+    torch.testing.assert_close(spreads[0.1][0], spreads[1.0][0] * 0.1, rtol=1e-4, atol=1e-6)
+    assert spreads[0.1][1] < 0.15
+
+
 def test_pose_learner_clamp_for_cars_keeps_gradient():
     torch.manual_seed(0)
     learner = PoseLearner(16, 16, yaw_center=math.pi, pitch_center=math.pi / 2, clamp=True)
