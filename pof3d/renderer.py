@@ -137,12 +137,16 @@ class VolumeRenderer(nn.Module):
         origins: torch.Tensor,
         directions: torch.Tensor,
         depths: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features ``[B, N, S, C]`` and raw density ``[B, N, S]`` at the given depths along each ray."""
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float] | None]:
+        """Features ``[B, N, S, C]``, raw density ``[B, N, S]`` at the given depths along each ray, and
+        the affine map still to apply to the composited features (None: already applied)."""
         b, n, s = depths.shape
         points = origins[:, :, None, :] + depths[..., None] * directions[:, :, None, :]
-        out = decoder(sample_triplanes(planes, points.reshape(b, n * s, 3), self.box_warp, self.quirk))
-        return out["rgb"].reshape(b, n, s, -1), out["sigma"].reshape(b, n, s)
+        sampled = sample_triplanes(planes, points.reshape(b, n * s, 3), self.box_warp, self.quirk)
+        # Any decoder module works here; the tri-plane decoder can leave its colour map to compositing.
+        deferrable = isinstance(decoder, TriplaneDecoder)
+        out = decoder(sampled, defer_affine=True) if deferrable else decoder(sampled)
+        return out["rgb"].reshape(b, n, s, -1), out["sigma"].reshape(b, n, s), out.get("rgb_affine")
 
     def forward(
         self,
@@ -164,15 +168,15 @@ class VolumeRenderer(nn.Module):
         coarse = stratified_depths(
             (b, n), self.depth_samples, self.ray_start, self.ray_end, jitter, origins.device, origins.dtype
         )
-        rgb_coarse, sigma_coarse = self._query(planes, decoder, origins, directions, coarse)
+        rgb_coarse, sigma_coarse, affine = self._query(planes, decoder, origins, directions, coarse)
         if self.importance_samples <= 0:
-            return self._composite(coarse, sigma_coarse, [rgb_coarse], None)
+            return self._composite(coarse, sigma_coarse, [rgb_coarse], None, affine)
         weights = interval_weights(sigma_coarse.detach(), coarse)
         fine = importance_depths(coarse, weights, self.importance_samples, jitter)
-        rgb_fine, sigma_fine = self._query(planes, decoder, origins, directions, fine)
+        rgb_fine, sigma_fine, _ = self._query(planes, decoder, origins, directions, fine)
         depths, order = torch.sort(torch.cat((coarse, fine), dim=-1), dim=-1)
         sigma = torch.cat((sigma_coarse, sigma_fine), dim=-1).gather(-1, order)
-        return self._composite(depths, sigma, [rgb_coarse, rgb_fine], order)
+        return self._composite(depths, sigma, [rgb_coarse, rgb_fine], order, affine)
 
     def _composite(
         self,
@@ -180,8 +184,13 @@ class VolumeRenderer(nn.Module):
         sigma: torch.Tensor,
         features: list[torch.Tensor],
         order: torch.Tensor | None,
+        affine: tuple[float, float] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """March sorted samples; ``order`` maps sorted positions to the concatenated ``features``."""
+        """March sorted samples; ``order`` maps sorted positions to the concatenated ``features``.
+
+        ``affine`` = (scale, offset) is the decoder's per-sample colour map, deferred to here:
+        sum_s w_s (scale f_s + offset) = scale sum_s w_s f_s + offset sum_s w_s.
+        """
         weights = interval_weights(sigma, depths)  # [B, N, S-1]
         total = weights.sum(dim=-1, keepdim=True)
         mids = 0.5 * (depths[..., 1:] + depths[..., :-1])
@@ -200,6 +209,8 @@ class VolumeRenderer(nn.Module):
             part = torch.einsum("bns,bnsc->bnc", per_sample[..., start : start + s], feat)
             out = part if out is None else out + part
             start += s
+        if affine is not None:
+            out = out * affine[0] + total * affine[1]
         if self.white_background:
             out = out + (1.0 - total)
         return {"features": out * 2.0 - 1.0, "depth": depth, "weights_sum": total}

@@ -21,6 +21,7 @@ QUIRK_PLANE_AXES = ((0, 1), (0, 2), (2, 0))
 
 # EG3D widens the sigmoid slightly so that colours 0 and 1 are reachable with finite logits.
 _RGB_PAD = 1e-3
+RGB_AFFINE = (1 + 2 * _RGB_PAD, -_RGB_PAD)  # rgb = scale * sigmoid(features) + offset
 
 
 def _axis_index(quirk: bool, device: torch.device) -> torch.Tensor:
@@ -91,9 +92,17 @@ class TriplaneDecoder(nn.Module):
         self.hidden = FullyConnected(in_channels, hidden, lr_mult=1.0)
         self.out = FullyConnected(hidden, 1 + out_features, lr_mult=1.0)
 
-    def forward(self, sampled: torch.Tensor) -> dict[str, torch.Tensor]:
-        """sampled ``[B, 3, N, C]`` -> ``{"rgb": [B, N, out_features], "sigma": [B, N, 1]}``."""
+    def forward(self, sampled: torch.Tensor, defer_affine: bool = False) -> dict[str, torch.Tensor]:
+        """sampled ``[B, 3, N, C]`` -> ``{"rgb": [B, N, out_features], "sigma": [B, N, 1]}``.
+
+        With ``defer_affine`` the widening ``rgb = scale * sigmoid + offset`` is not applied; ``rgb`` is
+        the plain sigmoid and ``rgb_affine`` holds ``(scale, offset)``. The renderer then applies it once
+        per ray after compositing (compositing is linear and its weights sum to the opacity), which
+        saves two passes over the per-sample features and one in the backward pass.
+        """
         x = self.out(F.softplus(self.hidden(_mean_over_planes(sampled))))
         sigma, features = x.split((1, self.out_features), dim=-1)  # split's backward is one concatenation
-        rgb = torch.sigmoid(features) * (1 + 2 * _RGB_PAD) - _RGB_PAD
-        return {"rgb": rgb, "sigma": sigma}
+        if defer_affine:
+            return {"rgb": torch.sigmoid(features), "sigma": sigma, "rgb_affine": RGB_AFFINE}
+        scale, offset = RGB_AFFINE
+        return {"rgb": torch.sigmoid(features) * scale + offset, "sigma": sigma}
