@@ -1,4 +1,5 @@
-"""Ray Data streaming: decoded batches, per-epoch coverage across 2 Ray Train workers, flips."""
+"""Ray Data streaming: decoded batches, per-epoch coverage (one or several epochs per execution, on the
+driver and across 2 Ray Train workers), flips."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
+import torch
 
 from pof3d.data.shards import iter_rows
-from pof3d.data.streaming import make_dataset
+from pof3d.data.streaming import _poses, ingest_options, iter_train_batches, make_dataset
 from pof3d.data.synthetic import generate
 
 N_ROWS = 48
@@ -35,15 +38,17 @@ def _expected_image(pixels: np.ndarray) -> np.ndarray:
 @pytest.mark.slow
 def test_batches_are_decoded_images_and_poses_and_epochs_reshuffle(ray_local, shard_set, stored):
     ds = make_dataset(str(shard_set), seed=1)
+    raw = next(iter(ds.iter_batches(batch_size=4, batch_format="numpy")))
+    assert raw["image"].dtype == np.uint8 and raw["image"].shape == (4, 3, 16, 16)  # uint8 in the store
     orders = []
     for _ in range(2):
         ids = []
-        for batch in ds.iter_batches(batch_size=10, batch_format="numpy"):
-            assert batch["image"].dtype == np.float32 and batch["image"].shape[1:] == (3, 16, 16)
-            for i, image, pose in zip(batch["id"], batch["image"], batch["pose"], strict=True):
-                np.testing.assert_allclose(image, _expected_image(stored[i]["image"]), atol=1e-6)
-                np.testing.assert_array_equal(pose, stored[i]["pose"])
-            ids.extend(int(i) for i in batch["id"])
+        for batch in iter_train_batches(ds, 10):
+            assert batch["image"].dtype == torch.float32 and batch["image"].shape[1:] == (3, 16, 16)
+            for i, image, pose in zip(batch["id"].tolist(), batch["image"], batch["pose"], strict=True):
+                np.testing.assert_allclose(image.numpy(), _expected_image(stored[i]["image"]), atol=1e-6)
+                np.testing.assert_array_equal(pose.numpy(), stored[i]["pose"])
+            ids.extend(batch["id"].tolist())
         assert sorted(ids) == list(range(N_ROWS))
         orders.append(ids)
     assert orders[0] != orders[1]  # a new order every epoch
@@ -51,10 +56,25 @@ def test_batches_are_decoded_images_and_poses_and_epochs_reshuffle(ray_local, sh
 
 
 @pytest.mark.slow
+def test_one_execution_streams_several_epochs_each_row_once_per_epoch(ray_local, shard_set):
+    ds = make_dataset(str(shard_set), seed=4, epochs=3)
+    orders = []
+    for _ in range(2):  # the second execution continues with epochs 3..5
+        ids = [i for batch in iter_train_batches(ds, 7) for i in batch["id"].tolist()]
+        assert len(ids) == 3 * N_ROWS
+        for epoch in range(3):
+            assert sorted(ids[epoch * N_ROWS : (epoch + 1) * N_ROWS]) == list(range(N_ROWS))
+            orders.append(ids[epoch * N_ROWS : (epoch + 1) * N_ROWS])
+    assert len({tuple(o) for o in orders}) == len(orders)  # every epoch in a new order
+
+
+@pytest.mark.slow
 def test_flip_mirrors_the_image_and_negates_the_yaw_offset(ray_local, shard_set, stored):
     flipped = kept = 0
-    for batch in make_dataset(str(shard_set), xflip=True, seed=2).iter_batches(batch_format="numpy"):
-        for i, image, pose in zip(batch["id"], batch["image"], batch["pose"], strict=True):
+    for batch in iter_train_batches(make_dataset(str(shard_set), xflip=True, seed=2), 16):
+        for i, image, pose in zip(
+            batch["id"].tolist(), batch["image"].numpy(), batch["pose"].numpy(), strict=True
+        ):
             original = _expected_image(stored[i]["image"])
             h0, v0 = stored[i]["pose"]
             if np.allclose(image, original, atol=1e-6) and np.isclose(pose[0], h0):
@@ -67,6 +87,15 @@ def test_flip_mirrors_the_image_and_negates_the_yaw_offset(ray_local, shard_set,
     assert flipped + kept == N_ROWS and flipped > 5 and kept > 5
 
 
+def test_missing_poses_read_as_nan():
+    column = pa.chunked_array(
+        [pa.array([[1.0, 2.0], None], pa.list_(pa.float32())), pa.array([[3.0, 4.0]], pa.list_(pa.float32()))]
+    )
+    np.testing.assert_array_equal(_poses(column), np.array([[1, 2], [np.nan, np.nan], [3, 4]], np.float32))
+    full = pa.chunked_array([pa.array([[1.0, 2.0], [3.0, 4.0]], pa.list_(pa.float32()))])
+    np.testing.assert_array_equal(_poses(full), np.array([[1, 2], [3, 4]], np.float32))
+
+
 @pytest.mark.slow
 def test_two_train_workers_see_every_row_once_per_epoch(ray_local, shard_set, tmp_path):
     from ray.train import RunConfig, ScalingConfig
@@ -77,10 +106,12 @@ def test_two_train_workers_see_every_row_once_per_epoch(ray_local, shard_set, tm
         import ray.train
 
         ctx = ray.train.get_context()
+        from pof3d.data.streaming import iter_train_batches
+
         shard = ray.train.get_dataset_shard("train")
         for epoch in range(2):
             ids = []
-            for batch in shard.iter_torch_batches(batch_size=8):
+            for batch in iter_train_batches(shard, 8):
                 assert batch["image"].shape[1:] == (3, 16, 16) and batch["pose"].shape[1:] == (2,)
                 ids.extend(batch["id"].tolist())
             out = Path(config["out"]) / f"rank{ctx.get_world_rank()}-epoch{epoch}.json"
@@ -99,3 +130,33 @@ def test_two_train_workers_see_every_row_once_per_epoch(ray_local, shard_set, tm
         assert all(per_rank), "each worker gets part of the data"
         assert not set(per_rank[0]) & set(per_rank[1])
         assert sorted(per_rank[0] + per_rank[1]) == list(range(N_ROWS))
+
+
+@pytest.mark.slow
+def test_two_train_workers_share_a_multi_epoch_stream(ray_local, shard_set, tmp_path):
+    """As training runs it: 2 epochs per execution, Train's ingest options with preserve_order."""
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    def _train_loop(config: dict) -> None:
+        import ray.train
+
+        from pof3d.data.streaming import iter_train_batches
+
+        ctx = ray.train.get_context()
+        ids = [
+            i for b in iter_train_batches(ray.train.get_dataset_shard("train"), 8) for i in b["id"].tolist()
+        ]
+        (Path(config["out"]) / f"rank{ctx.get_world_rank()}.json").write_text(json.dumps(ids))
+
+    TorchTrainer(
+        _train_loop,
+        train_loop_config={"out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
+        datasets={"train": make_dataset(str(shard_set), seed=6, epochs=2)},
+        dataset_config=DataConfig(execution_options=ingest_options()),
+        run_config=RunConfig(name="stream2", storage_path=str(tmp_path / "storage")),
+    ).fit()
+    per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(per_rank)
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(list(range(N_ROWS)) * 2)  # each row once per epoch

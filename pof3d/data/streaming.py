@@ -1,61 +1,262 @@
 """Ray Data streaming of a shard set into training batches.
 
-Rows are read from the manifest's shards with ``ray.data.read_parquet`` (local paths or any pyarrow
-filesystem URI) and decoded in ``map_batches`` tasks into float images in [-1, 1] and poses, so only a
-few blocks are in flight at a time, whatever the size of the set. Ray Train splits the stream among
-workers (``get_dataset_shard("train").iter_torch_batches(...)``).
+The set is read by a custom Ray Data source (:class:`ShardSource`): every read task reads a few Parquet
+row groups (``id``, ``image``, ``pose``; local paths or any pyarrow filesystem URI), decodes the images
+straight into ``uint8 [B,3,H,W]`` and yields them in blocks of ``DECODE_BATCH`` rows. There is no
+separate listing or map stage, so an epoch starts with one round of tasks, and only a few blocks are in
+flight at a time, whatever the size of the set. Images cross the object store as uint8 (a quarter of the
+bytes of float32); :func:`iter_train_batches` (or :class:`ImageCollate` given to ``iter_torch_batches``)
+turns them into float32 in [-1, 1] on the consumer, in Ray's prefetch thread. Ray Train splits the
+stream among workers (``iter_train_batches(get_dataset_shard("train"), ...)``).
 
-Shuffling is streaming-friendly: the shard files are read in a new random order every epoch (seeded,
-reseeded per execution) and the rows of every decode batch are permuted. Sets cut into many shards mix
-better (``--shard-mb``); ``full_shuffle=True`` uses Ray's global ``random_shuffle`` instead, which
-materialises the encoded set in the object store.
+Shuffling is streaming-friendly: the row groups (64 rows each) of all shards are dealt to read tasks in
+a new random order every epoch (seeded, reseeded per execution), and the rows of every read task are
+permuted. ``full_shuffle=True`` adds Ray's global ``random_shuffle``, which materialises the set in the
+object store.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import logging
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockAccessor, BlockMetadata
+from ray.data.collate_fn import NumpyBatchCollateFn
 
-from pof3d.data.shards import decode_image, read_manifest, shard_paths
+from pof3d.data.shards import read_manifest, resolve, shard_paths
+from pof3d.errors import DataError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import ray.data
+    import torch
 
 log = logging.getLogger(__name__)
 
-DECODE_BATCH = 64  # rows per decode task call; also the span of the in-batch row permutation
-BLOCK_BYTES = 32 * 2**20  # smaller than Ray's default, so that decode tasks run in parallel on small sets
+DECODE_BATCH = 64  # rows per output block: a task yields its first block after decoding this many rows
+TASK_ROWS = 256  # rows (whole row groups) per read task; also the span of the in-task row permutation
 DECODE_CPUS = 0.25  # fractional: on small machines the decoders share cores with the training workers
+PREFETCH_BATCHES = 2  # batches the consumer's iterator collates ahead of the training step
+STREAM_ROWS = 65536  # epochs=None: enough epochs per execution for about this many rows (small sets)
+COLUMNS = ["id", "image", "pose"]
 
 
-def decode_batch(batch: pa.Table, xflip: bool, cars: bool, permute: bool) -> dict[str, np.ndarray]:
-    """Encoded rows -> ``image`` float32 [B,3,H,W] in [-1,1], ``pose`` float32 [B,2] (NaN when absent),
-    ``id`` int64 [B]. With ``xflip`` each image is mirrored left-right with probability 1/2 and its pose
-    mirrored with it (h -> pi - h, or 2 pi - h for cars).
+def decode_into(out: np.ndarray, encoded: list[bytes], flip: np.ndarray | None) -> None:
+    """Decode PNG/JPEG bytes into ``out`` uint8 [B,3,H,W], mirrored left-right where ``flip``.
 
-    Flips and the permutation draw from fresh OS entropy: a seeded stream here would repeat the same
-    flips every epoch, as this function does not know the epoch.
+    PIL splits each image into its channel planes, which is cheaper than a strided HWC -> CHW copy.
     """
-    rng = np.random.default_rng()
-    images = np.stack([decode_image(b) for b in batch.column("image").to_pylist()])  # [B, H, W, 3]
-    pose = np.array(
-        [p if p is not None else (math.nan, math.nan) for p in batch.column("pose").to_pylist()],
-        dtype=np.float32,
+    height, width = out.shape[2:]
+    for i, data in enumerate(encoded):
+        with Image.open(io.BytesIO(data)) as img:
+            if img.size != (width, height):
+                raise DataError(f"image of {img.size[0]}x{img.size[1]} in a set of {width}x{height}")
+            rgb = img if img.mode == "RGB" else img.convert("RGB")
+            if flip is not None and flip[i]:
+                rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            for c, band in enumerate(rgb.split()):
+                out[i, c] = np.asarray(band)
+
+
+def _poses(column: pa.ChunkedArray) -> np.ndarray:
+    """float32 [B,2] of a list<float32> column, NaN where a row has no pose."""
+    array = column.combine_chunks()
+    if array.null_count == 0:
+        flat = array.flatten().to_numpy(zero_copy_only=False)
+        if flat.size == 2 * len(array):
+            return flat.astype(np.float32).reshape(-1, 2)
+    return np.array(
+        [p if p is not None else (math.nan, math.nan) for p in array.to_pylist()], dtype=np.float32
     ).reshape(-1, 2)
-    ids = batch.column("id").to_numpy().astype(np.int64)
-    if xflip:
-        flip = rng.random(len(images)) < 0.5
-        images[flip] = images[flip, :, ::-1]
-        pose[flip, 0] = (2 * math.pi if cars else math.pi) - pose[flip, 0]
-    if permute:
-        order = rng.permutation(len(images))
-        images, pose, ids = images[order], pose[order], ids[order]
-    image = images.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-    return {"image": np.ascontiguousarray(image), "pose": pose, "id": ids}
+
+
+def read_pieces(
+    uri: str,
+    pieces: list[tuple[str, list[int]]],
+    resolution: int,
+    xflip: bool,
+    cars: bool,
+    permute: bool,
+    block_rows: int = DECODE_BATCH,
+) -> Iterator[pa.Table]:
+    """Read the given row groups of the given shards; yield decoded blocks of ``block_rows`` rows:
+    ``image`` uint8 [B,3,R,R], ``pose`` float32 [B,2] (NaN when absent), ``id`` int64 [B].
+
+    With ``permute`` the rows of all the pieces are shuffled together; with ``xflip`` each image is
+    mirrored left-right with probability 1/2 and its pose mirrored with it (h -> pi - h, or 2 pi - h for
+    cars). Both draw from fresh OS entropy, so that flips differ between epochs.
+    """
+    fs, _ = resolve(uri)
+    tables = []
+    for path, groups in pieces:
+        _, local = resolve(path)
+        with fs.open_input_file(local) as f:
+            tables.append(pq.ParquetFile(f).read_row_groups(groups, columns=COLUMNS))
+    table = pa.concat_tables(tables)
+    rng = np.random.default_rng()
+    order = rng.permutation(table.num_rows) if permute else np.arange(table.num_rows)
+    encoded = table.column("image").to_pylist()
+    ids = table.column("id").to_numpy().astype(np.int64)
+    pose = _poses(table.column("pose"))
+    for start in range(0, len(order), block_rows):
+        rows = order[start : start + block_rows]
+        flip = rng.random(len(rows)) < 0.5 if xflip else None
+        image = np.empty((len(rows), 3, resolution, resolution), np.uint8)
+        decode_into(image, [encoded[i] for i in rows], flip)
+        block_pose = pose[rows]
+        if flip is not None:
+            block_pose[flip, 0] = (2 * math.pi if cars else math.pi) - block_pose[flip, 0]
+        yield BlockAccessor.batch_to_block({"image": image, "pose": block_pose, "id": ids[rows]})
+
+
+class ShardSource(Datasource):
+    """Ray Data source over a shard set: one read task per ``task_rows`` rows of whole row groups."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        xflip: bool = False,
+        cars: bool = False,
+        task_rows: int = TASK_ROWS,
+        block_rows: int = DECODE_BATCH,
+        epochs: int = 1,
+    ) -> None:
+        super().__init__()
+        if epochs < 1:
+            raise DataError(f"epochs: got {epochs}, expected at least 1 pass over the set per execution")
+        self.epochs = epochs
+        self.uri = str(uri)
+        manifest = read_manifest(self.uri)
+        self.resolution = int(manifest["resolution"])
+        self.rows = int(manifest["rows"])
+        fs, _ = resolve(self.uri)
+        self.groups: list[tuple[str, int, int]] = []  # (shard path, row group, rows)
+        for path in shard_paths(self.uri, manifest):
+            _, local = resolve(path)
+            with fs.open_input_file(local) as f:
+                meta = pq.ParquetFile(f).metadata
+            self.groups += [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+        if sum(n for _, _, n in self.groups) != self.rows:
+            raise DataError(f"{uri}: the shards hold {sum(n for *_, n in self.groups)} rows, not {self.rows}")
+        self.seed, self.shuffle, self.xflip, self.cars = seed, shuffle, xflip, cars
+        self.task_rows, self.block_rows = max(1, task_rows), max(1, block_rows)
+
+    def get_name(self) -> str:
+        return "ReadShards"
+
+    def estimate_inmemory_data_size(self) -> int:
+        return self.rows * (3 * self.resolution**2 + 16)
+
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
+    ) -> list[ReadTask]:
+        # Ray advances the context's execution index after every completed execution; its own file shuffle
+        # reseeds the same way. Execution x holds epochs x * epochs ... x * epochs + epochs - 1.
+        execution = int(getattr(data_context, "_execution_idx", 0) or 0)
+        tasks = []
+        for epoch in range(execution * self.epochs, (execution + 1) * self.epochs):
+            groups = list(self.groups)
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch]).permutation(len(groups))
+                groups = [groups[i] for i in order]
+            chunk, rows = [], 0
+            for group in groups:
+                chunk.append(group)
+                rows += group[2]
+                if rows >= self.task_rows:
+                    tasks.append(self._task(chunk, rows))
+                    chunk, rows = [], 0
+            if chunk:  # tasks never span two epochs
+                tasks.append(self._task(chunk, rows))
+        return tasks
+
+    @property
+    def block_bytes(self) -> int:
+        return self.block_rows * (3 * self.resolution**2 + 16)
+
+    def num_tasks(self) -> int:
+        return len(self.get_read_tasks(1))
+
+    def _task(self, chunk: list[tuple[str, int, int]], rows: int) -> ReadTask:
+        pieces: dict[str, list[int]] = {}
+        for path, group, _ in chunk:
+            pieces.setdefault(path, []).append(group)
+        read = functools.partial(
+            read_pieces,
+            self.uri,
+            list(pieces.items()),
+            self.resolution,
+            self.xflip,
+            self.cars,
+            self.shuffle,
+            self.block_rows,
+        )
+        meta = BlockMetadata(
+            num_rows=rows, size_bytes=rows * (3 * self.resolution**2 + 16), exec_stats=None, input_files=None
+        )
+        return ReadTask(read, meta)
+
+
+class ImageCollate(NumpyBatchCollateFn):
+    """Consumer-side collation: ``image`` uint8 [B,3,R,R] -> float32 in [-1, 1]; other columns as tensors."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        import torch
+
+        def tensor(array: np.ndarray) -> torch.Tensor:  # Ray's batches may be read-only views
+            return torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)
+
+        out = {k: tensor(v) for k, v in batch.items()}
+        if "image" in out:
+            out["image"] = out["image"].to(torch.float32).div_(127.5).sub_(1.0)
+        return out
+
+
+def iter_train_batches(
+    source: Any,
+    batch_size: int,
+    *,
+    drop_last: bool = False,
+    prefetch_batches: int = PREFETCH_BATCHES,
+    device: Any = "auto",
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of torch batches from a :func:`make_dataset` dataset or a Ray Train dataset shard:
+    ``image`` float32 [B,3,R,R] in [-1,1], ``pose`` float32 [B,2] (NaN where absent), ``id`` int64 [B]."""
+    return source.iter_torch_batches(
+        batch_size=batch_size,
+        drop_last=drop_last,
+        prefetch_batches=prefetch_batches,
+        collate_fn=ImageCollate(),
+        device=device,
+    )
+
+
+def stream_epochs(rows: int) -> int:
+    """Epochs per execution for ``make_dataset(epochs=None)``: 1 for large sets, more for small ones."""
+    return max(1, math.ceil(STREAM_ROWS / max(rows, 1)))
+
+
+def ingest_options() -> Any:
+    """Ray Train's default ingest options with ``preserve_order``: Train replaces a dataset's execution
+    options with these (``DataConfig(execution_options=...)``), and a multi-epoch stream needs its blocks
+    in order so that its epochs follow one another."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def make_dataset(
@@ -66,40 +267,64 @@ def make_dataset(
     shuffle: bool = True,
     full_shuffle: bool = False,
     cars: bool | None = None,
-    batch_size: int = DECODE_BATCH,
+    task_rows: int = TASK_ROWS,
+    block_rows: int = DECODE_BATCH,
+    epochs: int | None = 1,
     decode_cpus: float = DECODE_CPUS,
     cpu_budget: float | None = None,
 ) -> ray.data.Dataset:
-    """A lazily streamed Ray Dataset over the shard set at ``uri`` (columns ``image``, ``pose``, ``id``).
+    """A lazily streamed Ray Dataset over the shard set at ``uri``: columns ``image`` (uint8 [3,R,R]),
+    ``pose`` (float32 [2]) and ``id``; iterate it with :func:`iter_train_batches` for float images.
+
+    One iteration (execution) yields ``epochs`` epochs one after the other, each every row exactly once
+    in a new order; the next iteration continues with the following epochs. Several epochs per execution
+    spare small sets Ray Data's start-up and pipeline fill at every epoch; ``None`` picks
+    :func:`stream_epochs` of the set's size.
 
     ``cars`` picks the left-right mirror of the pose for ``xflip``; by default it is read from a synthetic
     set's manifest (faces otherwise). ``cpu_budget`` caps the CPUs Ray Data may use for this dataset
     (leave it None under Ray Train, which reserves the training workers' CPUs itself).
     """
     import ray.data
-    from ray.data import FileShuffleConfig, RandomSeedConfig
+    from ray.data import RandomSeedConfig
 
     manifest = read_manifest(uri)
     if cars is None:
         cars = (manifest.get("synthetic") or {}).get("kind") == "cars"
-    ds = ray.data.read_parquet(
-        shard_paths(uri, manifest),
-        shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=True) if shuffle else None,
+    if epochs is None:
+        epochs = stream_epochs(int(manifest["rows"]))
+    source = ShardSource(
+        uri,
+        seed=seed,
+        shuffle=shuffle,
+        xflip=xflip,
+        cars=cars,
+        task_rows=task_rows,
+        block_rows=block_rows,
+        epochs=epochs,
+    )
+    ds = ray.data.read_datasource(
+        # As many blocks as read tasks: Ray would otherwise split each task's output into tiny blocks.
+        source,
         num_cpus=decode_cpus,
-    ).select_columns(["id", "image", "pose"])  # pushed down into the reader: depth is never read
+        override_num_blocks=source.num_tasks(),
+    )
     if full_shuffle:
         ds = ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
-    ds = ds.map_batches(
-        decode_batch,
-        batch_format="pyarrow",
-        batch_size=batch_size,
-        num_cpus=decode_cpus,
-        fn_kwargs={"xflip": xflip, "cars": cars, "permute": shuffle},
-    )
-    ds.context.target_max_block_size = BLOCK_BYTES
+    # One block per DECODE_BATCH rows: Ray would otherwise coalesce a task's output before handing it on.
+    ds.context.target_max_block_size = source.block_bytes
+    if epochs > 1:  # blocks in task order, so that the epochs follow one another in the stream
+        ds.context.execution_options.preserve_order = True
     if cpu_budget is not None:
         from ray.data import ExecutionResources
 
         ds.context.execution_options.resource_limits = ExecutionResources(cpu=cpu_budget)
-    log.info("streaming %d rows from %d shards of %s", manifest["rows"], len(manifest["shards"]), uri)
+    log.info(
+        "streaming %d rows (%d row groups) from %d shards of %s, %d epoch(s) per execution",
+        manifest["rows"],
+        len(source.groups),
+        len(manifest["shards"]),
+        uri,
+        epochs,
+    )
     return ds

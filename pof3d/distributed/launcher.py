@@ -79,10 +79,10 @@ def check_resources(cfg: Config, available: dict[str, float]) -> None:
 def launch(spec: LaunchSpec) -> LaunchResult:
     """Fit the TorchTrainer; returns what rank 0 ended with. Ray must be connected (:func:`connect`)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pof3d.data.streaming import make_dataset
+    from pof3d.data.streaming import ingest_options, make_dataset
     from pof3d.distributed.worker import train_loop_per_worker
 
     cfg = spec.cfg
@@ -91,7 +91,10 @@ def launch(spec: LaunchSpec) -> LaunchResult:
     resources: dict[str, float] = {"CPU": t.cpus_per_worker}
     if t.gpus_per_worker > 0:
         resources["GPU"] = t.gpus_per_worker
-    dataset = make_dataset(spec.data_uri, xflip=cfg.data.xflip, seed=cfg.data.shuffle_seed, shuffle=True)
+    # Several epochs per Ray Data execution on small sets (epochs=None), kept in order by ingest_options.
+    dataset = make_dataset(
+        spec.data_uri, xflip=cfg.data.xflip, seed=cfg.data.shuffle_seed, shuffle=True, epochs=None
+    )
     dataset.context.enable_progress_bars = False  # keep the per-tick lines readable in job logs
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -107,6 +110,7 @@ def launch(spec: LaunchSpec) -> LaunchResult:
             num_workers=t.workers, use_gpu=t.gpus_per_worker > 0, resources_per_worker=resources
         ),
         datasets={"train": dataset},
+        dataset_config=DataConfig(execution_options=ingest_options()),
         run_config=RunConfig(
             name=CHECKPOINTS_DIR,
             storage_path=str(spec.run_dir),

@@ -191,10 +191,13 @@ def _images_seen(checkpoint: Path) -> int:
 
 
 def _endless_batches(shard: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Epoch after epoch of full batches from this worker's shard of the streaming dataset."""
+    """Epoch after epoch of full batches from this worker's shard of the streaming dataset (one pass of
+    the loop is one execution, which holds several epochs on small sets); images float32 in [-1, 1]."""
+    from pof3d.data.streaming import iter_train_batches
+
     while True:
         empty = True
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True):
+        for batch in iter_train_batches(shard, batch_size, drop_last=True):
             empty = False
             yield batch
         if empty:
