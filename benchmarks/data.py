@@ -1,9 +1,14 @@
 """Images/s delivered to one consumer: the Ray Data shard pipeline vs. a PyTorch DataLoader over PNG files.
 
 Both decode the same PNG bytes into float32 [B, 3, R, R] tensors in [-1, 1] with 2 parallel workers
-(Ray: a local Ray with 2 CPUs and one-CPU decode tasks; DataLoader: ``num_workers=2``), on the
-synthetic set at 64 and 256 px. Epoch 1 includes start-up (Ray's first pipeline, the DataLoader's worker
-processes); later epochs are what a long training run sees (both restart their workers per epoch).
+(Ray: a local Ray with 2 CPUs and one-CPU read/decode tasks, uint8 blocks turned into float by the
+consumer's collate, as in training; DataLoader: ``num_workers=2``, ``shuffle=True``), on the synthetic
+set at 64 and 256 px. The Ray path streams all epochs in one execution (``make_dataset(epochs=E)``, each
+epoch every row once in a new order), the way training streams small sets; an epoch ends when its last
+row has been delivered. An extra row, "ray-data, 1 epoch per execution", starts a new execution every
+epoch instead. Epoch 1 includes start-up (Ray's first tasks, the DataLoader's worker processes); the
+DataLoader restarts its workers every epoch (its default). The 1-minute load average is printed at the
+start and the end: on a shared machine compare the ratios of one run, not absolute rates.
 
     python benchmarks/data.py [--n64 4096] [--n256 768] [--batch 32] [--epochs 3] [--workdir DIR]
 """
@@ -27,8 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
 
-from pof3d.data.shards import iter_rows, shard_paths  # noqa: E402
-from pof3d.data.streaming import make_dataset  # noqa: E402
+from pof3d.data.shards import iter_rows, read_manifest, shard_paths  # noqa: E402
+from pof3d.data.streaming import iter_train_batches, make_dataset  # noqa: E402
 from pof3d.data.synthetic import generate  # noqa: E402
 
 
@@ -53,23 +58,33 @@ def _epoch(batches) -> tuple[int, float]:
     return count, time.perf_counter() - start
 
 
-def _timed(make_batches, epochs: int) -> tuple[int, float, float]:
+def _rates(first: tuple[int, float], later: list[tuple[int, float]]) -> tuple[int, float, float]:
     """(images per epoch, img/s of the first epoch, img/s of the later epochs)."""
-    first_count, first = _epoch(make_batches())
-    later = [_epoch(make_batches()) for _ in range(epochs - 1)]
     rest = sum(c for c, _ in later) / max(sum(t for _, t in later), 1e-9)
-    return first_count, first_count / first, rest
+    return first[0], first[0] / first[1], rest
 
 
-def bench_ray(uri: str, batch: int, epochs: int) -> tuple[int, float, float]:
-    ds = make_dataset(uri, seed=0, decode_cpus=1.0)
+def bench_ray(uri: str, batch: int, epochs: int, per_execution: int) -> tuple[int, float, float]:
+    """``per_execution`` epochs per Ray Data execution: ``epochs`` (one stream, as training streams small
+    sets) or 1 (a new execution every epoch)."""
+    ds = make_dataset(uri, seed=0, decode_cpus=1.0, epochs=per_execution)
     ds.context.enable_progress_bars = False
-    return _timed(lambda: ds.iter_torch_batches(batch_size=batch), epochs)
+    rows = read_manifest(uri)["rows"]
+    ends, count, start = [], 0, time.perf_counter()
+    for _ in range(epochs // per_execution):
+        for b in iter_train_batches(ds, batch):
+            assert b["image"].dtype == torch.float32
+            count += b["image"].shape[0]
+            while count >= rows * (len(ends) + 1):  # the batch that completes an epoch ends it
+                ends.append(time.perf_counter())
+    assert count == rows * epochs, (count, rows, epochs)
+    spans = [end - begin for begin, end in zip([start, *ends], ends, strict=False)]
+    return _rates((rows, spans[0]), [(rows, t) for t in spans[1:]])
 
 
 def bench_loader(folder: Path, batch: int, epochs: int) -> tuple[int, float, float]:
     loader = DataLoader(PngFolder(folder), batch_size=batch, shuffle=True, num_workers=2)
-    return _timed(lambda: iter(loader), epochs)
+    return _rates(_epoch(iter(loader)), [_epoch(iter(loader)) for _ in range(epochs - 1)])
 
 
 def prepare(root: Path, n: int, resolution: int) -> tuple[str, Path]:
@@ -100,25 +115,33 @@ def main() -> None:
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="pof3d-databench-"))
     root.mkdir(parents=True, exist_ok=True)
     rows = []
+    load_start = os.getloadavg()[0]
     try:
         for resolution, n in ((64, args.n64), (256, args.n256)):
             uri, folder = prepare(root, n, resolution)
             shard_mb = sum(Path(s).stat().st_size for s in shard_paths(uri)) / 2**20
-            for name in ("ray-data", "dataloader"):
-                bench = bench_ray if name == "ray-data" else bench_loader
-                count, first, later = bench(uri if name == "ray-data" else folder, args.batch, args.epochs)
-                rows.append((resolution, name, count, first, later))
+            rows.append((resolution, "ray-data", *bench_ray(uri, args.batch, args.epochs, args.epochs)))
+            rows.append((resolution, "dataloader", *bench_loader(folder, args.batch, args.epochs)))
+            once = bench_ray(uri, args.batch, args.epochs, 1)
+            rows.append((resolution, "ray-data, 1 epoch per execution", *once))
             print(f"# {resolution} px: {n} images, {shard_mb:.1f} MB of shards", flush=True)
     finally:
         ray.shutdown()
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
     load = os.getloadavg()[0]
-    print(f"\nload average {load:.1f} on {os.cpu_count()} CPUs")
-    print("| res | loader | images/epoch | img/s epoch 1 | img/s later epochs |")
-    print("|---|---|---|---|---|")
+    print(
+        f"\nload average (1 min) {load_start:.1f} at the start, {load:.1f} at the end,"
+        f" on {os.cpu_count()} CPUs"
+    )
+    print(
+        "| res | loader | images/epoch | img/s epoch 1 | img/s later epochs | ray/dataloader, later epochs |"
+    )
+    print("|---|---|---|---|---|---|")
+    later_of = {(res, name): later for res, name, _, _, later in rows}
     for res, name, count, first, later in rows:
-        print(f"| {res} | {name} | {count} | {first:.0f} | {later:.0f} |")
+        ratio = f"{later / later_of[(res, 'dataloader')]:.2f}" if name.startswith("ray") else ""
+        print(f"| {res} | {name} | {count} | {first:.0f} | {later:.0f} | {ratio} |")
 
 
 if __name__ == "__main__":
