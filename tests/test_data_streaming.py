@@ -15,6 +15,7 @@ import torch
 from pof3d.data.shards import iter_rows
 from pof3d.data.streaming import _poses, ingest_options, iter_train_batches, make_dataset
 from pof3d.data.synthetic import generate
+from pof3d.errors import DataError
 
 N_ROWS = 48
 
@@ -85,6 +86,11 @@ def test_flip_mirrors_the_image_and_negates_the_yaw_offset(ray_local, shard_set,
                 flipped += 1
             assert pose[1] == v0
     assert flipped + kept == N_ROWS and flipped > 5 and kept > 5
+
+
+def test_full_shuffle_keeps_one_epoch_per_execution(shard_set):
+    with pytest.raises(DataError, match="would mix the epochs"):
+        make_dataset(str(shard_set), full_shuffle=True, epochs=2)
 
 
 def test_missing_poses_read_as_nan():

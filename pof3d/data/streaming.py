@@ -12,7 +12,8 @@ stream among workers (``iter_train_batches(get_dataset_shard("train"), ...)``).
 Shuffling is streaming-friendly: the row groups (64 rows each) of all shards are dealt to read tasks in
 a new random order every epoch (seeded, reseeded per execution), and the rows of every read task are
 permuted. ``full_shuffle=True`` adds Ray's global ``random_shuffle``, which materialises the set in the
-object store.
+object store. One execution (one iteration of the dataset) can hold several epochs (``epochs=``), so
+that small sets do not restart the pipeline every epoch.
 """
 
 from __future__ import annotations
@@ -279,7 +280,7 @@ def make_dataset(
     One iteration (execution) yields ``epochs`` epochs one after the other, each every row exactly once
     in a new order; the next iteration continues with the following epochs. Several epochs per execution
     spare small sets Ray Data's start-up and pipeline fill at every epoch; ``None`` picks
-    :func:`stream_epochs` of the set's size.
+    :func:`stream_epochs` of the set's size (1 with ``full_shuffle``, which shuffles a whole execution).
 
     ``cars`` picks the left-right mirror of the pose for ``xflip``; by default it is read from a synthetic
     set's manifest (faces otherwise). ``cpu_budget`` caps the CPUs Ray Data may use for this dataset
@@ -292,7 +293,12 @@ def make_dataset(
     if cars is None:
         cars = (manifest.get("synthetic") or {}).get("kind") == "cars"
     if epochs is None:
-        epochs = stream_epochs(int(manifest["rows"]))
+        epochs = 1 if full_shuffle else stream_epochs(int(manifest["rows"]))
+    if full_shuffle and epochs != 1:
+        raise DataError(
+            f"full_shuffle with epochs={epochs}: a global shuffle would mix the epochs of one execution;"
+            " expected epochs=1 (or None)"
+        )
     source = ShardSource(
         uri,
         seed=seed,
