@@ -1,0 +1,220 @@
+"""Tables and figures of the synthetic-poses study from its run folders.
+
+    python studies/synthetic_poses/report.py --full RUN_DIR [--ablation STUDY_DIR] \
+        [--out studies/synthetic_poses]
+
+Reads what the runs wrote (nothing is recomputed here): the full run's ``metrics.jsonl`` (training
+figures and the ``eval/`` metrics of every evaluation), the ``metrics.json`` files that
+``python -m pof3d.evaluate --out RUN/posthoc/NAME`` wrote for its checkpoints, its sample grids and
+pose plots, and the ablation study's ``results.csv``. Writes ``figures/*.png`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+# The poster's FFHQ ablation (FID, depth, pose, RE, JS), row by row, for the side-by-side table.
+POSTER_FFHQ = {
+    "full": (4.99, 0.29, 0.11, 0.037, 0.20),
+    "no_symmetry": (4.50, 0.41, 0.12, 0.030, 0.20),
+    "no_pose_aware_d": (3.43, 1.30, 0.20, 0.046, 0.21),
+    "pose_lr_x10": (122.07, 0.82, 0.74, 0.051, 0.56),
+    "pose_lr_x0.1": (10.20, 0.70, 0.16, 0.173, 0.38),
+}
+POSTER_ROW = {
+    "full": "Ours",
+    "no_symmetry": "w/o symmetry loss",
+    "no_pose_aware_d": "w/o pose-aware D",
+    "pose_lr_x10": "lr = 2.5e-4",
+    "pose_lr_x0.1": "lr = 2.5e-6",
+}
+EVAL_COLUMNS = (
+    ("JS", "eval/js"),
+    ("JS yaw", "eval/js_yaw"),
+    ("JS pitch", "eval/js_pitch"),
+    ("D pose error on reals (deg)", "eval/pose_error_deg"),
+    ("depth error", "eval/depth_error"),
+    ("RE", "eval/reprojection_error"),
+    ("FD_random", "eval/fd_random"),
+    ("KD_random", "eval/kd_random"),
+    ("learned yaw std (deg)", "pose/h_std_deg"),
+    ("learned pitch std (deg)", "pose/v_std_deg"),
+)
+
+
+def load_full_run(run: Path) -> list[dict]:
+    """One record per evaluation point: the training figures of that tick plus every eval metric."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    by_step: dict[int, dict] = {}
+    for row in rows:
+        if any(k.startswith("eval/") for k in row):
+            by_step.setdefault(int(row["images_seen"]), {}).update(row)
+    for path in sorted((run / "posthoc").glob("*/metrics.json")):
+        record = json.loads(path.read_text())
+        step = int(record["images_seen"])
+        by_step.setdefault(step, {"images_seen": step}).update(
+            {f"eval/{k}": v for k, v in record["metrics"].items()}
+        )
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def _series(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    pairs = [(r["images_seen"] / 1000, r[key]) for r in rows if _finite(r.get(key))]
+    return (
+        (np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])) if pairs else (np.array([]),) * 2
+    )
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def true_pose_std_deg(kind: str = "faces", n: int = 200_000) -> tuple[float, float]:
+    from pof3d.data.synthetic import sample_poses
+
+    poses = sample_poses(kind, n, np.random.default_rng(0))
+    return tuple(float(s) for s in np.degrees(poses.std(axis=0)))  # type: ignore[return-value]
+
+
+def plot_curves(rows: list[dict], path: Path) -> Path:
+    true_h, true_v = true_pose_std_deg()
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    panels = [
+        (
+            "pose JS divergence (nats)",
+            [("eval/js", "joint"), ("eval/js_yaw", "yaw"), ("eval/js_pitch", "pitch")],
+            0.1,
+        ),
+        ("D pose error on real images (deg)", [("eval/pose_error_deg", "reals")], 10.0),
+        ("learned pose spread (deg)", [("pose/h_std_deg", "yaw std"), ("pose/v_std_deg", "pitch std")], None),
+        ("depth error (normalised)", [("eval/depth_error", "generated")], None),
+        ("FD_random (stand-in for FID)", [("eval/fd_random", "FD_random")], None),
+        ("reprojection error", [("eval/reprojection_error", "RE")], None),
+    ]
+    for ax, (title, keys, target) in zip(axes.flat, panels, strict=True):
+        for key, label in keys:
+            x, y = _series(rows, key)
+            if len(x):
+                ax.plot(x, y, marker="o", label=label)
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle="--", label=f"target {target:g}")
+        if title.startswith("learned pose spread"):
+            ax.axhline(true_h, color="C0", linestyle=":", label=f"true yaw std {true_h:.1f}")
+            ax.axhline(true_v, color="C1", linestyle=":", label=f"true pitch std {true_v:.1f}")
+        ax.set_title(title)
+        ax.set_xlabel("kimg")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def stack_pictures(paths: list[Path], labels: list[str], out: Path, width: float = 9.0) -> Path | None:
+    """Several saved PNGs (sample grids or pose plots) one above the other, each with its label."""
+    if not paths:
+        return None
+    images = [plt.imread(p) for p in paths]
+    heights = [width * img.shape[0] / img.shape[1] for img in images]
+    fig, axes = plt.subplots(len(images), 1, figsize=(width, sum(heights) + 0.3 * len(images)), squeeze=False)
+    for ax, img, label in zip(axes[:, 0], images, labels, strict=True):
+        ax.imshow(img)
+        ax.set_title(label, fontsize=10)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=70)
+    plt.close(fig)
+    return out
+
+
+def pick_snapshots(run: Path, prefix: str, count: int = 4) -> list[Path]:
+    """``count`` snapshots spread over training: the first, the last and evenly spaced ones between."""
+    found = sorted((run / "samples").glob(f"{prefix}-*.png"))
+    if len(found) <= count:
+        return found
+    index = np.linspace(0, len(found) - 1, count).round().astype(int)
+    return [found[i] for i in dict.fromkeys(index.tolist())]
+
+
+def _fmt(value: object, digits: int = 3) -> str:
+    return f"{value:.{digits}g}" if _finite(value) else "–"
+
+
+def full_run_table(rows: list[dict]) -> str:
+    present = [(name, key) for name, key in EVAL_COLUMNS if any(_finite(r.get(key)) for r in rows)]
+    lines = ["| kimg | " + " | ".join(n for n, _ in present) + " |", "|---|" + "---|" * len(present)]
+    for r in rows:
+        cells = [_fmt(r.get(key)) for _, key in present]
+        lines.append(f"| {r['images_seen'] / 1000:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ablation_table(results_csv: Path) -> str:
+    rows = list(csv.DictReader(results_csv.open()))
+    fd = any(r.get("FD_random") for r in rows)
+    head = "| variant (poster row) | kimg | JS | Pose (deg) | Depth | RE |" + (" FD_random |" if fd else "")
+    head += " poster JS | poster Pose | poster Depth | poster RE | poster FID |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        poster = POSTER_FFHQ.get(r["variant"])
+        ours = [r.get(c) for c in ("kimg", "JS", "Pose", "Depth", "RE")] + (
+            [r.get("FD_random")] if fd else []
+        )
+        cells = [_fmt(float(v)) if v not in (None, "") else "–" for v in ours]
+        theirs = [poster[4], poster[2], poster[1], poster[3], poster[0]] if poster else ["–"] * 5
+        name = f"{r['variant']} ({POSTER_ROW.get(r['variant'], '?')})"
+        lines.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(str(v) for v in theirs) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", type=Path, required=True, help="run folder of the full model")
+    p.add_argument("--ablation", type=Path, help="study folder of the ablation (with results.csv)")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    args = p.parse_args(argv)
+    if not (args.full / "metrics.jsonl").is_file():
+        print(f"error: {args.full}/metrics.jsonl not found (is --full a run folder?)", file=sys.stderr)
+        return 2
+    figures = args.out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    rows = load_full_run(args.full)
+    plot_curves(rows, figures / "curves.png")
+    for prefix, name in (("fakes", "samples.png"), ("poses", "pose-histograms.png")):
+        picked = pick_snapshots(args.full, prefix)
+        labels = [f"{prefix} at {float(p.stem.split('-')[1]):.1f} kimg" for p in picked]
+        stack_pictures(picked, labels, figures / name)
+    final = sorted((args.full / "samples").glob("poses-*.png"))
+    if final:
+        shutil.copyfile(final[-1], figures / "pose-histogram-final.png")
+    parts = ["## Full model, every evaluation\n", full_run_table(rows), ""]
+    if args.ablation is not None:
+        results = args.ablation / "results.csv"
+        if not results.is_file():
+            print(f"error: {results} not found (is --ablation a study folder?)", file=sys.stderr)
+            return 2
+        parts += ["## Ablation (same budget for every row) next to the poster's FFHQ figures\n"]
+        parts += [ablation_table(results), ""]
+    (args.out / "results.md").write_text("\n".join(parts))
+    print(f"wrote {figures} and {args.out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The synthetic-poses study report: reads run folders as training and the ablation write them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pof3d.plots import plot_pose_distribution, save_image_grid
+from pof3d.studies.results import TrialRecord, build_table
+
+REPORT = Path(__file__).resolve().parents[1] / "studies" / "synthetic_poses" / "report.py"
+
+
+def _load_report():
+    spec = importlib.util.spec_from_file_location("synthetic_poses_report", REPORT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_run(run: Path) -> None:
+    """A run folder in the layout training writes: metrics.jsonl, samples/, posthoc/<ckpt>/metrics.json."""
+    lines = []
+    for kimg, js in ((0.5, None), (1.0, 0.40), (1.5, None), (2.0, 0.30)):
+        row = {"images_seen": int(kimg * 1000), "pose/h_std_deg": 40.0 - kimg, "loss/G_adv": 1.0}
+        if js is not None:
+            row |= {"eval/js": js, "eval/pose_error_deg": 30.0 * js, "eval/depth_error": 1.0}
+        lines.append(json.dumps(row))
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    rng = np.random.default_rng(0)
+    for kimg in ("001.000", "002.000"):
+        save_image_grid(torch.rand(4, 3, 8, 8) * 2 - 1, run / "samples" / f"fakes-{kimg}.png")
+        plot_pose_distribution(rng.normal(1.5, 0.2, (200, 2)), run / "samples" / f"poses-{kimg}.png")
+    posthoc = run / "posthoc" / "checkpoint-kimg002.000"
+    posthoc.mkdir(parents=True)
+    (posthoc / "metrics.json").write_text(json.dumps({"images_seen": 2000, "metrics": {"fd_random": 0.7}}))
+
+
+def test_report_tables_and_figures(tmp_path):
+    report = _load_report()
+    run, study, out = tmp_path / "run", tmp_path / "study", tmp_path / "out"
+    _fake_run(run)
+    records = [
+        TrialRecord(
+            "a", "full", 0, "TERMINATED", {"eval/js": 0.3, "eval/pose_error_deg": 9.0, "images_seen": 3000}
+        ),
+        TrialRecord("b", "no_symmetry", 0, "TERMINATED", {"eval/js": 0.35, "images_seen": 3000}),
+    ]
+    build_table(records).write(study)
+    assert report.main(["--full", str(run), "--ablation", str(study), "--out", str(out)]) == 0
+    for name in ("curves.png", "samples.png", "pose-histograms.png", "pose-histogram-final.png"):
+        assert (out / "figures" / name).stat().st_size > 1000, name
+    text = (out / "results.md").read_text()
+    # Only evaluation points become rows, post-hoc figures join the row of their checkpoint.
+    assert "| 1.0 | 0.4 | 12 | 1 |" in text
+    assert "| 2.0 | 0.3 | 9 | 1 | 0.7 |" in text and "| 0.5 |" not in text
+    assert "| full (Ours) | 3 | 0.3 | 9 |" in text and "| 0.2 | 0.11 | 0.29 | 0.037 | 4.99 |" in text
+    assert "| no_symmetry (w/o symmetry loss) | 3 | 0.35 | – |" in text
+
+
+def test_report_refuses_a_folder_without_metrics(tmp_path, capsys):
+    report = _load_report()
+    assert report.main(["--full", str(tmp_path)]) == 2
+    assert "metrics.jsonl not found" in capsys.readouterr().err
