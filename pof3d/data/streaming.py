@@ -43,8 +43,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DECODE_BATCH = 64  # rows per output block: a task yields its first block after decoding this many rows
-TASK_ROWS = 256  # rows (whole row groups) per read task; also the span of the in-task row permutation
+DECODE_BATCH = 128  # rows per output block: a task yields its first block after decoding this many rows
+TASK_ROWS = 512  # rows (whole row groups) per read task; also the span of the in-task row permutation
 DECODE_CPUS = 0.25  # fractional: on small machines the decoders share cores with the training workers
 PREFETCH_BATCHES = 2  # batches the consumer's iterator collates ahead of the training step
 STREAM_ROWS = 65536  # epochs=None: enough epochs per execution for about this many rows (small sets)
