@@ -14,6 +14,7 @@ make its later epochs look faster, but not the whole run. The 1-minute load aver
 start and the end: on a shared machine compare the ratios of one run, not absolute rates.
 
     python benchmarks/data.py [--n64 4096] [--n256 768] [--batch 32] [--epochs 3] [--workdir DIR]
+                              [--task-rows 512] [--block-rows 128]
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ sys.path.insert(0, str(REPO))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
 
 from pof3d.data.shards import iter_rows, read_manifest, shard_paths  # noqa: E402
-from pof3d.data.streaming import iter_train_batches, make_dataset  # noqa: E402
+from pof3d.data.streaming import DECODE_BATCH, TASK_ROWS, iter_train_batches, make_dataset  # noqa: E402
 from pof3d.data.synthetic import generate  # noqa: E402
 
 
@@ -80,10 +81,12 @@ def warm_up_ray(uri: str, batch: int) -> None:
         pass
 
 
-def bench_ray(uri: str, batch: int, epochs: int, per_execution: int) -> tuple[int, float, float, float]:
+def bench_ray(
+    uri: str, batch: int, epochs: int, per_execution: int, sizes: dict[str, int]
+) -> tuple[int, float, float, float]:
     """``per_execution`` epochs per Ray Data execution: ``epochs`` (one stream, as training streams small
     sets) or 1 (a new execution every epoch)."""
-    ds = make_dataset(uri, seed=0, decode_cpus=1.0, epochs=per_execution)
+    ds = make_dataset(uri, seed=0, decode_cpus=1.0, epochs=per_execution, **sizes)
     ds.context.enable_progress_bars = False
     rows = read_manifest(uri)["rows"]
     ends, count, start = [], 0, time.perf_counter()
@@ -126,7 +129,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--workdir", default=None, help="keep the generated data here (default: a temp dir)")
+    p.add_argument("--task-rows", type=int, default=TASK_ROWS, help="rows per Ray read task")
+    p.add_argument("--block-rows", type=int, default=DECODE_BATCH, help="rows per Ray block")
     args = p.parse_args()
+    sizes = {"task_rows": args.task_rows, "block_rows": args.block_rows}
 
     import ray
 
@@ -141,9 +147,10 @@ def main() -> None:
             uri, folder = prepare(root, n, resolution)
             shard_mb = sum(Path(s).stat().st_size for s in shard_paths(uri)) / 2**20
             warm_up_ray(uri, args.batch)
-            rows.append((resolution, "ray-data", *bench_ray(uri, args.batch, args.epochs, args.epochs)))
+            stream = bench_ray(uri, args.batch, args.epochs, args.epochs, sizes)
+            rows.append((resolution, "ray-data", *stream))
             rows.append((resolution, "dataloader", *bench_loader(folder, args.batch, args.epochs)))
-            once = bench_ray(uri, args.batch, args.epochs, 1)
+            once = bench_ray(uri, args.batch, args.epochs, 1, sizes)
             rows.append((resolution, "ray-data, 1 epoch per execution", *once))
             warm = bench_loader(folder, args.batch, args.epochs, persistent=True)
             rows.append((resolution, "dataloader, persistent workers", *warm))
@@ -155,7 +162,8 @@ def main() -> None:
     load = os.getloadavg()[0]
     print(
         f"\nload average (1 min) {load_start:.1f} at the start, {load:.1f} at the end,"
-        f" on {os.cpu_count()} CPUs; {args.epochs} epochs per row"
+        f" on {os.cpu_count()} CPUs; {args.epochs} epochs per row;"
+        f" Ray read tasks of {args.task_rows} rows in blocks of {args.block_rows}"
     )
     print(
         "| res | loader | images/epoch | img/s epoch 1 | img/s later epochs | img/s all epochs "
