@@ -52,8 +52,18 @@ def test_report_tables_and_figures(tmp_path):
         TrialRecord("b", "no_symmetry", 0, "TERMINATED", {"eval/js": 0.35, "images_seen": 3000}),
     ]
     build_table(records).write(study)
-    assert report.main(["--full", str(run), "--ablation", str(study), "--out", str(out)]) == 0
-    for name in ("curves.png", "samples.png", "pose-histograms.png", "pose-histogram-final.png"):
+    other = tmp_path / "other"
+    _fake_run(other)
+    argv = ["--full", str(run), "--ablation", str(study), "--out", str(out), "--compare", f"fast={other}"]
+    assert report.main(argv) == 0
+    names = (
+        "curves.png",
+        "samples.png",
+        "pose-histograms.png",
+        "pose-histogram-final.png",
+        "pose-trajectories.png",
+    )
+    for name in names:
         assert (out / "figures" / name).stat().st_size > 1000, name
     text = (out / "results.md").read_text()
     # Only evaluation points become rows, post-hoc figures join the row of their checkpoint.
@@ -67,3 +77,7 @@ def test_report_refuses_a_folder_without_metrics(tmp_path, capsys):
     report = _load_report()
     assert report.main(["--full", str(tmp_path)]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
+    run = tmp_path / "run"
+    _fake_run(run)
+    assert report.main(["--full", str(run), "--out", str(tmp_path / "o"), "--compare", str(run)]) == 2
+    assert "NAME=RUN_DIR" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """Tables and figures of the synthetic-poses study from its run folders.
 
-    python studies/synthetic_poses/report.py --full RUN_DIR [--ablation STUDY_DIR] \
+    python studies/synthetic_poses/report.py --full RUN_DIR [--ablation STUDY_DIR] [--compare NAME=RUN_DIR] \
         [--out studies/synthetic_poses]
 
 Reads what the runs wrote (nothing is recomputed here): the full run's ``metrics.jsonl`` (training
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import matplotlib
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -45,12 +46,13 @@ EVAL_COLUMNS = (
     ("JS yaw", "eval/js_yaw"),
     ("JS pitch", "eval/js_pitch"),
     ("D pose error on reals (deg)", "eval/pose_error_deg"),
+    ("D pose error on fakes (deg, batch)", "pose/D_error_deg"),
     ("depth error", "eval/depth_error"),
     ("RE", "eval/reprojection_error"),
     ("FD_random", "eval/fd_random"),
     ("KD_random", "eval/kd_random"),
-    ("learned yaw std (deg)", "pose/h_std_deg"),
-    ("learned pitch std (deg)", "pose/v_std_deg"),
+    ("learned yaw std (deg, batch)", "pose/h_std_deg"),
+    ("learned pitch std (deg, batch)", "pose/v_std_deg"),
 )
 
 
@@ -97,7 +99,11 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
             [("eval/js", "joint"), ("eval/js_yaw", "yaw"), ("eval/js_pitch", "pitch")],
             0.1,
         ),
-        ("D pose error on real images (deg)", [("eval/pose_error_deg", "reals")], 10.0),
+        (
+            "D pose error (deg)",
+            [("eval/pose_error_deg", "real images"), ("pose/D_error_deg", "fakes (batch)")],
+            10.0,
+        ),
         ("learned pose spread (deg)", [("pose/h_std_deg", "yaw std"), ("pose/v_std_deg", "pitch std")], None),
         ("depth error (normalised)", [("eval/depth_error", "generated")], None),
         ("FD_random (stand-in for FID)", [("eval/fd_random", "FD_random")], None),
@@ -126,8 +132,56 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def side_by_side(paths: list[Path], out: Path, gap: int = 4) -> Path | None:
+    """Saved PNGs of one size (sample grids) next to each other at their own resolution (small files)."""
+    if not paths:
+        return None
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in paths]
+    width = sum(img.width for img in images) + gap * (len(images) - 1)
+    canvas = Image.new("RGB", (width, max(img.height for img in images)), (255, 255, 255))
+    x = 0
+    for img in images:
+        canvas.paste(img, (x, 0))
+        x += img.width + gap
+    canvas.save(out, optimize=True)
+    return out
+
+
+def load_ticks(run: Path) -> list[dict]:
+    """Every training tick of a run (its ``metrics.jsonl`` rows)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def plot_trajectories(runs: dict[str, Path], path: Path) -> Path:
+    """Mean and spread of the learned yaw and pitch (training batches) per tick, one line per run."""
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    keys = (
+        ("pose/h_mean_deg", "yaw mean (deg)", 90.0),
+        ("pose/h_std_deg", "yaw std (deg)", None),
+        ("pose/v_mean_deg", "pitch mean (deg)", 90.0),
+        ("pose/v_std_deg", "pitch std (deg)", None),
+    )
+    true_h, true_v = true_pose_std_deg()
+    for ax, (key, title, truth) in zip(axes, keys, strict=True):
+        for name, run in runs.items():
+            x, y = _series(load_ticks(run), key)
+            ax.plot(x, y, marker=".", label=name)
+        truth = truth if truth is not None else (true_h if "yaw" in title else true_v)
+        ax.axhline(truth, color="grey", linestyle="--", label=f"true {truth:.1f}")
+        ax.set_title(title)
+        ax.set_xlabel("kimg")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def stack_pictures(paths: list[Path], labels: list[str], out: Path, width: float = 9.0) -> Path | None:
-    """Several saved PNGs (sample grids or pose plots) one above the other, each with its label."""
+    """Several saved PNGs (pose plots) one above the other, each with its label."""
     if not paths:
         return None
     images = [plt.imread(p) for p in paths]
@@ -150,6 +204,11 @@ def pick_snapshots(run: Path, prefix: str, count: int = 4) -> list[Path]:
         return found
     index = np.linspace(0, len(found) - 1, count).round().astype(int)
     return [found[i] for i in dict.fromkeys(index.tolist())]
+
+
+def _kimg(snapshot: Path) -> float:
+    """kimg of a snapshot file named ``<kind>-<kimg>.png``."""
+    return float(snapshot.stem.split("-")[1])
 
 
 def _fmt(value: object, digits: int = 3) -> str:
@@ -187,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--full", type=Path, required=True, help="run folder of the full model")
     p.add_argument("--ablation", type=Path, help="study folder of the ablation (with results.csv)")
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=RUN_DIR",
+        help="another run whose pose trajectory is drawn next to the full model's (repeatable)",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     args = p.parse_args(argv)
     if not (args.full / "metrics.jsonl").is_file():
@@ -196,14 +262,26 @@ def main(argv: list[str] | None = None) -> int:
     figures.mkdir(parents=True, exist_ok=True)
     rows = load_full_run(args.full)
     plot_curves(rows, figures / "curves.png")
-    for prefix, name in (("fakes", "samples.png"), ("poses", "pose-histograms.png")):
-        picked = pick_snapshots(args.full, prefix)
-        labels = [f"{prefix} at {float(p.stem.split('-')[1]):.1f} kimg" for p in picked]
-        stack_pictures(picked, labels, figures / name)
+    grids = pick_snapshots(args.full, "fakes")
+    side_by_side(grids, figures / "samples.png")
+    plots = pick_snapshots(args.full, "poses")
+    stack_pictures(plots, [f"at {_kimg(p):.1f} kimg" for p in plots], figures / "pose-histograms.png")
+    others = dict(item.split("=", 1) for item in args.compare if "=" in item)
+    if len(others) != len(args.compare):
+        print(f"error: --compare expects NAME=RUN_DIR, got {args.compare}", file=sys.stderr)
+        return 2
+    for name, run in others.items():
+        if not (Path(run) / "metrics.jsonl").is_file():
+            print(f"error: --compare {name}={run}: metrics.jsonl not found", file=sys.stderr)
+            return 2
+    runs = {"full model": args.full} | {name: Path(run) for name, run in others.items()}
+    plot_trajectories(runs, figures / "pose-trajectories.png")
     final = sorted((args.full / "samples").glob("poses-*.png"))
     if final:
         shutil.copyfile(final[-1], figures / "pose-histogram-final.png")
+    kimgs = ", ".join(f"{_kimg(p):.1f}" for p in grids)
     parts = ["## Full model, every evaluation\n", full_run_table(rows), ""]
+    parts += [f"Sample grids in figures/samples.png, left to right: {kimgs} kimg.", ""]
     if args.ablation is not None:
         results = args.ablation / "results.csv"
         if not results.is_file():
