@@ -240,7 +240,8 @@ def test_evaluate_generator_all_metrics_on_shards(checkpoint, sphere_shards, tmp
     results = evaluate_generator(
         G, D, cfg, sphere_shards, names, num_samples=16, feature_fn=features, cache=tmp_path
     )
-    expected = {"pose_error_deg", "js", "js_yaw", "js_pitch", "depth_error", "depth_estimator_error"}
+    expected = {"pose_error_deg", "pose_error_guess_deg", "js", "js_yaw", "js_pitch", "depth_error"}
+    expected.add("depth_estimator_error")
     assert expected | {"reprojection_error", "fid", "kid"} == set(results)
     assert all(np.isfinite(v) for v in results.values()), results
     assert 0 <= results["js"] <= np.log(2) and 0 <= results["pose_error_deg"] <= 180
@@ -283,7 +284,7 @@ def test_evaluate_cli_with_data(checkpoint, sphere_shards, tmp_path, monkeypatch
     ]
     assert evaluate.main(argv + ["--num-samples", "12"]) == 0
     record = json.loads((out / "metrics.json").read_text())
-    assert set(record["metrics"]) == {"pose_error_deg", "js", "js_yaw", "js_pitch"}
+    assert set(record["metrics"]) == {"pose_error_deg", "pose_error_guess_deg", "js", "js_yaw", "js_pitch"}
     assert record["data"] == sphere_shards and record["mlflow_run_id"] is None
     assert evaluate.main(["--checkpoint", str(checkpoint), "--data", str(tmp_path / "nowhere")]) == 2
     assert "no such shard directory" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import torch
 from pof3d.camera import intrinsics, pose_to_cam2world
 from pof3d.metrics import fid as fidlib
 from pof3d.metrics.js import js_divergence, pose_bins, pose_histograms, pose_js
-from pof3d.metrics.pose import pose_error_deg, predict_poses
+from pof3d.metrics.pose import constant_guess_error_deg, pose_error_deg, predict_poses
 from pof3d.metrics.reprojection import project, reprojection_error
 from pof3d.renderer import make_rays
 
@@ -80,6 +80,28 @@ def test_pose_error_perfect_predictor_is_zero_and_offsets_are_degrees():
     assert pose_error_deg(eq + torch.tensor([math.radians(10), 0.0]), eq) == pytest.approx(10.0, abs=1e-4)
     with pytest.raises(ValueError, match="finite"):
         pose_error_deg(eq, torch.full_like(eq, float("nan")))
+
+
+def test_constant_guess_floor_is_what_a_head_predicting_the_centre_scores():
+    g = torch.Generator().manual_seed(0)
+    true = torch.stack(
+        (
+            math.pi / 2 + 0.35 * torch.randn(2000, generator=g),
+            math.pi / 2 + 0.15 * torch.randn(2000, generator=g),
+        ),
+        1,
+    )
+    floor = constant_guess_error_deg(true)
+    centre = true.mean(0, keepdim=True).expand_as(true)
+    assert floor == pytest.approx(pose_error_deg(centre, true), rel=1e-3)
+    assert 10 < floor < 25  # about the spread of the poses
+    assert (
+        pose_error_deg(true + 0.01 * torch.randn(true.shape, generator=g), true) < floor / 5
+    )  # a real reader
+    assert constant_guess_error_deg(torch.full((5, 2), 1.0)) == pytest.approx(0.0, abs=1e-5)
+    # Yaw wraps: poses around h = 0 have their centre at 0, not at pi.
+    wrapped = torch.tensor([[0.1, 1.5], [2 * math.pi - 0.1, 1.5]])
+    assert constant_guess_error_deg(wrapped) < 10
 
 
 def test_predict_poses_batches():

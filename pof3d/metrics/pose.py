@@ -29,6 +29,22 @@ def pose_error_deg(pred: torch.Tensor, true: torch.Tensor) -> float:
     return math.degrees(float(angular_error(pred[keep], true[keep]).mean()))
 
 
+def constant_guess_error_deg(true: torch.Tensor) -> float:
+    """Pose error of the best-informed constant predictor: every image gets the set's mean pose.
+
+    This is the floor a pose predictor must beat to show that it reads poses from images at all: a head
+    that predicts the centre of the distribution for everything scores exactly this. The mean yaw is
+    circular (it wraps), the mean pitch arithmetic. NaN rows skipped.
+    """
+    true = torch.as_tensor(true, dtype=torch.float64)
+    true = true[torch.isfinite(true).all(-1)]
+    if not len(true):
+        raise ValueError("no image has a finite true pose")
+    h = torch.atan2(torch.sin(true[:, 0]).mean(), torch.cos(true[:, 0]).mean())
+    guess = torch.stack((h, true[:, 1].mean())).expand_as(true)
+    return pose_error_deg(guess, true)
+
+
 @torch.no_grad()
 def predict_poses(predictor: PosePredictor, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
     """Run ``predictor`` (images [b,3,H,W] in [-1,1] -> poses [b,2]) over ``images`` in batches."""

@@ -27,14 +27,14 @@ from pof3d.metrics import depth as depthlib
 from pof3d.metrics import fid as fidlib
 from pof3d.metrics import random_features
 from pof3d.metrics.js import pose_js
-from pof3d.metrics.pose import pose_error_deg, predict_poses
+from pof3d.metrics.pose import constant_guess_error_deg, pose_error_deg, predict_poses
 from pof3d.metrics.reprojection import reprojection_error
 
 log = logging.getLogger(__name__)
 
 # Metric groups and the names they report; any of these names may be asked for.
 GROUPS: dict[str, tuple[str, ...]] = {
-    "pose": ("pose_error_deg",),
+    "pose": ("pose_error_deg", "pose_error_guess_deg"),
     "js": ("js", "js_yaw", "js_pitch"),
     "depth": ("depth_error", "depth_estimator_error"),
     "re": ("reprojection_error",),
@@ -141,7 +141,8 @@ def _true_poses(cfg: Config, data_uri: str | None, n: int, seed: int) -> np.ndar
 
 
 @torch.no_grad()
-def _pose_error(D: torch.nn.Module, cfg: Config, real: dict, device) -> float | None:
+def _pose_error(D: torch.nn.Module, cfg: Config, real: dict, device) -> dict[str, float] | None:
+    """D's pose error on the real images with a pose, and the constant-guess floor on the same images."""
     poses = torch.as_tensor(np.asarray(real["pose"], dtype=np.float32))
     keep = torch.isfinite(poses).all(-1)
     if not keep.any():
@@ -154,7 +155,10 @@ def _pose_error(D: torch.nn.Module, cfg: Config, real: dict, device) -> float | 
         x = resize(x.to(device), res)
         return D.predict_pose(D.features(x, resize(x, r)))
 
-    return pose_error_deg(predict_poses(predictor, images), poses[keep])
+    return {
+        "pose_error_deg": pose_error_deg(predict_poses(predictor, images), poses[keep]),
+        "pose_error_guess_deg": constant_guess_error_deg(poses[keep]),
+    }
 
 
 @torch.no_grad()
@@ -253,8 +257,8 @@ def evaluate_generator(
         if "pose" in groups:
             if real is None or D is None or not getattr(D, "pose_aware", False):
                 log.warning("pose error skipped: needs data with poses and a pose-aware discriminator")
-            elif (value := _pose_error(D, cfg, real, run.device)) is not None:
-                results["pose_error_deg"] = value
+            elif (values := _pose_error(D, cfg, real, run.device)) is not None:
+                results.update(values)
         if "re" in groups:
             results["reprojection_error"] = _reprojection(
                 G, cfg, min(num_samples, RE_SAMPLES), seed, run.device
