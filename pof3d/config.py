@@ -59,9 +59,7 @@ class ModelConfig:
     pitch_center: float = math.pi / 2
     pose_clamp: bool = False  # cars: h in [0, 2pi], v in [0, pi]
     pose_hidden: int = 512
-    # Scale of the pose learner's output layer at initialisation; 1.0 is the reference's standard
-    # initialisation (initial poses spread about a radian), smaller values start near the centre pose.
-    pose_init_scale: float = 0.1
+    pose_init_scale: float = 0.1  # output layer's initial scale; 1.0 = the reference's (poses spread ~1 rad)
     # Discriminator.
     disc_channel_base: int = 32768
     disc_channel_max: int = 512

@@ -157,8 +157,13 @@ class ShardSource(Datasource):
     def get_name(self) -> str:
         return "ReadShards"
 
+    @property
+    def row_bytes(self) -> int:
+        """Decoded bytes of one row: the uint8 image plus its pose and id."""
+        return 3 * self.resolution**2 + 16
+
     def estimate_inmemory_data_size(self) -> int:
-        return self.rows * (3 * self.resolution**2 + 16)
+        return self.rows * self.row_bytes
 
     def get_read_tasks(
         self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
@@ -185,7 +190,7 @@ class ShardSource(Datasource):
 
     @property
     def block_bytes(self) -> int:
-        return self.block_rows * (3 * self.resolution**2 + 16)
+        return self.block_rows * self.row_bytes
 
     def num_tasks(self) -> int:
         return len(self.get_read_tasks(1))
@@ -205,7 +210,7 @@ class ShardSource(Datasource):
             self.block_rows,
         )
         meta = BlockMetadata(
-            num_rows=rows, size_bytes=rows * (3 * self.resolution**2 + 16), exec_stats=None, input_files=None
+            num_rows=rows, size_bytes=rows * self.row_bytes, exec_stats=None, input_files=None
         )
         return ReadTask(read, meta)
 

@@ -320,8 +320,8 @@ def _image_metrics(
         per_image = depthlib.generated_depth_error(estimator, fakes.images, fakes.depth, mask)
         finite = per_image[torch.isfinite(per_image)]
         results["depth_error"] = float(finite.mean()) if len(finite) else float("nan")
+    batches = lambda: (_to_images(b, run.device) for b in _chunks(real["image"]))  # noqa: E731
     for name, (fn, folder, key, distances) in networks.items():
-        batches = lambda: (_to_images(b, run.device) for b in _chunks(real["image"]))  # noqa: E731
         real_features = fidlib.cached_features(fn, batches, key, folder)
         fake = fake_features[name]
         for distance in distances:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import shutil
@@ -56,11 +57,16 @@ EVAL_COLUMNS = (
 )
 
 
+def load_ticks(run: Path) -> list[dict]:
+    """Every training tick of a run (its ``metrics.jsonl`` rows)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def load_full_run(run: Path) -> list[dict]:
     """One record per evaluation point: the training figures of that tick plus every eval metric."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     by_step: dict[int, dict] = {}
-    for row in rows:
+    for row in load_ticks(run):
         if any(k.startswith("eval/") for k in row):
             by_step.setdefault(int(row["images_seen"]), {}).update(row)
     for path in sorted((run / "posthoc").glob("*/metrics.json")):
@@ -83,6 +89,7 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+@functools.cache
 def true_pose_std_deg(kind: str = "faces", n: int = 200_000) -> tuple[float, float]:
     from pof3d.data.synthetic import sample_poses
 
@@ -147,12 +154,6 @@ def side_by_side(paths: list[Path], out: Path, gap: int = 4) -> Path | None:
         x += img.width + gap
     canvas.save(out, optimize=True)
     return out
-
-
-def load_ticks(run: Path) -> list[dict]:
-    """Every training tick of a run (its ``metrics.jsonl`` rows)."""
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def plot_trajectories(runs: dict[str, Path], path: Path) -> Path:
@@ -258,14 +259,6 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.full / "metrics.jsonl").is_file():
         print(f"error: {args.full}/metrics.jsonl not found (is --full a run folder?)", file=sys.stderr)
         return 2
-    figures = args.out / "figures"
-    figures.mkdir(parents=True, exist_ok=True)
-    rows = load_full_run(args.full)
-    plot_curves(rows, figures / "curves.png")
-    grids = pick_snapshots(args.full, "fakes")
-    side_by_side(grids, figures / "samples.png")
-    plots = pick_snapshots(args.full, "poses")
-    stack_pictures(plots, [f"at {_kimg(p):.1f} kimg" for p in plots], figures / "pose-histograms.png")
     others = dict(item.split("=", 1) for item in args.compare if "=" in item)
     if len(others) != len(args.compare):
         print(f"error: --compare expects NAME=RUN_DIR, got {args.compare}", file=sys.stderr)
@@ -274,6 +267,18 @@ def main(argv: list[str] | None = None) -> int:
         if not (Path(run) / "metrics.jsonl").is_file():
             print(f"error: --compare {name}={run}: metrics.jsonl not found", file=sys.stderr)
             return 2
+    results = args.ablation / "results.csv" if args.ablation is not None else None
+    if results is not None and not results.is_file():
+        print(f"error: {results} not found (is --ablation a study folder?)", file=sys.stderr)
+        return 2
+    figures = args.out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    rows = load_full_run(args.full)
+    plot_curves(rows, figures / "curves.png")
+    grids = pick_snapshots(args.full, "fakes")
+    side_by_side(grids, figures / "samples.png")
+    plots = pick_snapshots(args.full, "poses")
+    stack_pictures(plots, [f"at {_kimg(p):.1f} kimg" for p in plots], figures / "pose-histograms.png")
     runs = {"full model": args.full} | {name: Path(run) for name, run in others.items()}
     plot_trajectories(runs, figures / "pose-trajectories.png")
     final = sorted((args.full / "samples").glob("poses-*.png"))
@@ -282,11 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     kimgs = ", ".join(f"{_kimg(p):.1f}" for p in grids)
     parts = ["## Full model, every evaluation\n", full_run_table(rows), ""]
     parts += [f"Sample grids in figures/samples.png, left to right: {kimgs} kimg.", ""]
-    if args.ablation is not None:
-        results = args.ablation / "results.csv"
-        if not results.is_file():
-            print(f"error: {results} not found (is --ablation a study folder?)", file=sys.stderr)
-            return 2
+    if results is not None:
         parts += ["## Ablation (same budget for every row) next to the poster's FFHQ figures\n"]
         parts += [ablation_table(results), ""]
     (args.out / "results.md").write_text("\n".join(parts))
