@@ -80,7 +80,7 @@ class _DepthwiseFilter(torch.autograd.Function):
 
 
 def depthwise_filter(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Correlate every channel of ``x`` [N, C, H, W] with the constant 2-D ``kernel`` [kh, kw] (no padding)."""
+    """Correlate each channel of ``x`` [N, C, H, W] with the constant 2-D ``kernel`` (no padding)."""
     c = x.shape[1]
     weight = kernel.to(device=x.device, dtype=x.dtype).expand(c, 1, *kernel.shape)
     return _DepthwiseFilter.apply(x, weight)
