@@ -139,6 +139,7 @@ class Discriminator(nn.Module):
         """The backbone: dual input -> residual blocks -> 4x4 epilogue -> ``[B, width]`` features."""
         self._check_images(image, image_raw)
         img = torch.cat((image, resize(image_raw, self.resolution)), dim=1)
+        img = img.contiguous(memory_format=torch.channels_last)  # convolutions run fastest in this layout
         x: torch.Tensor | None = None
         for block in self.blocks:
             if x is not None and not block.use_fp16:

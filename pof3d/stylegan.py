@@ -126,7 +126,10 @@ class SynthesisBlock(nn.Module):
         """``ws`` holds ``num_conv + 1`` entries: one per conv, then the ToRGB's."""
         w_iter = iter(ws.unbind(dim=1))
         if self.conv0 is None:
+            # Channels-last from the first block on: later ops keep the layout, and oneDNN/cuDNN
+            # convolutions run on it without reordering to and from their blocked formats.
             x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast_region(self.use_fp16, x):
             if self.conv0 is not None:
                 x = self.conv0(x, next(w_iter), noise_mode)

@@ -75,7 +75,9 @@ class SuperResolution(nn.Module):
             features = F.interpolate(features, size=(size, size), mode="bilinear", align_corners=False)
             rgb = F.interpolate(rgb, size=(size, size), mode="bilinear", align_corners=False)
         w = ws[:, -1:]
-        x, img = features, rgb
+        # The renderer's [B, N, C] output already is a channels-last image; keep that layout.
+        x = features.contiguous(memory_format=torch.channels_last)
+        img = rgb.contiguous(memory_format=torch.channels_last)
         for block in self.blocks:
             x, img = block(x, img, w.expand(-1, block.num_conv + 1, -1), noise_mode)
         return img
