@@ -3,6 +3,7 @@
     python benchmarks/step.py [--preset tiny,anchor] [--iters 5] [--warmup 1]
                               [--share-passes | --no-share-passes | --compare]
                               [--device cpu|cuda] [--amp] [--threads 2] [--set SECTION.FIELD=VALUE ...]
+                              [--host-memory retain|default]
 
 Each iteration runs every phase once (G_main, G_density, D_main, D_r1), timed on its own; the table
 gives medians over ``--iters`` iterations after ``--warmup`` ones. "iteration, every phase once" is
@@ -28,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pof3d.config import Config, load_config  # noqa: E402
+from pof3d.host_memory import is_retaining, retaining_env  # noqa: E402
 from pof3d.loop import Trainer  # noqa: E402
 
 PHASE_ORDER = ("G_main", "G_density", "D_main", "D_r1")
@@ -126,6 +128,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--amp", action="store_true", help="mixed precision as the preset's num_fp16_res")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument(
+        "--host-memory",
+        choices=("retain", "default"),
+        default="retain",
+        help="CPU: keep freed memory in the process as training workers do (pof3d/host_memory.py), "
+        "or glibc's default of unmapping large blocks",
+    )
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0:
         parser.error(f"--iters must be >= 1 and --warmup >= 0, got {args.iters} and {args.warmup}")
@@ -134,6 +143,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.device == "cpu" and args.host_memory == "retain" and not is_retaining():
+        # glibc reads its tunables at process start: run again with them, as CPU training workers do.
+        env = {**os.environ, **retaining_env()}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     print(
         f"torch {torch.__version__}, device {args.device}"
         + (
@@ -142,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             else f", {args.threads} threads"
         )
         + f", amp {args.amp}, {args.warmup} warm-up + {args.iters} timed iterations; seconds are medians"
+        + (f"; host memory {'retained' if is_retaining() else 'default'}" if args.device == "cpu" else "")
     )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     for line in run(args):

@@ -131,6 +131,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     max_failures: int = 2
     compile: bool = False
+    retain_cpu_memory: bool = True  # CPU workers keep freed memory (pof3d/host_memory.py)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Any
 
 from pof3d.config import Config
 from pof3d.errors import ConfigError, TrainingError
+from pof3d.host_memory import retaining_env
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,13 @@ def check_resources(cfg: Config, available: dict[str, float]) -> None:
         )
 
 
+def worker_runtime_env(cfg: Config) -> dict[str, Any] | None:
+    """CPU workers start with glibc tunables that keep freed memory in the process (host_memory.py)."""
+    if not cfg.train.retain_cpu_memory or cfg.train.gpus_per_worker > 0:
+        return None
+    return {"env_vars": retaining_env()}
+
+
 def launch(spec: LaunchSpec) -> LaunchResult:
     """Fit the TorchTrainer; returns what rank 0 ended with. Ray must be connected (:func:`connect`)."""
     import ray
@@ -117,6 +125,7 @@ def launch(spec: LaunchSpec) -> LaunchResult:
             checkpoint_config=CheckpointConfig(num_to_keep=max(t.keep_checkpoints, 1)),
             failure_config=FailureConfig(max_failures=t.max_failures),
             callbacks=spec.callbacks,
+            worker_runtime_env=worker_runtime_env(cfg),
         ),
     )
     logger.info(
