@@ -18,7 +18,7 @@ from pof3d.pose_learner import PoseLearner
 from pof3d.renderer import VolumeRenderer, make_rays
 from pof3d.stylegan import MappingNetwork, SynthesisNetwork
 from pof3d.superres import SuperResolution
-from pof3d.triplane import TriplaneDecoder
+from pof3d.triplane import TriplaneDecoder, channels_last
 
 logger = logging.getLogger(__name__)
 
@@ -90,9 +90,14 @@ class Generator(nn.Module):
         return self.pose_learner(ws[:, 0])
 
     def synthesize_planes(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
-        """Tri-planes ``[B, 3, C, R, R]`` (xy, xz, zy) from the backbone's ``3C``-channel image."""
+        """Tri-planes ``[B, 3, C, R, R]`` (xy, xz, zy) from the backbone's ``3C``-channel image.
+
+        Stored channels-innermost per plane (:func:`~pof3d.triplane.channels_last`), the layout that
+        sampling reads fastest: converted once here rather than once per render (G's main phase
+        renders the same planes from two cameras).
+        """
         img = self.backbone(ws, noise_mode=noise_mode)
-        return img.view(img.shape[0], 3, self.cfg.triplane_channels, img.shape[-2], img.shape[-1])
+        return channels_last(img.view(img.shape[0], 3, self.cfg.triplane_channels, *img.shape[-2:]))
 
     def render(
         self, planes: torch.Tensor, ws: torch.Tensor, pose: torch.Tensor, noise_mode: str = "random"

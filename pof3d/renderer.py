@@ -164,7 +164,7 @@ class VolumeRenderer(nn.Module):
         """
         jitter = self.training if jitter is None else jitter
         b, n, _ = origins.shape
-        planes = channels_last(planes)  # sampled twice: convert the layout once
+        planes = channels_last(planes)  # sampled twice: convert once (no copy if already in that layout)
         coarse = stratified_depths(
             (b, n), self.depth_samples, self.ray_start, self.ray_end, jitter, origins.device, origins.dtype
         )

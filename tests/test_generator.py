@@ -247,3 +247,15 @@ def test_anchor_preset_builds_and_runs_one_sample():
     assert out["planes"].shape == (1, 3, 32, 256, 256)
     assert G.num_ws == 14
     assert torch.isfinite(out["image"]).all()
+
+
+def test_planes_come_channels_innermost_and_render_without_a_copy() -> None:
+    """Sampling reads C contiguous values per texel; the renderer's conversion must then be a no-op."""
+    from pof3d.triplane import channels_last
+
+    cfg = load_config("tiny", []).model
+    G = Generator(cfg)
+    planes = G.synthesize_planes(G.map(torch.randn(2, cfg.z_dim)))
+    assert planes.shape == (2, 3, cfg.triplane_channels, *planes.shape[-2:])
+    assert planes.stride(2) == 1  # channels innermost
+    assert channels_last(planes).data_ptr() == planes.data_ptr()
