@@ -3,8 +3,8 @@
 A training step on CPU allocates and frees tensors of tens to hundreds of MB many times (sampled
 tri-plane features, their gradients, decoder activations). glibc serves every allocation above its
 mmap threshold (at most 32 MB) with a fresh ``mmap`` and unmaps it on ``free``, so the kernel faults in
-and zeroes those pages on every use: at the ``anchor`` size about a quarter of the CPU time of an
-iteration was spent in the kernel. Three glibc tunables keep that memory in the process instead:
+and zeroes those pages on every use: at the ``anchor`` size 16-26 % of the benchmark's CPU time was
+spent in the kernel. Three glibc tunables keep that memory in the process instead:
 
 - ``mmap_max=0``: large blocks come from the heap, not from their own mappings;
 - ``trim_threshold``: the heap is never given back to the OS, so its pages stay mapped;
