@@ -1,7 +1,7 @@
-"""Typed configuration: dataclasses per concern, named presets, dotted overrides.
+"""Typed configuration: dataclasses per concern, dotted overrides, validation.
 
-One resolved :class:`Config` travels with every run and checkpoint as JSON. Presets are plain
-functions returning a ``Config`` so that a reader sees every value the paper scripts use in one place.
+One resolved :class:`Config` travels with every run and checkpoint as JSON. The named presets live in
+:mod:`pof3d.presets`; :func:`load_config` picks one and applies ``--set`` overrides.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -298,97 +297,10 @@ def validate(cfg: Config) -> None:
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# Presets
-
-
-def _cars(cfg: Config) -> Config:
-    """The ShapeNet-cars camera and loss settings of the paper scripts."""
-    m = cfg.model
-    m.camera_radius, m.pivot, m.focal = 1.7, (0.0, 0.0, 0.0), CARS_FOCAL
-    m.ray_start, m.ray_end, m.box_warp, m.white_background = 0.1, 2.6, 1.6, True
-    m.yaw_center, m.pose_clamp = math.pi, True
-    m.depth_samples = m.importance_samples = 64
-    cfg.loss.r1_gamma, cfg.loss.dis_cam_weight, cfg.loss.pose_gd_weight = 0.3, 2.0, 2.0
-    cfg.loss.symmetry_mode = "flip_both_cars"
-    cfg.data.synthetic_poses = "cars"
-    return cfg
-
-
-def ffhq512() -> Config:
-    cfg = Config(preset="ffhq512")
-    cfg.model.num_fp16_res = 4
-    return cfg
-
-
-def cats256() -> Config:
-    cfg = Config(preset="cats256")
-    cfg.model.image_resolution = cfg.data.resolution = 256
-    cfg.model.pivot = (0.0, 0.0, 0.0)
-    cfg.model.num_fp16_res = 4
-    cfg.loss.r1_gamma, cfg.loss.dis_cam_weight = 5.0, 10.0
-    return cfg
-
-
-def cars128() -> Config:
-    cfg = _cars(Config(preset="cars128"))
-    cfg.model.image_resolution = cfg.data.resolution = 128
-    cfg.model.num_fp16_res = 4
-    return cfg
-
-
-def anchor() -> Config:
-    """Fixed benchmark size; must not drift (the reference is timed at exactly this size)."""
-    cfg = _cars(Config(preset="anchor"))
-    m = cfg.model
-    m.image_resolution = cfg.data.resolution = 128
-    m.neural_resolution, m.triplane_resolution, m.triplane_channels = 64, 256, 32
-    m.channel_base, m.channel_max = 8192, 128
-    m.disc_channel_base, m.disc_channel_max = 8192, 128
-    m.cmap_dim = 128
-    m.mapping_layers, m.z_dim, m.w_dim = 2, 512, 512
-    m.decoder_hidden, m.depth_samples, m.importance_samples = 64, 24, 24
-    m.num_fp16_res = 0
-    cfg.train.batch = 4
-    return cfg
-
-
-def tiny() -> Config:
-    """CPU-sized: 64 px output from 32 px rendering; a few minutes per thousand images on 2 cores."""
-    cfg = Config(preset="tiny")
-    m = cfg.model
-    m.z_dim = m.w_dim = 64
-    m.channel_base, m.channel_max = 1024, 64
-    m.disc_channel_base, m.disc_channel_max = 1024, 64
-    m.cmap_dim = 64
-    m.pose_hidden = 64
-    m.triplane_resolution, m.triplane_channels = 32, 16
-    m.decoder_hidden, m.decoder_features = 32, 16
-    m.neural_resolution, m.image_resolution = 32, 64
-    m.sr_channels = 32
-    m.depth_samples = m.importance_samples = 12
-    m.num_fp16_res = 0
-    cfg.data.resolution = 64
-    cfg.data.synthetic_n = 2000
-    cfg.loss.blur_fade_kimg = 5.0
-    cfg.loss.blur_init_sigma = 2.0
-    cfg.optim.ema_kimg = 0.5
-    t = cfg.train
-    t.kimg, t.batch, t.tick_kimg, t.snapshot_kimg = 1.0, 8, 0.2, 0.5
-    return cfg
-
-
-PRESETS: dict[str, Callable[[], Config]] = {
-    "tiny": tiny,
-    "anchor": anchor,
-    "ffhq512": ffhq512,
-    "cats256": cats256,
-    "cars128": cars128,
-}
-
-
 def preset(name: str) -> Config:
-    """Return a fresh ``Config`` for a named preset."""
+    """Return a fresh ``Config`` for a named preset (defined in :mod:`pof3d.presets`)."""
+    from pof3d.presets import PRESETS  # the presets build on this module's dataclasses
+
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
     cfg = PRESETS[name]()

@@ -12,9 +12,9 @@ import logging
 import sys
 from pathlib import Path
 
-from pof3d.config import PRESETS
 from pof3d.distributed.plan import DEFAULT_EXPERIMENT, TrainRequest
 from pof3d.errors import Pof3dError, TrainingError
+from pof3d.presets import PRESETS
 
 logger = logging.getLogger("pof3d.train")
 

@@ -17,8 +17,8 @@ try:
 except ModuleNotFoundError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pof3d.config import PRESETS
 from pof3d.errors import ConfigError, Pof3dError
+from pof3d.presets import PRESETS
 from pof3d.studies.study import DEFAULT_EXPERIMENT, DEFAULT_STORAGE, StudyRequest, run_study
 from pof3d.studies.variants import VARIANTS, parse_variants
 

@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from pof3d.config import PRESETS, Config, apply_overrides, load_config, preset
+from pof3d.config import Config, apply_overrides, load_config, preset
 from pof3d.errors import ConfigError
+from pof3d.presets import PRESETS
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
