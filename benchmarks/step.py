@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cpu" and args.host_memory == "retain" and not is_retaining():
         # glibc reads its tunables at process start: run again with them, as CPU training workers do.
-        env = {**os.environ, **retaining_env()}
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+        args_again = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, __file__, *args_again], {**os.environ, **retaining_env()})
     print(
         f"torch {torch.__version__}, device {args.device}"
         + (
