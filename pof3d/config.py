@@ -59,6 +59,7 @@ class ModelConfig:
     pose_clamp: bool = False  # cars: h in [0, 2pi], v in [0, pi]
     pose_hidden: int = 512
     pose_init_scale: float = 0.1  # output layer's initial scale; 1.0 = the reference's (poses spread ~1 rad)
+    pitch_output: str = "polar"  # polar: the learner outputs the polar angle; eg3d: EG3D's v (reference)
     # Discriminator.
     disc_channel_base: int = 32768
     disc_channel_max: int = 512
@@ -268,6 +269,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"model.{name}={value}: expected a power of two >= 4")
     if m.ray_start >= m.ray_end or m.ray_start < 0:
         raise ConfigError(f"model.ray_start={m.ray_start} must be >= 0 and below model.ray_end={m.ray_end}")
+    if cfg.model.pitch_output not in ("polar", "eg3d"):
+        raise ConfigError(f"model.pitch_output={cfg.model.pitch_output!r}: expected polar or eg3d")
     if loss.symmetry_mode not in ("flip_both", "flip_both_cars", "left_right"):
         raise ConfigError(
             f"loss.symmetry_mode={loss.symmetry_mode!r}: expected flip_both, flip_both_cars or left_right"

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pof3d.camera import V_EPS
+from pof3d.camera import V_EPS, camera_direction
 from pof3d.config import load_config
 from pof3d.generator import Generator, count_parameters
 from pof3d.layers import ModulatedConv2d, upsample2d
@@ -77,7 +77,8 @@ def test_pose_learner_starts_near_centre_and_stays_in_range():
     learner = PoseLearner(32, 32, yaw_center=math.pi / 2, pitch_center=math.pi / 2)
     pose = learner(torch.randn(256, 32))
     assert pose.shape == (256, 2)
-    assert (pose - math.pi / 2).abs().max() < 0.5
+    # v = pi/2 (1 - cos phi) moves pi/2 radians per radian of polar angle at the centre.
+    assert (pose - math.pi / 2).abs().max() < 0.5 * math.pi / 2
     assert pose.std(dim=0).min() > 1e-3  # not collapsed to one pose
     extreme = learner(torch.randn(256, 32) * 1e5)
     assert extreme[:, 1].min() >= V_EPS and extreme[:, 1].max() <= math.pi - V_EPS
@@ -259,3 +260,52 @@ def test_planes_come_channels_innermost_and_render_without_a_copy() -> None:
     assert planes.shape == (2, 3, cfg.triplane_channels, *planes.shape[-2:])
     assert planes.stride(2) == 1  # channels innermost
     assert channels_last(planes).data_ptr() == planes.data_ptr()
+
+
+@pytest.mark.parametrize("phi_deg", [0.5, 30.0, 90.0, 150.0, 179.5])
+def test_polar_pitch_output_places_the_camera_at_that_polar_angle(phi_deg):
+    """The learner's pitch output is the camera's polar angle: the camera direction's up component is
+    cos(phi) (independent of EG3D's v), and v is EG3D's pi/2 (1 - cos phi)."""
+    phi = math.radians(phi_deg)
+    learner = PoseLearner(4, 4, pitch_output="polar")
+    with torch.no_grad():
+        learner.out.weight.zero_()
+        learner.out.bias.copy_(torch.tensor([0.3, phi - math.pi / 2]))
+    pose = learner(torch.zeros(3, 4))
+    direction = camera_direction(pose.double())
+    torch.testing.assert_close(
+        direction[:, 1], torch.full((3,), math.cos(phi), dtype=torch.float64), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        pose[:, 1], torch.full((3,), math.pi / 2 * (1 - math.cos(phi))), atol=1e-6, rtol=1e-5
+    )
+
+
+def _camera_speed(pitch_output: str, pitch: float) -> float:
+    """|d camera_direction / d (pitch output)| for a learner whose pitch output is ``pitch``."""
+    learner = PoseLearner(4, 4, pitch_output=pitch_output)
+    with torch.no_grad():
+        learner.out.weight.zero_()
+        learner.out.bias.copy_(torch.tensor([0.0, pitch - math.pi / 2]))
+    direction = camera_direction(learner(torch.zeros(1, 4)))[0]
+    grads = [torch.autograd.grad(direction[i], learner.out.bias, retain_graph=True)[0][1] for i in range(3)]
+    return float(torch.stack(grads).norm())
+
+
+@pytest.mark.parametrize("phi_deg", [2.0, 45.0, 90.0, 135.0, 178.0])
+def test_polar_pitch_output_moves_the_camera_at_unit_speed_up_to_the_poles(phi_deg):
+    """With the polar output the camera moves one radian per radian of output everywhere; with EG3D's
+    v as output the rate is 2 / (pi sin phi): more than 10x within a few degrees of a pole, which is
+    what let near-pole latents dominate the pose learner's updates."""
+    phi = math.radians(phi_deg)
+    assert _camera_speed("polar", phi) == pytest.approx(1.0, rel=2e-3)
+    v = math.pi / 2 * (1 - math.cos(phi))
+    eg3d = _camera_speed("eg3d", v)
+    assert eg3d == pytest.approx(2 / (math.pi * math.sin(phi)), rel=2e-2)
+    if phi_deg in (2.0, 178.0):
+        assert eg3d > 10 * _camera_speed("polar", phi)
+
+
+def test_pitch_output_is_validated():
+    with pytest.raises(ValueError, match="pitch_output"):
+        PoseLearner(4, 4, pitch_output="degrees")
