@@ -65,6 +65,7 @@ class ModelConfig:
     disc_channel_max: int = 512
     mbstd_group: int = 4
     cmap_dim: int = 512
+    cmap_layers: int = 8  # layers of the pose-to-cmap mapping (EG3D's label mapping depth)
     pose_aware_d: bool = True
     # Mixed precision in the highest-resolution blocks (GPU only; 0 = fp32 everywhere).
     num_fp16_res: int = 0
@@ -283,6 +284,7 @@ def validate(cfg: Config) -> None:
         "loss.r1_interval": loss.r1_interval,
         "loss.density_reg_interval": loss.density_reg_interval,
         "model.depth_samples": m.depth_samples,
+        "model.cmap_layers": m.cmap_layers,
     }
     for name, value in positive.items():
         if value <= 0:

@@ -3,9 +3,12 @@
 Dual discrimination (EG3D): D sees the final image and the raw neural rendering upsampled to the same
 size, stacked as 6 channels, so the super-resolution stage cannot drift away from the 3D rendering.
 
-Pose awareness (PoF3D): from the 4x4 epilogue features a small head regresses the camera pose (h, v).
-The real/fake score is a projection discriminator conditioned on a pose: ``<out(features), cmap(pose)>``.
-When no pose is given, the head's own prediction, detached, is the condition (the *pseudo label*).
+Pose awareness (PoF3D), laid out as in the reference's ``DiscriminatorEpilogue`` and
+``DualDiscriminator``: after minibatch std and the 4x4 conv, the flattened features feed both a pose
+head, which regresses the camera pose (h, v) in two layers, and the usual ``fc -> out`` score path. The
+real/fake score is a projection discriminator conditioned on a pose: ``<out, cmap(pose)>``, with
+``cmap`` from EG3D's label mapping network applied to the raw angles. When no pose is given, the head's
+own prediction, detached, is the condition (the *pseudo label*).
 
 The reference runs D twice per image: once unconditioned to predict the pose, then again conditioned on
 that pose. The condition only enters after the backbone (through ``cmap`` at the projection), so both
@@ -23,13 +26,15 @@ import torch
 from torch import nn
 
 from pof3d.config import ModelConfig
+from pof3d.errors import CheckpointError
 from pof3d.layers import Conv2dLayer, FullyConnected, MinibatchStd, resize
 
 logger = logging.getLogger(__name__)
 
 # EG3D clamps conv outputs of fp16 blocks to +-256 so that half precision cannot overflow.
 FP16_CLAMP = 256.0
-# The conditioning mapping network trains slowly, as EG3D's label mapping does.
+# The conditioning mapping's layers train 100x slower than the rest of D, as EG3D's label mapping
+# (the reference's MappingNetwork default, which its D keeps); its embedding trains at full rate.
 CMAP_LR_MULT = 0.01
 SKIP_GAIN = math.sqrt(0.5)
 
@@ -66,23 +71,32 @@ def _clamp_half(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-FP16_CLAMP, FP16_CLAMP) if x.dtype == torch.float16 else x
 
 
-class PoseEmbedding(nn.Module):
-    """Maps a 2-d pose (h, v) to the ``cmap`` vector of the projection discriminator.
+class ConditionMapping(nn.Module):
+    """Maps the raw pose (h, v) to the ``cmap`` vector of the projection score.
 
-    The angles are embedded as (cos h, sin h, cos v, sin v), which is continuous across the yaw wrap
-    at 2*pi (cars span the full circle), normalised to unit second moment, then two leaky-ReLU layers.
+    EG3D's label mapping with no latent input (the reference's ``MappingNetwork(z_dim=0, c_dim=2)``):
+    a linear embedding of the two angles, normalised to unit second moment, then ``num_layers``
+    leaky-ReLU layers of width ``cmap_dim`` at learning-rate multiplier 0.01. The embedding itself
+    trains at the full rate. The angles enter as they are, so poses that differ by 2*pi map to
+    different vectors, as in the reference.
     """
 
-    def __init__(self, cmap_dim: int) -> None:
+    def __init__(self, cmap_dim: int, num_layers: int) -> None:
         super().__init__()
-        self.fc0 = FullyConnected(4, cmap_dim, activation="lrelu", lr_mult=CMAP_LR_MULT)
-        self.fc1 = FullyConnected(cmap_dim, cmap_dim, activation="lrelu", lr_mult=CMAP_LR_MULT)
+        if num_layers < 1:
+            raise ValueError(f"the condition mapping needs at least one layer, got {num_layers}")
+        self.embed = FullyConnected(2, cmap_dim)
+        self.layers = nn.ModuleList(
+            FullyConnected(cmap_dim, cmap_dim, activation="lrelu", lr_mult=CMAP_LR_MULT)
+            for _ in range(num_layers)
+        )
 
     def forward(self, pose: torch.Tensor) -> torch.Tensor:
-        h, v = pose[:, 0], pose[:, 1]
-        x = torch.stack((h.cos(), h.sin(), v.cos(), v.sin()), dim=1)
+        x = self.embed(pose.float())
         x = x * (x.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt()
-        return self.fc1(self.fc0(x))
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
 
 class Discriminator(nn.Module):
@@ -94,9 +108,6 @@ class Discriminator(nn.Module):
         self.raw_resolution = cfg.neural_resolution
         self.pose_aware = cfg.pose_aware_d
         self.cmap_dim = cfg.cmap_dim
-        self.register_buffer(
-            "pose_center", torch.tensor([cfg.yaw_center, cfg.pitch_center]), persistent=False
-        )
 
         log2 = int(math.log2(self.resolution))
         block_resolutions = [2**i for i in range(log2, 2, -1)]
@@ -113,18 +124,21 @@ class Discriminator(nn.Module):
                 )
             )
 
-        # Epilogue at 4x4: minibatch std, conv, flatten, FC -> features.
+        # Epilogue at 4x4: minibatch std and conv give the shared features (width * 16 values);
+        # the score reads them through fc -> out, the pose head directly.
         width = disc_channels(cfg, 4)
+        flat = width * 4 * 4
         self.mbstd = MinibatchStd(group_size=cfg.mbstd_group)
         self.conv = Conv2dLayer(width + 1, width, 3)
-        self.fc = FullyConnected(width * 4 * 4, width, activation="lrelu")
+        self.fc = FullyConnected(flat, width, activation="lrelu")
         if self.pose_aware:
+            # The pose head does not go through `fc`, so the pose loss leaves the score's layers alone.
             self.pose_head = nn.Sequential(
-                FullyConnected(width, max(width // 2, 1), activation="lrelu"),
-                FullyConnected(max(width // 2, 1), 2),
+                FullyConnected(flat, flat // 2, activation="lrelu"),
+                FullyConnected(flat // 2, 2),
             )
             self.out = FullyConnected(width, cfg.cmap_dim)
-            self.cmap = PoseEmbedding(cfg.cmap_dim)
+            self.cmap = ConditionMapping(cfg.cmap_dim, cfg.cmap_layers)
         else:
             self.out = FullyConnected(width, 1)
 
@@ -136,7 +150,7 @@ class Discriminator(nn.Module):
         return contextlib.nullcontext()
 
     def features(self, image: torch.Tensor, image_raw: torch.Tensor) -> torch.Tensor:
-        """The backbone: dual input -> residual blocks -> 4x4 epilogue -> ``[B, width]`` features."""
+        """The backbone: dual input -> residual blocks -> minibatch std, conv -> ``[B, width * 16]``."""
         self._check_images(image, image_raw)
         img = torch.cat((image, resize(image_raw, self.resolution)), dim=1)
         img = img.contiguous(memory_format=torch.channels_last)  # convolutions run fastest in this layout
@@ -148,18 +162,17 @@ class Discriminator(nn.Module):
                 x = block(x, img)
         assert x is not None
         x = self.mbstd(x.float())
-        x = self.conv(x)
-        return self.fc(x.flatten(1))
+        return self.conv(x).flatten(1)
 
     def predict_pose(self, features: torch.Tensor) -> torch.Tensor:
-        """Pose head: zero output means the frontal pose (the config's yaw/pitch centres)."""
+        """Pose head: the raw (h, v) regressed from the flattened 4x4 features."""
         if not self.pose_aware:
             raise ValueError("this discriminator was built with pose_aware_d=False and has no pose head")
-        return self.pose_head(features) + self.pose_center
+        return self.pose_head(features)
 
     def score(self, features: torch.Tensor, pose: torch.Tensor | None) -> torch.Tensor:
         """Real/fake logits ``[B, 1]``: projection on ``cmap(pose)``, or a plain linear score."""
-        out = self.out(features)
+        out = self.out(self.fc(features))
         if not self.pose_aware:
             return out
         if pose is None:
@@ -180,6 +193,19 @@ class Discriminator(nn.Module):
         pred_pose = self.predict_pose(features)
         condition = pose if pose is not None else pred_pose.detach()
         return self.score(features, condition), pred_pose
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
+        # Weights saved before the pose head and conditioning followed the reference cannot be mapped
+        # onto the new layers; say so instead of listing missing and unexpected keys.
+        head = state_dict.get(prefix + "pose_head.0.weight")
+        legacy_head = self.pose_aware and head is not None and head.shape[1] != self.fc.weight.shape[1]
+        if legacy_head or prefix + "cmap.fc0.weight" in state_dict:
+            raise CheckpointError(
+                "discriminator weights of the older layout (pose head on the fc output, cos/sin pose "
+                "embedding); this version's pose head reads the 4x4 features and its conditioning is the "
+                "reference's mapping network, so such a checkpoint cannot be loaded: train a new one"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check_images(self, image: torch.Tensor, image_raw: torch.Tensor) -> None:
         if image.ndim != 4 or image.shape[1:] != (3, self.resolution, self.resolution):

@@ -1,4 +1,5 @@
-"""Pose-aware dual discriminator: shapes, conditioning, single backbone pass, gradient paths; EMA."""
+"""Pose-aware dual discriminator: layout and size against the reference, conditioning, one backbone pass,
+gradient paths, refusal of old-layout weights; EMA."""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ import pytest
 import torch
 from torch import nn
 
+from pof3d.checkpoint import save_checkpoint
 from pof3d.config import load_config
 from pof3d.discriminator import Discriminator
 from pof3d.ema import ema_beta, update_ema
+from pof3d.errors import CheckpointError, ConfigError
+from pof3d.evaluate import load_models
+from pof3d.generator import Generator
+from pof3d.presets import anchor
 
 B = 4
 
@@ -49,15 +55,88 @@ def test_shapes_at_tiny(disc: Discriminator) -> None:
     assert all(b.fromrgb is None for b in disc.blocks[1:])
 
 
-def test_zero_head_output_means_frontal_pose() -> None:
+def test_pose_head_reads_the_flattened_epilogue_features(disc: Discriminator) -> None:
+    cfg = _cfg()
+    width = 64  # tiny: min(1024 // 4, 64) channels at 4x4
+    first, last = disc.pose_head
+    assert first.weight.shape == (width * 8, width * 16) and last.weight.shape == (2, width * 8)
+    seen = {}
+    hooks = [
+        disc.conv.register_forward_hook(lambda _m, _i, out: seen.update(conv=out.flatten(1))),
+        disc.pose_head.register_forward_pre_hook(lambda _m, args: seen.update(head=args[0])),
+    ]
+    try:
+        disc(*_inputs(cfg))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(seen["head"], seen["conv"])  # after minibatch std and conv, not after fc
+
+
+def test_pose_head_has_no_centre_offset() -> None:
     cfg = _cfg("model.yaw_center=3.14159", "model.pitch_center=1.5")
     d = Discriminator(cfg)
     last = d.pose_head[-1]
     with torch.no_grad():
         last.weight.zero_()
-        last.bias.zero_()
+        last.bias.copy_(torch.tensor([0.25, -0.5]))
     _, pred = d(*_inputs(cfg))
-    assert torch.allclose(pred, torch.tensor([[3.14159, 1.5]]).expand(B, 2))
+    assert torch.equal(pred, torch.tensor([[0.25, -0.5]]).expand(B, 2))  # the raw head output
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_parameter_count_at_anchor_matches_the_reference() -> None:
+    cfg = anchor().model
+    d = Discriminator(cfg)
+    # The reference's DualDiscriminator at this size (C = 128 channels at 4x4, cmap_dim 128):
+    # blocks 1,365,632; epilogue conv 129*9*128 + 128; fc 2048*128 + 128; out 128*128 + 128;
+    # mapping embed 2*128 + 128 and 8 layers of 128*128 + 128; pose head 2048*1024 + 1024, 1024*2 + 2.
+    assert _count(d.blocks) == 1_365_632
+    assert _count(d.conv) == 148_736 and _count(d.fc) == 262_272 and _count(d.out) == 16_512
+    assert _count(d.cmap) == 384 + 8 * 16_512
+    assert _count(d.pose_head) == 2_100_226
+    assert _count(d) == 4_025_858
+    # Pose awareness off is the reference with c_dim = 0: no pose head, no mapping, out -> 1 logit.
+    cfg.pose_aware_d = False
+    plain = Discriminator(cfg)
+    assert _count(plain.out) == 129
+    assert _count(plain) == 1_365_632 + 148_736 + 262_272 + 129 == 1_776_769
+
+
+def test_condition_mapping_is_eg3d_label_mapping(disc: Discriminator) -> None:
+    cmap_dim = 64
+    mapping = disc.cmap
+    assert len(mapping.layers) == 8
+    # Equalised learning rate: stored weights are scaled at run time, so the 0.01 in the gains is the
+    # factor by which Adam's steps move the effective weights of the mapping layers; the embedding
+    # trains at the full rate.
+    assert mapping.embed.weight_gain == pytest.approx(1 / math.sqrt(2)) and mapping.embed.bias_gain == 1
+    for layer in mapping.layers:
+        assert layer.weight_gain == pytest.approx(0.01 / math.sqrt(cmap_dim))
+        assert layer.bias_gain == pytest.approx(0.01)
+        assert layer.activation == "lrelu"
+    # Written out: raw (h, v) -> linear embed -> unit second moment -> 8 x (linear, scaled leaky ReLU).
+    pose = torch.tensor([[math.pi / 2, math.pi / 2], [0.3, 2.0], [0.3 + 2 * math.pi, 2.0]])
+    with torch.no_grad():
+        e = mapping.embed
+        x = pose @ (e.weight / math.sqrt(2)).T + e.bias
+        x = x / (x.square().mean(dim=1, keepdim=True) + 1e-8).sqrt()
+        for layer in mapping.layers:
+            x = x @ (layer.weight * 0.01 / math.sqrt(cmap_dim)).T + layer.bias * 0.01
+            x = torch.nn.functional.leaky_relu(x, 0.2) * math.sqrt(2)
+        cmap = mapping(pose)
+    torch.testing.assert_close(cmap, x, rtol=1e-5, atol=1e-6)
+    # The angles are not wrapped: a full turn of yaw is a different condition, as in the reference.
+    assert not torch.allclose(cmap[1], cmap[2], atol=1e-3)
+
+
+def test_cmap_layers_is_configurable() -> None:
+    assert len(Discriminator(_cfg("model.cmap_layers=2")).cmap.layers) == 2
+    with pytest.raises(ConfigError, match="cmap_layers"):
+        _cfg("model.cmap_layers=0")
 
 
 def test_conditional_score_changes_with_condition(disc: Discriminator) -> None:
@@ -129,7 +208,8 @@ def test_gradients_reach_pose_head_only_through_pose_loss(disc: Discriminator) -
     torch.nn.functional.mse_loss(pred, _frontal_poses() + 0.3).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
     assert all(p.grad is None for p in cmap)
-    assert disc.out.weight.grad is None
+    assert disc.fc.weight.grad is None and disc.out.weight.grad is None  # the score's layers
+    assert disc.conv.weight.grad.abs().sum() > 0 and disc.blocks[0].conv0.weight.grad.abs().sum() > 0
     disc.zero_grad(set_to_none=True)
 
 
@@ -148,6 +228,40 @@ def test_bad_shapes_raise(disc: Discriminator) -> None:
         disc(image[:, :, :32, :32], raw)
     with pytest.raises(ValueError, match="pose must be"):
         disc(image, raw, pose=torch.zeros(B, 3))
+
+
+def _legacy_state_dict(d: Discriminator) -> dict[str, torch.Tensor]:
+    """D's weights as the earlier layout stored them: head on the fc output, cos/sin embedding."""
+    width = 64
+    state = {k: v for k, v in d.state_dict().items() if not k.startswith(("pose_head.", "cmap."))}
+    state.update(
+        {
+            "pose_head.0.weight": torch.randn(width // 2, width),
+            "pose_head.0.bias": torch.zeros(width // 2),
+            "pose_head.1.weight": torch.randn(2, width // 2),
+            "pose_head.1.bias": torch.zeros(2),
+            "cmap.fc0.weight": torch.randn(width, 4),
+            "cmap.fc0.bias": torch.zeros(width),
+            "cmap.fc1.weight": torch.randn(width, width),
+            "cmap.fc1.bias": torch.zeros(width),
+        }
+    )
+    return state
+
+
+def test_old_layout_weights_are_refused_by_name(disc: Discriminator, tmp_path) -> None:
+    fresh = Discriminator(_cfg())
+    fresh.load_state_dict(disc.state_dict())  # the current layout loads
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CheckpointError, match="older layout"):
+        fresh.load_state_dict(_legacy_state_dict(disc))
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # nothing half-loaded
+    # The same through a checkpoint directory, as evaluation and resuming read it.
+    cfg = load_config("tiny")
+    state = {"G": Generator(cfg.model).state_dict(), "D": _legacy_state_dict(disc)}
+    path = save_checkpoint(tmp_path / "old", state, cfg, {"images_seen": 0})
+    with pytest.raises(CheckpointError, match="older layout"):
+        load_models(path)
 
 
 # ---------------------------------------------------------------------------------------------
