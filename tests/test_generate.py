@@ -242,7 +242,13 @@ def test_evaluate_generator_all_metrics_on_shards(checkpoint, sphere_shards, tmp
     )
     expected = {"pose_error_deg", "pose_error_guess_deg", "js", "js_yaw", "js_pitch", "depth_error"}
     expected.add("depth_estimator_error")
-    assert expected | {"reprojection_error", "fid", "kid"} == set(results)
+    moments = {
+        f"{who}_{axis}_{stat}_deg"
+        for who in ("learned", "true")
+        for axis in ("yaw", "pitch")
+        for stat in ("mean", "std")
+    }
+    assert expected | moments | {"reprojection_error", "fid", "kid"} == set(results)
     assert all(np.isfinite(v) for v in results.values()), results
     assert 0 <= results["js"] <= np.log(2) and 0 <= results["pose_error_deg"] <= 180
     assert results["fid"] > 0 and results["depth_error"] >= 0
@@ -284,7 +290,8 @@ def test_evaluate_cli_with_data(checkpoint, sphere_shards, tmp_path, monkeypatch
     ]
     assert evaluate.main(argv + ["--num-samples", "12"]) == 0
     record = json.loads((out / "metrics.json").read_text())
-    assert set(record["metrics"]) == {"pose_error_deg", "pose_error_guess_deg", "js", "js_yaw", "js_pitch"}
+    assert {"pose_error_deg", "pose_error_guess_deg", "js", "js_yaw", "js_pitch"} <= set(record["metrics"])
+    assert {"learned_pitch_mean_deg", "true_pitch_std_deg"} <= set(record["metrics"])
     assert record["data"] == sphere_shards and record["mlflow_run_id"] is None
     assert evaluate.main(["--checkpoint", str(checkpoint), "--data", str(tmp_path / "nowhere")]) == 2
     assert "no such shard directory" in capsys.readouterr().err

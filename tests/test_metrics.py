@@ -10,7 +10,7 @@ import torch
 
 from pof3d.camera import intrinsics, pose_to_cam2world
 from pof3d.metrics import fid as fidlib
-from pof3d.metrics.js import js_divergence, pose_bins, pose_histograms, pose_js
+from pof3d.metrics.js import js_divergence, pose_bins, pose_histograms, pose_js, pose_moments
 from pof3d.metrics.pose import constant_guess_error_deg, pose_error_deg, predict_poses
 from pof3d.metrics.reprojection import project, reprojection_error
 from pof3d.renderer import make_rays
@@ -48,7 +48,7 @@ def test_pose_js_on_samples():
     rng = np.random.default_rng(0)
     a = np.stack((rng.normal(math.pi / 2, 0.3, 20000), rng.normal(math.pi / 2, 0.15, 20000)), 1)
     same = pose_js(a, a)
-    assert same == {"js": 0.0, "js_yaw": 0.0, "js_pitch": 0.0}
+    assert {k: same[k] for k in ("js", "js_yaw", "js_pitch")} == {"js": 0.0, "js_yaw": 0.0, "js_pitch": 0.0}
     b = a + np.array([math.pi, 0.0])  # yaw turned half a circle: no overlap in yaw
     far = pose_js(a, b)
     assert far["js"] == pytest.approx(math.log(2), abs=1e-9)
@@ -338,13 +338,33 @@ class _PosePrior(torch.nn.Module):
         return torch.stack((h, v), -1)
 
 
+def test_pose_moments_mean_and_spread():
+    """Learned/true pose moments: circular yaw (a set straddling 0/360 is centred at 0, not 180),
+    plain pitch; a shift of the samples moves only the mean."""
+    rng = np.random.default_rng(1)
+    yaw = np.radians(rng.normal(0.0, 10.0, 50000)) % (2 * math.pi)
+    pitch = np.radians(rng.normal(80.0, 5.0, 50000))
+    m = pose_moments(np.stack((yaw, pitch), 1), "x")
+    assert min(m["x_yaw_mean_deg"], 360 - m["x_yaw_mean_deg"]) < 0.3
+    assert m["x_yaw_std_deg"] == pytest.approx(10.0, rel=0.02)
+    assert m["x_pitch_mean_deg"] == pytest.approx(80.0, abs=0.1)
+    assert m["x_pitch_std_deg"] == pytest.approx(5.0, rel=0.02)
+    shifted = pose_moments(np.stack((yaw + math.pi / 2, pitch + 0.1), 1), "x")
+    assert shifted["x_yaw_mean_deg"] == pytest.approx(90.0, abs=0.3)
+    assert shifted["x_pitch_mean_deg"] == pytest.approx(80.0 + math.degrees(0.1), abs=0.1)
+    assert shifted["x_yaw_std_deg"] == pytest.approx(m["x_yaw_std_deg"], rel=1e-6)
+    assert shifted["x_pitch_std_deg"] == pytest.approx(m["x_pitch_std_deg"], rel=1e-6)
+    with_nan = pose_moments(np.array([[0.1, 1.0], [np.nan, np.nan], [0.3, 2.0]]), "x")
+    assert with_nan["x_pitch_mean_deg"] == pytest.approx(math.degrees(1.5))
+
+
 def test_js_of_a_perfect_pose_learner_is_near_zero():
     from pof3d.config import load_config
     from pof3d.metrics import evaluate_generator
 
     cfg = load_config("tiny", ["model.z_dim=2", "data.synthetic_poses=faces"])
     perfect = evaluate_generator(_PosePrior(0.0), None, cfg, None, ["js"], num_samples=100)
-    assert set(perfect) == {"js", "js_yaw", "js_pitch"}
+    assert {"js", "js_yaw", "js_pitch", "learned_pitch_std_deg", "true_pitch_std_deg"} <= set(perfect)
     assert perfect["js"] < 0.03 and perfect["js_yaw"] < 0.005 and perfect["js_pitch"] < 0.005
     shifted = evaluate_generator(_PosePrior(1.0), None, cfg, None, ["js"], num_samples=100)
     assert shifted["js"] > 0.3 and shifted["js_yaw"] > 0.3 and shifted["js_pitch"] < 0.005

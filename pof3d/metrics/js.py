@@ -71,4 +71,26 @@ def pose_js(learned: np.ndarray, true: np.ndarray, bin_deg: float = DEFAULT_BIN_
         "js": js_divergence(a["joint"], b["joint"]),
         "js_yaw": js_divergence(a["yaw"], b["yaw"]),
         "js_pitch": js_divergence(a["pitch"], b["pitch"]),
+        **pose_moments(learned, "learned"),
+        **pose_moments(true, "true"),
+    }
+
+
+def pose_moments(poses: np.ndarray, prefix: str) -> dict[str, float]:
+    """Mean and spread of yaw and pitch in degrees: where a pose distribution sits and how wide it is.
+
+    Yaw uses the circular mean and the circular standard deviation sqrt(-2 ln R) (R = mean resultant
+    length), so that a distribution straddling the 0/360 degree wrap is not read as centred at 180;
+    for a narrow distribution both equal the plain figures. Pitch lives in [0, 180] and uses the plain ones.
+    """
+    poses = np.asarray(poses, dtype=np.float64)
+    poses = poses[np.isfinite(poses).all(axis=1)]
+    h, v = poses[:, 0], poses[:, 1]
+    resultant = np.mean(np.cos(h)) + 1j * np.mean(np.sin(h))
+    length = min(max(abs(resultant), 1e-12), 1.0)
+    return {
+        f"{prefix}_yaw_mean_deg": float(np.degrees(np.angle(resultant)) % 360.0),
+        f"{prefix}_yaw_std_deg": float(np.degrees(np.sqrt(-2.0 * np.log(length)))),
+        f"{prefix}_pitch_mean_deg": float(np.degrees(v.mean())),
+        f"{prefix}_pitch_std_deg": float(np.degrees(v.std())),
     }
