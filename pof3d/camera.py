@@ -13,7 +13,11 @@ import math
 import torch
 
 WORLD_UP = (0.0, 1.0, 0.0)
-V_EPS = 1e-5  # v is kept inside (eps, pi - eps) so that phi stays away from the poles
+V_EPS = 1e-5  # the pitch is kept inside (eps, pi - eps) so that the camera stays off the poles
+# What a pose's pitch coordinate means inside a model (``model.pitch_output``): ``eg3d`` is EG3D's v
+# (polar angle arccos(1 - 2 v / pi)); ``polar`` is the polar angle itself. Data, labels and metrics
+# always use EG3D's v; :func:`to_eg3d` converts a model's poses for them.
+PITCH_COORDINATES = ("polar", "eg3d")
 
 
 def polar_angle(v: torch.Tensor) -> torch.Tensor:
@@ -21,10 +25,25 @@ def polar_angle(v: torch.Tensor) -> torch.Tensor:
     return torch.arccos((1 - 2 * v / math.pi).clamp(-1.0, 1.0))
 
 
-def camera_direction(pose: torch.Tensor) -> torch.Tensor:
+def to_eg3d(pose: torch.Tensor, pitch: str) -> torch.Tensor:
+    """Poses ``[..., 2]`` in pitch coordinate ``pitch`` as EG3D's (h, v): v = pi/2 (1 - cos phi),
+    written pi sin^2(phi/2) to keep its precision near the pole."""
+    _check_pitch(pitch)
+    if pitch == "eg3d":
+        return pose
+    return torch.stack((pose[..., 0], math.pi * torch.sin(pose[..., 1] / 2).square()), dim=-1)
+
+
+def _check_pitch(pitch: str) -> None:
+    if pitch not in PITCH_COORDINATES:
+        raise ValueError(f"pitch coordinate {pitch!r}: expected one of {', '.join(PITCH_COORDINATES)}")
+
+
+def camera_direction(pose: torch.Tensor, pitch: str = "eg3d") -> torch.Tensor:
     """Unit vector from the world origin to the camera for poses ``[..., 2]``."""
-    h, v = pose[..., 0], pose[..., 1].clamp(V_EPS, math.pi - V_EPS)
-    phi = polar_angle(v)
+    _check_pitch(pitch)
+    h, p = pose[..., 0], pose[..., 1].clamp(V_EPS, math.pi - V_EPS)
+    phi = p if pitch == "polar" else polar_angle(p)
     return torch.stack(
         (torch.sin(phi) * torch.cos(math.pi - h), torch.cos(phi), torch.sin(phi) * torch.sin(math.pi - h)),
         dim=-1,
@@ -47,14 +66,17 @@ def look_at(origin: torch.Tensor, pivot: torch.Tensor) -> torch.Tensor:
 
 
 def pose_to_cam2world(
-    pose: torch.Tensor, radius: float | torch.Tensor, pivot: tuple[float, float, float] | torch.Tensor
+    pose: torch.Tensor,
+    radius: float | torch.Tensor,
+    pivot: tuple[float, float, float] | torch.Tensor,
+    pitch: str = "eg3d",
 ) -> torch.Tensor:
-    """cam2world ``[B, 4, 4]`` for poses ``[B, 2]`` (differentiable in the pose)."""
+    """cam2world ``[B, 4, 4]`` for poses ``[B, 2]`` in pitch coordinate ``pitch`` (differentiable)."""
     if not torch.is_tensor(pivot):
         pivot = torch.tensor(pivot, dtype=pose.dtype, device=pose.device)
     if torch.is_tensor(radius) and radius.dim() == 1:
         radius = radius[:, None]
-    origin = camera_direction(pose) * radius
+    origin = camera_direction(pose, pitch) * radius
     return look_at(origin, pivot)
 
 
@@ -108,7 +130,7 @@ def mirror_pose(pose: torch.Tensor, axis: str = "left_right", cars: bool = False
     return torch.stack((h, v), dim=-1)
 
 
-def angular_error(pose_a: torch.Tensor, pose_b: torch.Tensor) -> torch.Tensor:
+def angular_error(pose_a: torch.Tensor, pose_b: torch.Tensor, pitch: str = "eg3d") -> torch.Tensor:
     """Angle in radians between the viewing directions of two poses ``[..., 2]``."""
-    cos = (camera_direction(pose_a) * camera_direction(pose_b)).sum(-1)
+    cos = (camera_direction(pose_a, pitch) * camera_direction(pose_b, pitch)).sum(-1)
     return torch.arccos(cos.clamp(-1.0, 1.0))

@@ -59,7 +59,7 @@ class ModelConfig:
     pose_clamp: bool = False  # cars: h in [0, 2pi], v in [0, pi]
     pose_hidden: int = 512
     pose_init_scale: float = 0.1  # output layer's initial scale; 1.0 = the reference's (poses spread ~1 rad)
-    pitch_output: str = "polar"  # polar: the learner outputs the polar angle; eg3d: EG3D's v (reference)
+    pitch_output: str = "polar"  # the model's pitch coordinate: polar angle, or eg3d's v (the reference)
     # Discriminator.
     disc_channel_base: int = 32768
     disc_channel_max: int = 512

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, list[Path]]:
         z = torch.randn(POSE_PLOT_SAMPLES, cfg.model.z_dim, generator=torch.Generator().manual_seed(0)).to(
             device
         )
-        learned = G.predict_pose(G.map(z)).cpu().numpy()
+        learned = G.eg3d_pose(G.predict_pose(G.map(z))).cpu().numpy()
     written["poses"].append(
         plot_pose_distribution(learned, out / "poses.png", true_poses(cfg, POSE_PLOT_SAMPLES))
     )

@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import nn
 
-from pof3d.camera import intrinsics, pose_to_cam2world
+from pof3d.camera import intrinsics, pose_to_cam2world, to_eg3d
 from pof3d.config import ModelConfig
 from pof3d.pose_learner import PoseLearner
 from pof3d.renderer import VolumeRenderer, make_rays
@@ -54,7 +54,6 @@ class Generator(nn.Module):
             cfg.pitch_center,
             clamp=cfg.pose_clamp,
             init_scale=cfg.pose_init_scale,
-            pitch_output=cfg.pitch_output,
         )
         self.decoder = TriplaneDecoder(c, cfg.decoder_hidden, cfg.decoder_features)
         self.renderer = VolumeRenderer(cfg)
@@ -87,8 +86,13 @@ class Generator(nn.Module):
         return self.mapping(z, truncation_psi=truncation_psi, update_w_avg=update_w_avg)
 
     def predict_pose(self, ws: torch.Tensor) -> torch.Tensor:
-        """Learned pose ``[B, 2]`` from the first w (all entries are equal before style mixing)."""
+        """Learned pose ``[B, 2]`` from the first w (all entries are equal before style mixing), in the
+        model's pitch coordinate (``model.pitch_output``), which :meth:`render` takes."""
         return self.pose_learner(ws[:, 0])
+
+    def eg3d_pose(self, pose: torch.Tensor) -> torch.Tensor:
+        """A pose of this model as EG3D's (h, v), the convention of data, labels and metrics."""
+        return to_eg3d(pose, self.cfg.pitch_output)
 
     def synthesize_planes(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
         """Tri-planes ``[B, 3, C, R, R]`` (xy, xz, zy) from the backbone's ``3C``-channel image.
@@ -106,7 +110,7 @@ class Generator(nn.Module):
         """Render the planes from ``pose``: dict(image [B,3,H,W], image_raw [B,3,r,r], depth [B,1,r,r])."""
         m = self.cfg
         b, r = planes.shape[0], m.neural_resolution
-        cam2world = pose_to_cam2world(pose.to(torch.float32), m.camera_radius, m.pivot)
+        cam2world = pose_to_cam2world(pose.to(torch.float32), m.camera_radius, m.pivot, m.pitch_output)
         intr = intrinsics(m.focal, b, device=planes.device)
         origins, dirs = make_rays(cam2world, intr, r)
         out = self.renderer(planes, self.decoder, origins, dirs)

@@ -198,7 +198,7 @@ class PoF3DLoss:
             total = total + loss_cfg.pose_gd_weight * pose_reg
             figures["loss/G_pose"] = pose_reg.detach()
         total.mul(gain).backward()
-        figures.update(pose_figures(pose.detach()))
+        figures.update(pose_figures(self.G.eg3d_pose(pose.detach())))
         return figures
 
     def _g_main_independent(self, z: torch.Tensor, gain: float, sigma: float) -> Figures:
@@ -225,7 +225,7 @@ class PoF3DLoss:
             pose_reg = F.mse_loss(own_pose, pred_pose.detach())
             pose_reg.mul(loss_cfg.pose_gd_weight * gain).backward()
             figures["loss/G_pose"] = pose_reg.detach()
-        figures.update(pose_figures(pose.detach()))
+        figures.update(pose_figures(self.G.eg3d_pose(pose.detach())))
         return figures
 
     def _g_density(self, batch: int, device: torch.device, gain: float) -> Figures:
@@ -303,7 +303,8 @@ class PoF3DLoss:
         """D's pose loss on fakes with known pose; records it and the angular error in degrees."""
         pose_loss = F.mse_loss(pred_pose, pose.detach())
         figures["loss/D_pose"] = pose_loss.detach()
-        figures["pose/D_error_deg"] = torch.rad2deg(angular_error(pred_pose.detach(), pose.detach())).mean()
+        error = angular_error(pred_pose.detach(), pose.detach(), self.cfg.model.pitch_output)
+        figures["pose/D_error_deg"] = torch.rad2deg(error).mean()
         return pose_loss
 
     def _real_loss(self, real: torch.Tensor, sigma: float, figures: Figures) -> torch.Tensor:

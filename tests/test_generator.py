@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pof3d.camera import V_EPS, camera_direction
+from pof3d.camera import V_EPS, camera_direction, to_eg3d
 from pof3d.config import load_config
 from pof3d.generator import Generator, count_parameters
 from pof3d.layers import ModulatedConv2d, upsample2d
@@ -263,49 +263,61 @@ def test_planes_come_channels_innermost_and_render_without_a_copy() -> None:
 
 
 @pytest.mark.parametrize("phi_deg", [0.5, 30.0, 90.0, 150.0, 179.5])
-def test_polar_pitch_output_places_the_camera_at_that_polar_angle(phi_deg):
-    """The learner's pitch output is the camera's polar angle: the camera direction's up component is
-    cos(phi) (independent of EG3D's v), and v is EG3D's pi/2 (1 - cos phi)."""
+def test_polar_pitch_coordinate_places_the_camera_at_that_polar_angle(phi_deg):
+    """In the polar coordinate the pitch is the camera's polar angle: the camera direction's up component
+    is cos(phi), and the pose as EG3D's (h, v) has v = pi/2 (1 - cos phi)."""
     phi = math.radians(phi_deg)
-    learner = PoseLearner(4, 4, pitch_output="polar")
-    with torch.no_grad():
-        learner.out.weight.zero_()
-        learner.out.bias.copy_(torch.tensor([0.3, phi - math.pi / 2]))
-    pose = learner(torch.zeros(3, 4))
-    direction = camera_direction(pose.double())
-    torch.testing.assert_close(
-        direction[:, 1], torch.full((3,), math.cos(phi), dtype=torch.float64), atol=1e-5, rtol=0
-    )
-    torch.testing.assert_close(
-        pose[:, 1], torch.full((3,), math.pi / 2 * (1 - math.cos(phi))), atol=1e-6, rtol=1e-5
-    )
+    pose = torch.tensor([[0.3, phi]], dtype=torch.float64)
+    direction = camera_direction(pose, "polar")
+    assert float(direction[0, 1]) == pytest.approx(math.cos(phi), abs=1e-9)
+    eg3d = to_eg3d(pose, "polar")
+    assert float(eg3d[0, 1]) == pytest.approx(math.pi / 2 * (1 - math.cos(phi)), abs=1e-12)
+    assert float(eg3d[0, 0]) == 0.3
+    torch.testing.assert_close(camera_direction(eg3d, "eg3d"), direction)  # the same camera
+    assert to_eg3d(pose, "eg3d") is pose
 
 
-def _camera_speed(pitch_output: str, pitch: float) -> float:
-    """|d camera_direction / d (pitch output)| for a learner whose pitch output is ``pitch``."""
-    learner = PoseLearner(4, 4, pitch_output=pitch_output)
+def _camera_speed(pitch: str, value: float) -> float:
+    """|d camera_direction / d (pitch output)| of a generator's camera for a learner pitch ``value``."""
+    learner = PoseLearner(4, 4)
     with torch.no_grad():
         learner.out.weight.zero_()
-        learner.out.bias.copy_(torch.tensor([0.0, pitch - math.pi / 2]))
-    direction = camera_direction(learner(torch.zeros(1, 4)))[0]
+        learner.out.bias.copy_(torch.tensor([0.0, value - math.pi / 2]))
+    direction = camera_direction(learner(torch.zeros(1, 4)), pitch)[0]
     grads = [torch.autograd.grad(direction[i], learner.out.bias, retain_graph=True)[0][1] for i in range(3)]
     return float(torch.stack(grads).norm())
 
 
 @pytest.mark.parametrize("phi_deg", [2.0, 45.0, 90.0, 135.0, 178.0])
-def test_polar_pitch_output_moves_the_camera_at_unit_speed_up_to_the_poles(phi_deg):
-    """With the polar output the camera moves one radian per radian of output everywhere; with EG3D's
-    v as output the rate is 2 / (pi sin phi): more than 10x within a few degrees of a pole, which is
-    what let near-pole latents dominate the pose learner's updates."""
+def test_polar_pitch_moves_the_camera_at_unit_speed_up_to_the_poles(phi_deg):
+    """With the polar coordinate the camera moves one radian per radian of the learner's output
+    everywhere; with EG3D's v the rate is 2 / (pi sin phi): more than 10x within a few degrees of a
+    pole, which is what let near-pole latents dominate the pose learner's updates."""
     phi = math.radians(phi_deg)
-    assert _camera_speed("polar", phi) == pytest.approx(1.0, rel=2e-3)
-    v = math.pi / 2 * (1 - math.cos(phi))
-    eg3d = _camera_speed("eg3d", v)
+    assert _camera_speed("polar", phi) == pytest.approx(1.0, rel=1e-3)
+    eg3d = _camera_speed("eg3d", math.pi / 2 * (1 - math.cos(phi)))
     assert eg3d == pytest.approx(2 / (math.pi * math.sin(phi)), rel=2e-2)
     if phi_deg in (2.0, 178.0):
         assert eg3d > 10 * _camera_speed("polar", phi)
 
 
-def test_pitch_output_is_validated():
-    with pytest.raises(ValueError, match="pitch_output"):
-        PoseLearner(4, 4, pitch_output="degrees")
+def test_generator_renders_and_reports_in_its_pitch_coordinate():
+    """A polar-coordinate generator renders pose (h, phi) exactly as an EG3D one renders (h, v(phi)),
+    and reports its poses to metrics as EG3D's (h, v)."""
+    polar = Generator(load_config("tiny", ["model.pitch_output=polar"]).model).eval()
+    eg3d = Generator(load_config("tiny", ["model.pitch_output=eg3d"]).model).eval()
+    eg3d.load_state_dict(polar.state_dict())
+    z = torch.randn(2, polar.cfg.z_dim, generator=torch.Generator().manual_seed(0))
+    ws = polar.map(z)
+    planes = polar.synthesize_planes(ws, noise_mode="const")
+    pose = torch.tensor([[1.4, 0.5], [1.7, 2.6]])
+    a = polar.render(planes, ws, pose, noise_mode="const")["image_raw"]
+    b = eg3d.render(planes, ws, polar.eg3d_pose(pose), noise_mode="const")["image_raw"]
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+    c = eg3d.render(planes, ws, pose, noise_mode="const")["image_raw"]
+    assert (a - c).abs().max() > 1e-2  # the coordinate matters away from the centre
+
+
+def test_pitch_coordinate_is_validated():
+    with pytest.raises(ValueError, match="pitch coordinate"):
+        camera_direction(torch.zeros(1, 2), "degrees")

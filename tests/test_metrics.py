@@ -320,7 +320,8 @@ def test_depth_estimator_learns_sphere_depth(tmp_path):
 
 
 class _PosePrior(torch.nn.Module):
-    """Stands in for G: its pose learner maps z to exactly the synthetic faces distribution (+ offset)."""
+    """Stands in for G: its pose learner maps z to exactly the synthetic faces distribution (+ offset),
+    in the polar pitch coordinate, so metrics that forget :meth:`eg3d_pose` see the wrong pitch."""
 
     def __init__(self, yaw_offset: float) -> None:
         super().__init__()
@@ -335,7 +336,12 @@ class _PosePrior(torch.nn.Module):
         s, z = setting("faces"), ws[:, 0]
         h = s.h_mean + self.yaw_offset + (s.h_std * z[:, 0]).clamp(-s.h_clip, s.h_clip)
         v = math.pi / 2 + (s.v_std * z[:, 1]).clamp(-s.v_clip, s.v_clip)
-        return torch.stack((h, v), -1)
+        return torch.stack((h, torch.arccos(1 - 2 * v / math.pi)), -1)
+
+    def eg3d_pose(self, pose):
+        from pof3d.camera import to_eg3d
+
+        return to_eg3d(pose, "polar")
 
 
 def test_pose_moments_mean_and_spread():

@@ -211,7 +211,7 @@ def _endless_batches(shard: Any, batch_size: int) -> Iterator[dict[str, torch.Te
 @torch.no_grad()
 def _learned_poses(trainer: Any, count: int) -> np.ndarray:
     g = trainer.G_ema
-    return g.predict_pose(g.map(_fixed_latents(g, count))).float().cpu().numpy()
+    return g.eg3d_pose(g.predict_pose(g.map(_fixed_latents(g, count)))).float().cpu().numpy()
 
 
 def _fixed_latents(g: Any, count: int) -> torch.Tensor:

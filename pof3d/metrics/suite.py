@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pof3d.camera import pose_to_cam2world
+from pof3d.camera import pose_to_cam2world, to_eg3d
 from pof3d.config import Config
 from pof3d.errors import ConfigError
 from pof3d.layers import resize
@@ -120,7 +120,8 @@ def _foreground(depth: torch.Tensor, cfg: Config) -> torch.Tensor:
 @torch.no_grad()
 def _learned_poses(G: torch.nn.Module, n: int, z_dim: int, seed: int, device) -> np.ndarray:
     z = _latents(n, z_dim, seed).to(device)
-    return torch.cat([G.predict_pose(G.map(b)) for b in _batches(z, 256)]).cpu().double().numpy()
+    poses = [G.eg3d_pose(G.predict_pose(G.map(b))) for b in _batches(z, 256)]
+    return torch.cat(poses).cpu().double().numpy()
 
 
 def _true_poses(cfg: Config, data_uri: str | None, n: int, seed: int) -> np.ndarray | None:
@@ -153,7 +154,7 @@ def _pose_error(D: torch.nn.Module, cfg: Config, real: dict, device) -> dict[str
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         x = resize(x.to(device), res)
-        return D.predict_pose(D.features(x, resize(x, r)))
+        return to_eg3d(D.predict_pose(D.features(x, resize(x, r))), cfg.model.pitch_output)
 
     return {
         "pose_error_deg": pose_error_deg(predict_poses(predictor, images), poses[keep]),
@@ -194,7 +195,9 @@ def _reprojection(G, cfg: Config, n: int, seed: int, device) -> float:
         pose2 = pose1 + torch.tensor([math.radians(RE_YAW_OFFSET_DEG), 0.0], device=device)
         planes = G.synthesize_planes(ws, noise_mode="const")
         views = [G.render(planes, ws, p, noise_mode="const") for p in (pose1, pose2)]
-        cams = [pose_to_cam2world(p.float(), m.camera_radius, m.pivot) for p in (pose1, pose2)]
+        cams = [
+            pose_to_cam2world(p.float(), m.camera_radius, m.pivot, m.pitch_output) for p in (pose1, pose2)
+        ]
         errors.append(
             reprojection_error(
                 views[0]["image_raw"],
