@@ -57,8 +57,9 @@ class ModelConfig:
     yaw_center: float = math.pi / 2
     pitch_center: float = math.pi / 2
     pose_clamp: bool = False  # cars: h in [0, 2pi], v in [0, pi]
+    pose_clamp_straight_through: bool = False  # False: the reference's hard clamp (no gradient outside)
     pose_hidden: int = 512
-    pose_init_scale: float = 0.1  # output layer's initial scale; 1.0 = the reference's (poses spread ~1 rad)
+    pose_init_scale: float = 1.0  # output layer's initial scale; 1.0 = the reference's (~45 deg spread)
     # Discriminator.
     disc_channel_base: int = 32768
     disc_channel_max: int = 512
@@ -272,6 +273,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"loss.symmetry_mode={loss.symmetry_mode!r}: expected flip_both, flip_both_cars or left_right"
         )
+    if not m.pose_init_scale > 0:
+        raise ConfigError(f"model.pose_init_scale={m.pose_init_scale}: expected a positive number")
     if cfg.data.synthetic_poses not in ("faces", "cars"):
         raise ConfigError(f"data.synthetic_poses={cfg.data.synthetic_poses!r}: expected faces or cars")
     positive = {

@@ -54,6 +54,7 @@ class Generator(nn.Module):
             cfg.pitch_center,
             clamp=cfg.pose_clamp,
             init_scale=cfg.pose_init_scale,
+            straight_through=cfg.pose_clamp_straight_through,
         )
         self.decoder = TriplaneDecoder(c, cfg.decoder_hidden, cfg.decoder_features)
         self.renderer = VolumeRenderer(cfg)
