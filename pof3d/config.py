@@ -48,7 +48,7 @@ class ModelConfig:
     ray_end: float = 3.3
     box_warp: float = 1.0
     white_background: bool = False
-    triplane_quirk: bool = False  # EG3D's historic plane projection (reference flag `wrong`)
+    triplane_quirk: bool = True  # EG3D's plane projection, third plane (z, x); the reference's `wrong`
     # Camera: look-at from (yaw h, pitch v) on a sphere around the world origin.
     camera_radius: float = 2.7
     pivot: tuple[float, float, float] = (0.0, 0.0, 0.2)
