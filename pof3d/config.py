@@ -36,6 +36,8 @@ class ModelConfig:
     triplane_resolution: int = 256
     triplane_channels: int = 32
     use_noise: bool = True
+    # Super-resolution noise: none (the reference's), random, const, or caller (the mode G is called with).
+    sr_noise_mode: str = "none"
     # Tri-plane decoder and volume rendering.
     decoder_hidden: int = 64
     decoder_features: int = 32  # feature channels out of the decoder; the first 3 are RGB
@@ -59,6 +61,7 @@ class ModelConfig:
     pose_clamp: bool = False  # cars: h in [0, 2pi], v in [0, pi]
     pose_clamp_straight_through: bool = False  # False: the reference's hard clamp (no gradient outside)
     pose_hidden: int = 512
+    pose_from_truncated_w: bool = False  # False: pose from the untruncated w, as the reference
     pose_init_scale: float = 1.0  # output layer's initial scale; 1.0 = the reference's (~45 deg spread)
     # Discriminator.
     disc_channel_base: int = 32768
@@ -273,6 +276,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"loss.symmetry_mode={loss.symmetry_mode!r}: expected flip_both, flip_both_cars or left_right"
         )
+    if m.sr_noise_mode not in ("none", "random", "const", "caller"):
+        raise ConfigError(f"model.sr_noise_mode={m.sr_noise_mode!r}: expected none, random, const or caller")
     if not m.pose_init_scale > 0:
         raise ConfigError(f"model.pose_init_scale={m.pose_init_scale}: expected a positive number")
     if cfg.data.synthetic_poses not in ("faces", "cars"):

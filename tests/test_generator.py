@@ -10,6 +10,7 @@ import torch
 
 from pof3d.camera import V_EPS
 from pof3d.config import load_config
+from pof3d.errors import ConfigError
 from pof3d.generator import Generator, count_parameters
 from pof3d.layers import ModulatedConv2d, upsample2d
 from pof3d.pose_learner import PoseLearner
@@ -214,7 +215,57 @@ def test_truncation_psi_zero_gives_w_avg(G, tiny):
     assert torch.count_nonzero(G.mapping.w_avg) > 0
     out = G(torch.randn(3, tiny.z_dim), truncation_psi=0.0)
     torch.testing.assert_close(out["ws"], G.mapping.w_avg.expand(3, G.num_ws, -1))
+
+
+def test_truncation_keeps_the_pose_of_the_untruncated_w(G, tiny):
+    """As the reference (its mapping computes the pose before truncating w): truncation changes the
+    scene, not the view, unless ``model.pose_from_truncated_w``."""
+    G.eval()
+    G.map(torch.randn(64, tiny.z_dim), update_w_avg=True)
+    z = torch.randn(3, tiny.z_dim)
+    full = G(z, noise_mode="const")
+    for psi in (0.5, 0.0):
+        out = G(z, truncation_psi=psi, noise_mode="const")
+        torch.testing.assert_close(out["pose"], full["pose"], rtol=0, atol=0)
+        torch.testing.assert_close(out["ws"], G.mapping.w_avg.lerp(full["ws"], psi))
+        ws, pose = G.map_with_pose(z, truncation_psi=psi)
+        torch.testing.assert_close(ws, out["ws"])
+        torch.testing.assert_close(pose, full["pose"])
+    assert (out["pose"][0] - out["pose"][1]).abs().max() > 1e-4  # psi 0: same w, different views
+    other = Generator(load_config("tiny", ["model.pose_from_truncated_w=true"]).model).eval()
+    other.load_state_dict(G.state_dict())
+    out = other(z, truncation_psi=0.0, noise_mode="const")
+    torch.testing.assert_close(out["pose"], G.predict_pose(out["ws"]))
     torch.testing.assert_close(out["pose"][0], out["pose"][2])
+
+
+def _with_noise(G: Generator) -> Generator:
+    for module in G.modules():  # non-zero noise strengths, so that noise would show in the output
+        if hasattr(module, "noise_strength"):
+            torch.nn.init.constant_(module.noise_strength, 0.5)
+    return G.eval()
+
+
+def test_superresolution_runs_without_noise_by_default(tiny):
+    """The reference's super-resolution never injects noise (sr_noise_mode 'none', whatever G is called
+    with); ``model.sr_noise_mode=caller`` makes it follow the call's noise mode."""
+    assert tiny.sr_noise_mode == "none"
+    torch.manual_seed(0)
+    G = _with_noise(Generator(tiny))
+    z = torch.randn(2, tiny.z_dim)
+    ws, pose = G.map_with_pose(z)
+    planes = G.synthesize_planes(ws, noise_mode="const")
+    a = G.render(planes, ws, pose, noise_mode="random")["image"]
+    b = G.render(planes, ws, pose, noise_mode="random")["image"]
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    features = G.render(planes, ws, pose, noise_mode="none")
+    caller = _with_noise(Generator(load_config("tiny", ["model.sr_noise_mode=caller"]).model))
+    caller.load_state_dict(G.state_dict())
+    c = caller.render(planes, ws, pose, noise_mode="random")["image"]
+    assert (a - c).abs().max() > 1e-3
+    torch.testing.assert_close(caller.render(planes, ws, pose, noise_mode="none")["image"], features["image"])
+    with pytest.raises(ConfigError, match="sr_noise_mode"):
+        load_config("tiny", ["model.sr_noise_mode=off"])
 
 
 def test_fixed_seed_and_const_noise_is_deterministic(G, tiny):
