@@ -42,7 +42,7 @@ class ModelConfig:
     decoder_hidden: int = 64
     decoder_features: int = 32  # feature channels out of the decoder; the first 3 are RGB
     neural_resolution: int = 64
-    image_resolution: int = 512
+    image_resolution: int = 256  # the paper's FFHQ run: 256 px output, 4x super-resolution from 64
     sr_channels: int = 128  # widest super-resolution block
     depth_samples: int = 48  # stratified samples per ray
     importance_samples: int = 48
@@ -69,8 +69,10 @@ class ModelConfig:
     mbstd_group: int = 4
     cmap_dim: int = 512
     pose_aware_d: bool = True
-    # Mixed precision in the highest-resolution blocks (GPU only; 0 = fp32 everywhere).
-    num_fp16_res: int = 0
+    # Mixed precision (GPU only): D's num_fp16_res highest-resolution blocks and, when > 0, the
+    # super-resolution blocks; the tri-plane backbone's own count is separate (0 in the reference).
+    num_fp16_res: int = 4
+    backbone_num_fp16_res: int = 0
 
 
 @dataclass
@@ -112,7 +114,7 @@ class DataConfig:
     path: str = ""
     synthetic_n: int = 20000
     synthetic_poses: str = "faces"  # faces | cars
-    resolution: int = 512
+    resolution: int = 256
     xflip: bool = False
     shuffle_seed: int = 0
 
@@ -144,7 +146,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    preset: str = "ffhq512"
+    preset: str = "ffhq256"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -37,7 +37,7 @@ class Generator(nn.Module):
             channel_base=cfg.channel_base,
             channel_max=cfg.channel_max,
             use_noise=cfg.use_noise,
-            num_fp16_res=cfg.num_fp16_res,
+            num_fp16_res=cfg.backbone_num_fp16_res,
         )
         self.mapping = MappingNetwork(
             cfg.z_dim,

@@ -17,7 +17,7 @@ from torch import nn
 from pof3d.camera import intrinsics, pose_to_cam2world
 from pof3d.config import preset
 from pof3d.renderer import VolumeRenderer, importance_depths, make_rays
-from pof3d.triplane import TriplaneDecoder, project_to_planes, sample_triplanes
+from pof3d.triplane import TriplaneDecoder, sample_triplanes
 
 FRONTAL = torch.tensor([[math.pi / 2, math.pi / 2]])
 RADIUS = 2.7
@@ -66,7 +66,7 @@ class ShellField(nn.Module):
 
 
 def renderer(**changes) -> VolumeRenderer:
-    m = dataclasses.replace(preset("ffhq512").model, box_warp=BOX, **changes)
+    m = dataclasses.replace(preset("ffhq256").model, box_warp=BOX, **changes)
     return VolumeRenderer(m).eval()
 
 
@@ -104,38 +104,6 @@ def test_quirk_reads_third_plane_at_z_x():
     x, y, z = points[0].unbind(-1)
     assert torch.allclose(out[0, :2], sample_triplanes(coordinate_planes(), points, BOX)[0, :2])
     assert torch.allclose(out[0, 2], torch.stack((z, x), -1), atol=1e-5)
-
-
-# The reference's projection, written out by hand: grid = (2 / box_warp) * p @ inv(P_k), first two
-# entries, with P_0 = I, P_1 = [[1,0,0],[0,0,1],[0,1,0]] and P_2 = [[0,0,1],[1,0,0],[0,1,0]] when
-# `wrong=True` (its default), so inv(P_2) = P_2^T reads (z, x); with `wrong=False` P_2 =
-# [[0,0,1],[0,1,0],[1,0,0]] reads (z, y). Points (0.1, -0.2, 0.3) at box 1 -> (0.2, -0.4, 0.6) and
-# (-0.45, 0.25, -0.05) at box 1.6 -> (-0.5625, 0.3125, -0.0625).
-PROJECTION_CASES = [
-    ((0.1, -0.2, 0.3), 1.0, [[0.2, -0.4], [0.2, 0.6], [0.6, 0.2]], [0.6, -0.4]),
-    (
-        (-0.45, 0.25, -0.05),
-        1.6,
-        [[-0.5625, 0.3125], [-0.5625, -0.0625], [-0.0625, -0.5625]],
-        [-0.0625, 0.3125],
-    ),
-]
-
-
-@pytest.mark.parametrize(("point", "box", "reference", "correct_third"), PROJECTION_CASES)
-def test_projection_matches_the_reference_formula(point, box, reference, correct_third):
-    points = torch.tensor([[point]])
-    quirk = project_to_planes(points, box, quirk=True)
-    assert quirk.shape == (1, 1, 3, 2)
-    torch.testing.assert_close(quirk[0, 0], torch.tensor(reference), rtol=0, atol=1e-6)
-    correct = project_to_planes(points, box, quirk=False)
-    torch.testing.assert_close(correct[0, 0, :2], torch.tensor(reference[:2]), rtol=0, atol=1e-6)
-    torch.testing.assert_close(correct[0, 0, 2], torch.tensor(correct_third), rtol=0, atol=1e-6)
-
-
-def test_quirk_is_the_default_as_in_the_reference():
-    assert preset("ffhq512").model.triplane_quirk and preset("cars128").model.triplane_quirk
-    assert VolumeRenderer(preset("tiny").model).quirk
 
 
 def test_box_warp_scales_the_box_and_outside_is_zero():
