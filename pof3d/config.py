@@ -88,7 +88,10 @@ class LossConfig:
     symmetry_mode: str = "flip_both"  # flip_both | flip_both_cars | left_right
     pose_gd_weight: float = 1.0  # pulls the pose learner toward D's pose prediction
     dis_cam_weight: float = 2.0  # trains D's pose head on generated images
+    # D's input blur fades out over blur_fade_kimg x train.batch / 32 kimg (effective_blur_fade_kimg), as
+    # the reference's batch * 200 / 32; with blur_fade_scales_with_batch off, over blur_fade_kimg itself.
     blur_fade_kimg: float = 200.0
+    blur_fade_scales_with_batch: bool = True
     blur_init_sigma: float = 10.0
     share_passes: bool = True  # False reproduces the reference's independent G/D passes
 
@@ -305,6 +308,23 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.resolution={cfg.data.resolution} must equal model.image_resolution={m.image_resolution}"
         )
+
+
+# The batch at which the reference's blur fade length is given (``batch * blur_fade_kimg / 32``).
+BLUR_FADE_REFERENCE_BATCH = 32
+
+
+def effective_blur_fade_kimg(cfg: Config) -> float:
+    """kimg over which the blur of images seen by D fades to zero (<= 0: no blur).
+
+    ``loss.blur_fade_kimg`` is the length at batch 32 and scales with ``train.batch``, as in the
+    reference (200 kimg at batch 32, 50 at batch 8); with ``loss.blur_fade_scales_with_batch`` off it is
+    the length itself.
+    """
+    loss = cfg.loss
+    if not loss.blur_fade_scales_with_batch:
+        return loss.blur_fade_kimg
+    return loss.blur_fade_kimg * cfg.train.batch / BLUR_FADE_REFERENCE_BATCH
 
 
 def preset(name: str) -> Config:

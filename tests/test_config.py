@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pof3d.config import Config, apply_overrides, load_config, preset
+from pof3d.config import Config, apply_overrides, effective_blur_fade_kimg, load_config, preset
 from pof3d.errors import ConfigError
 from pof3d.presets import PRESETS
 
@@ -70,6 +70,20 @@ def test_ffhq512_is_ffhq256_at_512_px() -> None:
     b.model.sr_channels, b.preset = a.model.sr_channels, a.preset
     assert a == b
     assert Config().preset == "ffhq256" and Config().model == a.model
+
+
+def test_blur_fade_follows_the_reference_rule() -> None:
+    """The reference fades D's blur over batch * 200 / 32 kimg; tiny keeps a fixed 5 kimg."""
+    assert effective_blur_fade_kimg(preset("ffhq256")) == 200.0
+    assert effective_blur_fade_kimg(load_config("ffhq256", ["train.batch=8"])) == 50.0
+    assert effective_blur_fade_kimg(load_config("cars128", ["train.batch=64"])) == 400.0
+    assert effective_blur_fade_kimg(preset("anchor")) == 25.0  # batch 4
+    tiny = preset("tiny")
+    assert tiny.train.batch == 8 and effective_blur_fade_kimg(tiny) == 5.0
+    assert effective_blur_fade_kimg(load_config("tiny", ["train.batch=32"])) == 5.0
+    fixed = load_config("ffhq256", ["train.batch=8", "loss.blur_fade_scales_with_batch=false"])
+    assert effective_blur_fade_kimg(fixed) == 200.0
+    assert effective_blur_fade_kimg(load_config("ffhq256", ["loss.blur_fade_kimg=0"])) == 0.0
 
 
 def test_anchor_preset_is_the_fixed_benchmark_size() -> None:
