@@ -1,8 +1,9 @@
 """Tri-plane feature lookup and the small MLP that turns features into density and colour.
 
 A 3D point inside the box of side ``box_warp`` is projected orthogonally onto three axis-aligned
-planes (xy, xz, zy); the bilinearly sampled features of the three planes are averaged and decoded by
-a one-hidden-layer MLP, as in EG3D.
+planes (xy, xz, zy; the third read at (z, x) with EG3D's projection, ``model.triplane_quirk``, the
+default as in the reference); the bilinearly sampled features of the three planes are averaged and
+decoded by a one-hidden-layer MLP, as in EG3D.
 """
 
 from __future__ import annotations
