@@ -36,11 +36,13 @@ class ModelConfig:
     triplane_resolution: int = 256
     triplane_channels: int = 32
     use_noise: bool = True
+    # Super-resolution noise: none (the reference's), random, const, or caller (the mode G is called with).
+    sr_noise_mode: str = "none"
     # Tri-plane decoder and volume rendering.
     decoder_hidden: int = 64
     decoder_features: int = 32  # feature channels out of the decoder; the first 3 are RGB
     neural_resolution: int = 64
-    image_resolution: int = 512
+    image_resolution: int = 256  # the paper's FFHQ run: 256 px output, 4x super-resolution from 64
     sr_channels: int = 128  # widest super-resolution block
     depth_samples: int = 48  # stratified samples per ray
     importance_samples: int = 48
@@ -48,7 +50,7 @@ class ModelConfig:
     ray_end: float = 3.3
     box_warp: float = 1.0
     white_background: bool = False
-    triplane_quirk: bool = False  # EG3D's historic plane projection (reference flag `wrong`)
+    triplane_quirk: bool = True  # EG3D's plane projection, third plane (z, x); the reference's `wrong`
     # Camera: look-at from (yaw h, pitch v) on a sphere around the world origin.
     camera_radius: float = 2.7
     pivot: tuple[float, float, float] = (0.0, 0.0, 0.2)
@@ -57,8 +59,10 @@ class ModelConfig:
     yaw_center: float = math.pi / 2
     pitch_center: float = math.pi / 2
     pose_clamp: bool = False  # cars: h in [0, 2pi], v in [0, pi]
+    pose_clamp_straight_through: bool = False  # False: the reference's hard clamp (no gradient outside)
     pose_hidden: int = 512
-    pose_init_scale: float = 0.1  # output layer's initial scale; 1.0 = the reference's (poses spread ~1 rad)
+    pose_from_truncated_w: bool = False  # False: pose from the untruncated w, as the reference
+    pose_init_scale: float = 1.0  # output layer's initial scale; 1.0 = the reference's (~45 deg spread)
     pitch_output: str = "polar"  # the model's pitch coordinate: polar angle, or eg3d's v (the reference)
     # Discriminator.
     disc_channel_base: int = 32768
@@ -67,8 +71,10 @@ class ModelConfig:
     cmap_dim: int = 512
     cmap_layers: int = 8  # layers of the pose-to-cmap mapping (EG3D's label mapping depth)
     pose_aware_d: bool = True
-    # Mixed precision in the highest-resolution blocks (GPU only; 0 = fp32 everywhere).
-    num_fp16_res: int = 0
+    # Mixed precision (GPU only): D's num_fp16_res highest-resolution blocks and, when > 0, the
+    # super-resolution blocks; the tri-plane backbone's own count is separate (0 in the reference).
+    num_fp16_res: int = 4
+    backbone_num_fp16_res: int = 0
 
 
 @dataclass
@@ -84,7 +90,10 @@ class LossConfig:
     symmetry_mode: str = "flip_both"  # flip_both | flip_both_cars | left_right
     pose_gd_weight: float = 1.0  # pulls the pose learner toward D's pose prediction
     dis_cam_weight: float = 2.0  # trains D's pose head on generated images
+    # D's input blur fades out over blur_fade_kimg x train.batch / 32 kimg (effective_blur_fade_kimg), as
+    # the reference's batch * 200 / 32; with blur_fade_scales_with_batch off, over blur_fade_kimg itself.
     blur_fade_kimg: float = 200.0
+    blur_fade_scales_with_batch: bool = True
     blur_init_sigma: float = 10.0
     share_passes: bool = True  # False reproduces the reference's independent G/D passes
 
@@ -110,7 +119,7 @@ class DataConfig:
     path: str = ""
     synthetic_n: int = 20000
     synthetic_poses: str = "faces"  # faces | cars
-    resolution: int = 512
+    resolution: int = 256
     xflip: bool = False
     shuffle_seed: int = 0
 
@@ -142,7 +151,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    preset: str = "ffhq512"
+    preset: str = "ffhq256"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -276,6 +285,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"loss.symmetry_mode={loss.symmetry_mode!r}: expected flip_both, flip_both_cars or left_right"
         )
+    if m.sr_noise_mode not in ("none", "random", "const", "caller"):
+        raise ConfigError(f"model.sr_noise_mode={m.sr_noise_mode!r}: expected none, random, const or caller")
+    if not m.pose_init_scale > 0:
+        raise ConfigError(f"model.pose_init_scale={m.pose_init_scale}: expected a positive number")
     if cfg.data.synthetic_poses not in ("faces", "cars"):
         raise ConfigError(f"data.synthetic_poses={cfg.data.synthetic_poses!r}: expected faces or cars")
     positive = {
@@ -300,6 +313,23 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.resolution={cfg.data.resolution} must equal model.image_resolution={m.image_resolution}"
         )
+
+
+# The batch at which the reference's blur fade length is given (``batch * blur_fade_kimg / 32``).
+BLUR_FADE_REFERENCE_BATCH = 32
+
+
+def effective_blur_fade_kimg(cfg: Config) -> float:
+    """kimg over which the blur of images seen by D fades to zero (<= 0: no blur).
+
+    ``loss.blur_fade_kimg`` is the length at batch 32 and scales with ``train.batch``, as in the
+    reference (200 kimg at batch 32, 50 at batch 8); with ``loss.blur_fade_scales_with_batch`` off it is
+    the length itself.
+    """
+    loss = cfg.loss
+    if not loss.blur_fade_scales_with_batch:
+        return loss.blur_fade_kimg
+    return loss.blur_fade_kimg * cfg.train.batch / BLUR_FADE_REFERENCE_BATCH
 
 
 def preset(name: str) -> Config:

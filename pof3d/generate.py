@@ -73,10 +73,10 @@ def camera_path(pose: torch.Tensor, frames: int, full_turn: bool) -> torch.Tenso
 def render_video(
     G: Generator, z: torch.Tensor, trunc: float, frames: int, full_turn: bool, path: Path
 ) -> Path:
-    ws = G.map(z, truncation_psi=trunc)
+    ws, learned = G.map_with_pose(z, truncation_psi=trunc)
     planes = G.synthesize_planes(ws, noise_mode="const")
     images = []
-    for pose in camera_path(G.predict_pose(ws)[0].cpu(), frames, full_turn):
+    for pose in camera_path(learned[0].cpu(), frames, full_turn):
         out = G.render(planes, ws, pose[None].to(z.device), noise_mode="const")
         images.append(Image.fromarray(to_uint8(out["image"])[0]))
     images[0].save(path, save_all=True, append_images=images[1:], duration=80, loop=0)

@@ -37,7 +37,7 @@ class Generator(nn.Module):
             channel_base=cfg.channel_base,
             channel_max=cfg.channel_max,
             use_noise=cfg.use_noise,
-            num_fp16_res=cfg.num_fp16_res,
+            num_fp16_res=cfg.backbone_num_fp16_res,
         )
         self.mapping = MappingNetwork(
             cfg.z_dim,
@@ -54,6 +54,7 @@ class Generator(nn.Module):
             cfg.pitch_center,
             clamp=cfg.pose_clamp,
             init_scale=cfg.pose_init_scale,
+            straight_through=cfg.pose_clamp_straight_through,
         )
         self.decoder = TriplaneDecoder(c, cfg.decoder_hidden, cfg.decoder_features)
         self.renderer = VolumeRenderer(cfg)
@@ -94,6 +95,16 @@ class Generator(nn.Module):
         """A pose of this model as EG3D's (h, v), the convention of data, labels and metrics."""
         return to_eg3d(pose, self.cfg.pitch_output)
 
+    def map_with_pose(
+        self, z: torch.Tensor, truncation_psi: float = 1.0, update_w_avg: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ws, learned pose) of ``z``. As in the reference, the pose comes from the untruncated w, so
+        truncation changes the scene but not the view; ``model.pose_from_truncated_w`` takes it from
+        the truncated ws instead (poses then shrink toward the mean pose as well)."""
+        ws = self.map(z, update_w_avg=update_w_avg)
+        truncated = self.mapping.truncate(ws, truncation_psi)
+        return truncated, self.predict_pose(truncated if self.cfg.pose_from_truncated_w else ws)
+
     def synthesize_planes(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
         """Tri-planes ``[B, 3, C, R, R]`` (xy, xz, zy) from the backbone's ``3C``-channel image.
 
@@ -107,7 +118,11 @@ class Generator(nn.Module):
     def render(
         self, planes: torch.Tensor, ws: torch.Tensor, pose: torch.Tensor, noise_mode: str = "random"
     ) -> dict[str, torch.Tensor]:
-        """Render the planes from ``pose``: dict(image [B,3,H,W], image_raw [B,3,r,r], depth [B,1,r,r])."""
+        """Render the planes from ``pose``: dict(image [B,3,H,W], image_raw [B,3,r,r], depth [B,1,r,r]).
+
+        The super-resolution's noise follows ``model.sr_noise_mode``: "none" (the reference's: its SR
+        never injects noise, whatever the call asks) or a fixed mode, or "caller" for ``noise_mode``.
+        """
         m = self.cfg
         b, r = planes.shape[0], m.neural_resolution
         cam2world = pose_to_cam2world(pose.to(torch.float32), m.camera_radius, m.pivot, m.pitch_output)
@@ -117,7 +132,8 @@ class Generator(nn.Module):
         features = out["features"].permute(0, 2, 1).reshape(b, -1, r, r)
         depth = out["depth"].permute(0, 2, 1).reshape(b, 1, r, r)
         image_raw = features[:, :3]
-        image = self.superres(image_raw, features, ws, noise_mode=noise_mode)
+        sr_noise = noise_mode if m.sr_noise_mode == "caller" else m.sr_noise_mode
+        image = self.superres(image_raw, features, ws, noise_mode=sr_noise)
         return {"image": image, "image_raw": image_raw, "depth": depth}
 
     def density(self, planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -132,10 +148,13 @@ class Generator(nn.Module):
         noise_mode: str = "random",
         update_w_avg: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """Full pass; ``pose`` overrides the learned pose (e.g. for view sweeps and mirrored renders)."""
-        ws = self.map(z, truncation_psi=truncation_psi, update_w_avg=update_w_avg)
+        """Full pass; ``pose`` overrides the learned pose (e.g. for view sweeps and mirrored renders).
+
+        With truncation the learned pose is that of the untruncated w (see :meth:`map_with_pose`).
+        """
+        ws, learned = self.map_with_pose(z, truncation_psi=truncation_psi, update_w_avg=update_w_avg)
         if pose is None:
-            pose = self.predict_pose(ws)
+            pose = learned
         planes = self.synthesize_planes(ws, noise_mode=noise_mode)
         out = self.render(planes, ws, pose, noise_mode=noise_mode)
         out.update(pose=pose, ws=ws, planes=planes)

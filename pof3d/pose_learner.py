@@ -18,8 +18,8 @@ from pof3d.layers import FullyConnected
 def straight_through_clamp(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
     """Clamp in the forward pass, identity gradient in the backward pass.
 
-    A hard clamp would zero the gradient of every pose that leaves its range, so no loss could pull it
-    back; passing the gradient straight through keeps the pose learner trainable at the boundary.
+    A hard clamp zeroes the gradient of every pose that leaves its range, so no loss can pull it back;
+    passing the gradient straight through keeps the pose learner trainable at the boundary.
     """
     # x - x.detach() is exactly zero, so the forward value is the exact clamp even for huge x.
     return x.clamp(low, high).detach() + (x - x.detach())
@@ -28,8 +28,9 @@ def straight_through_clamp(x: torch.Tensor, low: float, high: float) -> torch.Te
 class PoseLearner(nn.Module):
     """w ``[B, w_dim]`` -> pose ``[B, 2]`` = (yaw h, pitch v) in radians, EG3D convention.
 
-    FC(w_dim -> hidden, leaky ReLU) -> FC(hidden -> 2), output shifted by the centre pose; with
-    ``clamp`` (cars) h is kept in [0, 2 pi] and v in [0, pi].
+    FC(w_dim -> hidden, leaky ReLU) -> FC(hidden -> 2), output shifted by the centre pose. With ``clamp``
+    (cars) h is kept in [0, 2 pi] and the pitch in [0, pi], by a hard clamp as in the reference unless
+    ``straight_through`` is set.
 
     The pitch is in the model's pitch coordinate (``model.pitch_output``, see
     :data:`pof3d.camera.PITCH_COORDINATES`), kept inside (1e-5, pi - 1e-5) either way:
@@ -46,8 +47,10 @@ class PoseLearner(nn.Module):
 
     The layers are plain equalised-learning-rate layers (lr multiplier 1): the pose learner's learning
     rate is its own optimiser parameter group (``optim.pose_lr``, 2.5e-5 in the paper, which equals the
-    reference's G rate 0.0025 times its pose multiplier 0.01). The output layer starts with weights
-    scaled by ``init_scale`` so that the initial poses spread only a few degrees around the centre.
+    reference's G rate 0.0025 times its pose multiplier 0.01). Both layers start with the standard
+    initialisation (effective weights N(0, 1/fan_in), zero bias), as the reference's: on the mapping
+    network's w the initial poses spread about 45 degrees per axis around a random centre.
+    ``init_scale`` multiplies the output layer's initial weights (0.1 starts within a few degrees).
     """
 
     def __init__(
@@ -57,10 +60,14 @@ class PoseLearner(nn.Module):
         yaw_center: float = math.pi / 2,
         pitch_center: float = math.pi / 2,
         clamp: bool = False,
-        init_scale: float = 0.1,
+        init_scale: float = 1.0,
+        straight_through: bool = False,
     ) -> None:
         super().__init__()
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be positive, got {init_scale}")
         self.yaw_center, self.pitch_center, self.clamp = float(yaw_center), float(pitch_center), clamp
+        self.straight_through = straight_through
         self.hidden = FullyConnected(w_dim, hidden, activation="lrelu")
         self.out = FullyConnected(hidden, 2)
         with torch.no_grad():
@@ -71,7 +78,8 @@ class PoseLearner(nn.Module):
         h = x[:, 0] + self.yaw_center
         pitch = x[:, 1] + self.pitch_center
         if self.clamp:
-            h = straight_through_clamp(h, 0.0, 2 * math.pi)
-            pitch = straight_through_clamp(pitch, 0.0, math.pi)
+            clamp = straight_through_clamp if self.straight_through else torch.clamp
+            h = clamp(h, 0.0, 2 * math.pi)
+            pitch = clamp(pitch, 0.0, math.pi)
         pitch = straight_through_clamp(pitch, V_EPS, math.pi - V_EPS)
         return torch.stack((h, pitch), dim=1)

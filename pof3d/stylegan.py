@@ -67,9 +67,11 @@ class MappingNetwork(nn.Module):
         if update_w_avg:
             with torch.no_grad():
                 self.w_avg.copy_(x.detach().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))
-        if truncation_psi != 1.0:
-            x = self.w_avg.lerp(x, truncation_psi)
-        return x.unsqueeze(1).expand(-1, self.num_ws, -1)
+        return self.truncate(x.unsqueeze(1).expand(-1, self.num_ws, -1), truncation_psi)
+
+    def truncate(self, ws: torch.Tensor, truncation_psi: float) -> torch.Tensor:
+        """ws pulled toward ``w_avg``: ``w_avg + psi * (ws - w_avg)`` (psi = 1 returns ws itself)."""
+        return ws if truncation_psi == 1.0 else self.w_avg.lerp(ws, truncation_psi)
 
 
 def autocast_region(enabled: bool, x: torch.Tensor) -> contextlib.AbstractContextManager:

@@ -23,8 +23,10 @@ logger = logging.getLogger(__name__)
 class SuperResolution(nn.Module):
     """(raw RGB ``[B,3,r,r]``, features ``[B,F,r,r]``, ws) -> RGB ``[B,3,R,R]`` for R/r in {1, 2, 4, 8}.
 
-    Two blocks with ``channels`` and ``channels // 2`` outputs; each of the last log2(R/r) blocks
-    upsamples 2x. An 8x ratio first resizes the inputs bilinearly by 2x (as EG3D's 8x variant does).
+    Two blocks with ``channels`` and ``channels // 2`` outputs, laid out as the reference's modules:
+    2x and 4x first resize the inputs bilinearly to half the output size (a no-op for 2x), then one
+    block at that size and one that upsamples 2x; 8x resizes to a quarter of the output size and both
+    blocks upsample (EG3D's "8XDC", with 256 and 128 channels there). 1x has no upsampling at all.
     """
 
     def __init__(
@@ -45,8 +47,8 @@ class SuperResolution(nn.Module):
             )
         ups = int(math.log2(ratio))
         self.in_resolution, self.out_resolution = in_resolution, out_resolution
-        self.pre_scale = 2 ** max(ups - 2, 0)
-        block_ups = [i >= 2 - min(ups, 2) for i in range(2)]
+        self.pre_scale = 2 if ups == 3 else 2 ** max(ups - 1, 0)
+        block_ups = [ups == 3, ups >= 1]
         res = in_resolution * self.pre_scale
         blocks = []
         widths = [in_channels, channels, max(channels // 2, 1)]

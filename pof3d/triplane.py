@@ -1,8 +1,9 @@
 """Tri-plane feature lookup and the small MLP that turns features into density and colour.
 
 A 3D point inside the box of side ``box_warp`` is projected orthogonally onto three axis-aligned
-planes (xy, xz, zy); the bilinearly sampled features of the three planes are averaged and decoded by
-a one-hidden-layer MLP, as in EG3D.
+planes (xy, xz, zy; the third read at (z, x) with EG3D's projection, ``model.triplane_quirk``, the
+default as in the reference); the bilinearly sampled features of the three planes are averaged and
+decoded by a one-hidden-layer MLP, as in EG3D.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from pof3d.layers import FullyConnected
 
 # For each plane, the world axes read as (grid x, grid y) = (plane width, plane height).
 PLANE_AXES = ((0, 1), (0, 2), (2, 1))  # xy, xz, zy: every axis is seen by two planes
-# EG3D projects with the inverse of its plane matrices, which makes the third plane read (z, x):
-# it duplicates the xz plane (transposed) and y is seen by the xy plane only.
+# EG3D (and the PoF3D reference, flag `wrong`, on by default) projects with the inverse of its plane
+# matrices, which makes the third plane read (z, x): it duplicates the xz plane (transposed) and y is
+# seen by the xy plane only.
 QUIRK_PLANE_AXES = ((0, 1), (0, 2), (2, 0))
 
 # EG3D widens the sigmoid slightly so that colours 0 and 1 are reachable with finite logits.
@@ -27,6 +29,17 @@ RGB_AFFINE = (1 + 2 * _RGB_PAD, -_RGB_PAD)  # rgb = scale * sigmoid(features) + 
 def _axis_index(quirk: bool, device: torch.device) -> torch.Tensor:
     axes = QUIRK_PLANE_AXES if quirk else PLANE_AXES
     return torch.tensor([a for pair in axes for a in pair], device=device)
+
+
+def project_to_planes(points: torch.Tensor, box_warp: float, quirk: bool = False) -> torch.Tensor:
+    """Grid coordinates ``[B, N, 3, 2]`` of world points ``[B, N, 3]`` on the three planes.
+
+    Each pair is ``grid_sample``'s (x, y) in [-1, 1] over the box ``[-box_warp/2, box_warp/2]^3``:
+    ``2 p / box_warp`` read along ``PLANE_AXES`` (or ``QUIRK_PLANE_AXES`` with ``quirk``).
+    """
+    b, n = points.shape[:2]
+    coords = points * (2.0 / box_warp)
+    return coords.index_select(-1, _axis_index(quirk, points.device)).view(b, n, 3, 2)
 
 
 def sample_triplanes(
@@ -44,9 +57,8 @@ def sample_triplanes(
     if points.dim() != 3 or points.shape[0] != b or points.shape[-1] != 3:
         raise ValueError(f"points must be [B={b}, N, 3], got shape {tuple(points.shape)}")
     n = points.shape[1]
-    coords = points.to(planes.dtype) * (2.0 / box_warp)
-    # [B, N, 6] -> [B, 3, N, 2] -> one grid per (sample, plane): all planes in one grid_sample call.
-    grid = coords.index_select(-1, _axis_index(quirk, points.device)).view(b, n, 3, 2)
+    # [B, N, 3, 2] -> one grid per (sample, plane): all planes in one grid_sample call.
+    grid = project_to_planes(points.to(planes.dtype), box_warp, quirk)
     grid = grid.permute(0, 2, 1, 3).reshape(b * 3, 1, n, 2)
     # Channels-last planes make each bilinear tap read (and its gradient write) C contiguous values.
     flat = planes.reshape(b * 3, c, h, w).contiguous(memory_format=torch.channels_last)

@@ -128,7 +128,7 @@ def test_kuberay_rayjob_has_the_required_fields() -> None:
     assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
     spec = doc["spec"]
     assert spec["entrypoint"].startswith("python -m pof3d.train ")
-    assert "--preset ffhq512" in spec["entrypoint"]
+    assert "--preset ffhq256" in spec["entrypoint"]
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"] and "MLFLOW_TRACKING_URI" in runtime_env["env_vars"]
     # The job-submission runtime_env's settings hold in the RayJob too (the same training, submitted).

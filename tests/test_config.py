@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pof3d.config import Config, apply_overrides, load_config, preset
+from pof3d.config import Config, apply_overrides, effective_blur_fade_kimg, load_config, preset
 from pof3d.errors import ConfigError
 from pof3d.presets import PRESETS
 
@@ -19,19 +19,71 @@ def test_every_preset_round_trips_through_json(name: str) -> None:
     assert again.preset == name
 
 
-def test_paper_presets_match_the_reference_scripts() -> None:
-    ffhq, cats, cars = preset("ffhq512"), preset("cats256"), preset("cars128")
-    assert (ffhq.loss.r1_gamma, ffhq.loss.dis_cam_weight, ffhq.loss.pose_gd_weight) == (1.0, 2.0, 1.0)
-    assert (cats.loss.r1_gamma, cats.loss.dis_cam_weight) == (5.0, 10.0)
-    assert (cars.loss.r1_gamma, cars.loss.pose_gd_weight) == (0.3, 2.0)
-    assert cars.model.depth_samples == cars.model.importance_samples == 64
-    assert ffhq.model.depth_samples == ffhq.model.importance_samples == 48
-    assert cars.model.yaw_center == pytest.approx(math.pi) and cars.model.pose_clamp
-    assert ffhq.model.pivot == (0.0, 0.0, 0.2) and cats.model.pivot == (0.0, 0.0, 0.0)
-    assert ffhq.model.focal == pytest.approx(4.26, abs=0.01)
-    # The poster's lr rows are relative to the pose learner's effective rate of 2.5e-5 (0.0025 x 0.01).
-    assert ffhq.optim.pose_lr == pytest.approx(ffhq.optim.g_lr * 0.01)
-    assert ffhq.train.batch == 32
+# The reference's paper scripts (ffhq.sh, cat.sh, shapenet_cars.sh) and the `--cfg` branches of its
+# train_geod.py / train.py that they select, written out: (resolution, gamma, dis_cam_weight,
+# pose_gd_weight, flip_type, samples per ray, ray_start, ray_end, box_warp, radius, pivot, h_mean).
+SCRIPTS = {
+    "ffhq256": (256, 1.0, 2.0, 1.0, "flip_both", 48, 2.25, 3.3, 1.0, 2.7, (0.0, 0.0, 0.2), math.pi / 2),
+    "cats256": (256, 5.0, 10.0, 10.0, "flip_both", 48, 2.25, 3.3, 1.0, 2.7, (0.0, 0.0, 0.0), math.pi / 2),
+    "cars128": (128, 0.3, 2.0, 2.0, "flip_both_shapenet", 64, 0.1, 2.6, 1.6, 1.7, (0.0, 0.0, 0.0), math.pi),
+}
+FLIP_TYPES = {"flip_both": "flip_both", "flip_both_shapenet": "flip_both_cars"}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_paper_presets_match_the_reference_scripts(name: str) -> None:
+    res, gamma, dis_cam, pose_gd, flip, samples, start, end, box, radius, pivot, h_mean = SCRIPTS[name]
+    cfg = preset(name)
+    m, loss, optim, train = cfg.model, cfg.loss, cfg.optim, cfg.train
+    assert m.image_resolution == cfg.data.resolution == res and m.neural_resolution == 64
+    assert (loss.r1_gamma, loss.dis_cam_weight, loss.pose_gd_weight) == (gamma, dis_cam, pose_gd)
+    assert loss.symmetry_mode == FLIP_TYPES[flip] and loss.symmetry_weight == 1.0  # flip_to_disd_weight
+    assert m.depth_samples == m.importance_samples == samples
+    assert (m.ray_start, m.ray_end, m.box_warp, m.camera_radius, m.pivot) == (start, end, box, radius, pivot)
+    assert m.yaw_center == pytest.approx(h_mean) and m.pitch_center == pytest.approx(math.pi / 2)
+    # Cars clamp h to [0, 2pi] and v to [0, 3.1415926] with a hard clamp; faces and cats do not clamp.
+    assert m.pose_clamp == (name == "cars128") and not m.pose_clamp_straight_through
+    assert m.white_background == (name == "cars128")
+    # Defaults of train_geod.py / train.py that the scripts keep.
+    assert (train.batch, optim.g_lr, optim.d_lr) == (32, 0.0025, 0.002)
+    assert optim.pose_lr == pytest.approx(0.0025 * 0.01)  # --lr_multiplier_pose 0.01
+    assert (m.mapping_layers, m.mapping_lr_mult, m.z_dim, m.w_dim) == (2, 0.01, 512, 512)
+    assert (m.channel_base, m.channel_max, m.disc_channel_base, m.disc_channel_max) == (
+        32768,
+        512,
+        32768,
+        512,
+    )
+    assert (m.num_fp16_res, m.backbone_num_fp16_res) == (4, 0)  # d/sr_num_fp16_res 4, g_num_fp16_res 0
+    assert (m.triplane_quirk, m.sr_noise_mode, m.pose_init_scale) == (True, "none", 1.0)  # --wrong True
+    assert (loss.blur_init_sigma, loss.blur_fade_kimg, loss.r1_interval) == (10.0, 200.0, 16)
+    assert (loss.density_reg_weight, loss.density_reg_interval, loss.density_reg_sigma) == (0.25, 4, 0.004)
+    assert (optim.ema_kimg, optim.ema_rampup, m.mbstd_group) == (10.0, 0.05, 4)
+    assert m.focal == pytest.approx(4.26, abs=0.01) if name != "cars128" else m.focal == 1.025390625
+
+
+def test_ffhq512_is_ffhq256_at_512_px() -> None:
+    """The 512 px variant differs only in resolution and its 8x super-resolution widths (EG3D's 8XDC)."""
+    a, b = preset("ffhq256"), preset("ffhq512")
+    assert (b.model.image_resolution, b.data.resolution, b.model.sr_channels) == (512, 512, 256)
+    b.model.image_resolution = b.data.resolution = 256
+    b.model.sr_channels, b.preset = a.model.sr_channels, a.preset
+    assert a == b
+    assert Config().preset == "ffhq256" and Config().model == a.model
+
+
+def test_blur_fade_follows_the_reference_rule() -> None:
+    """The reference fades D's blur over batch * 200 / 32 kimg; tiny keeps a fixed 5 kimg."""
+    assert effective_blur_fade_kimg(preset("ffhq256")) == 200.0
+    assert effective_blur_fade_kimg(load_config("ffhq256", ["train.batch=8"])) == 50.0
+    assert effective_blur_fade_kimg(load_config("cars128", ["train.batch=64"])) == 400.0
+    assert effective_blur_fade_kimg(preset("anchor")) == 25.0  # batch 4
+    tiny = preset("tiny")
+    assert tiny.train.batch == 8 and effective_blur_fade_kimg(tiny) == 5.0
+    assert effective_blur_fade_kimg(load_config("tiny", ["train.batch=32"])) == 5.0
+    fixed = load_config("ffhq256", ["train.batch=8", "loss.blur_fade_scales_with_batch=false"])
+    assert effective_blur_fade_kimg(fixed) == 200.0
+    assert effective_blur_fade_kimg(load_config("ffhq256", ["loss.blur_fade_kimg=0"])) == 0.0
 
 
 def test_anchor_preset_is_the_fixed_benchmark_size() -> None:
@@ -86,7 +138,7 @@ def test_bad_overrides_are_clear_errors(override: str, message: str) -> None:
 
 
 def test_unknown_preset_lists_the_valid_ones() -> None:
-    with pytest.raises(ConfigError, match="expected one of tiny, anchor, ffhq512, cats256, cars128"):
+    with pytest.raises(ConfigError, match="expected one of tiny, anchor, ffhq256, cats256, cars128, ffhq512"):
         preset("ffhq1024")
 
 

@@ -99,6 +99,23 @@ def test_image_grid_and_pose_plot(tmp_path):
 # ------------------------------------------------------------------------------------------ CLIs
 
 
+def test_video_circles_the_pose_of_the_untruncated_latent(tmp_path):
+    """With truncation the video's camera path starts from the latent's own learned pose (the
+    reference computes the pose before truncating w), not from the truncated w's pose."""
+    torch.manual_seed(0)
+    G = Generator(load_config("tiny", SMALL).model).eval()
+    G.map(torch.randn(64, G.cfg.z_dim), update_w_avg=True)
+    z = torch.randn(1, G.cfg.z_dim)
+    seen = []
+    render = G.render
+    G.render = lambda planes, ws, pose, noise_mode="random": seen.append(pose) or render(planes, ws, pose)
+    generate.render_video(G, z, 0.0, 3, False, tmp_path / "v.gif")
+    expected = generate.camera_path(G.predict_pose(G.map(z))[0], 3, False)
+    torch.testing.assert_close(torch.cat(seen), expected)
+    truncated = generate.camera_path(G.predict_pose(G.map(z, truncation_psi=0.0))[0], 3, False)
+    assert (torch.cat(seen) - truncated).abs().max() > 1e-4
+
+
 def test_parse_seeds():
     assert generate.parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
     for bad in ("a", "3-1", "-2", ""):

@@ -29,7 +29,7 @@ EXAMPLE_SPACE = ROOT / "sweeps" / "search_space.example.yaml"
 
 
 def test_variants_are_the_posters_rows_as_config_overrides() -> None:
-    base = preset("ffhq512")
+    base = preset("ffhq256")
     cfgs = {name: apply_overrides(base, variant_overrides(name, base)) for name in VARIANTS}
     assert set(cfgs) == {"full", "no_symmetry", "no_pose_aware_d", "pose_lr_x10", "pose_lr_x0.1"}
     assert cfgs["full"] == base
@@ -152,7 +152,7 @@ def test_tiny_studies_default_to_short_trials() -> None:
 
     assert "train.kimg=0.2" in base_overrides(StudyRequest())
     assert "train.kimg=0.05" in base_overrides(StudyRequest(kimg=0.05))
-    assert not any(o.startswith("train.kimg") for o in base_overrides(StudyRequest(preset="ffhq512")))
+    assert not any(o.startswith("train.kimg") for o in base_overrides(StudyRequest(preset="ffhq256")))
 
 
 # ---------------------------------------------------------------------------------------------
