@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from pof3d.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 # Normalised focal length f = 1 / (tan(FoV/2) * sqrt(2)) for EG3D's FFHQ FoV of 18.837 degrees.
 FFHQ_FOCAL = 1.0 / (math.tan(math.radians(18.837) / 2) * math.sqrt(2))
@@ -84,7 +87,6 @@ class LossConfig:
     dis_cam_weight: float = 2.0  # trains D's pose head on generated images
     blur_fade_kimg: float = 200.0
     blur_init_sigma: float = 10.0
-    share_passes: bool = True  # False reproduces the reference's independent G/D passes
 
 
 @dataclass
@@ -157,6 +159,10 @@ class Config:
                 continue
             section = _section(cfg, key)
             for name, raw in value.items():
+                removed = REMOVED_FIELDS.get(f"{key}.{name}")
+                if removed is not None:
+                    logger.warning("ignoring config field %s.%s=%r, removed: %s", key, name, raw, removed)
+                    continue
                 _set_field(section, key, name, raw)
         validate(cfg)
         return cfg
@@ -181,6 +187,13 @@ class Config:
 
 
 SECTIONS = ("model", "loss", "optim", "data", "train")
+
+# Fields that earlier versions saved in config.json and that no longer exist, with the reason. A saved
+# config that holds one still loads (the field is ignored, with a warning); an override naming one fails.
+REMOVED_FIELDS = {
+    "loss.share_passes": "the shared passes are the only training schedule; the reference's independent "
+    "passes live in pof3d/testing/reference_schedule.py (tests and benchmarks/step.py --compare)",
+}
 
 
 def _section(cfg: Config, name: str) -> Any:
@@ -232,6 +245,9 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
 
 def _set_field(section: Any, section_name: str, name: str, raw: Any) -> None:
     hints = typing.get_type_hints(type(section))
+    removed = REMOVED_FIELDS.get(f"{section_name}.{name}")
+    if removed is not None:
+        raise ConfigError(f"{section_name}.{name} was removed: {removed}")
     if name not in hints:
         valid = ", ".join(f.name for f in dataclasses.fields(section))
         raise ConfigError(f"unknown field {section_name}.{name}; valid fields of {section_name}: {valid}")

@@ -1,5 +1,8 @@
 """PoF3D losses: every ablation switch removes exactly its term, and shared passes compute the same losses.
 
+The reference schedule (:mod:`pof3d.testing.reference_schedule`, a generator pass, D calls and a backward
+per term as the official implementation runs them) is the yardstick for the shared passes.
+
 The generator runs in eval mode (no depth jitter) with constant noise, and the Python and torch RNGs
 are reseeded before each phase, so two runs that differ only in a loss weight see the same latents,
 renders and mirror coin. A term's gradient contribution is then the difference of the two runs'
@@ -10,6 +13,8 @@ from __future__ import annotations
 
 import math
 import random
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +22,10 @@ import torch
 from pof3d.config import Config, load_config
 from pof3d.discriminator import Discriminator
 from pof3d.generator import Generator
-from pof3d.loss import PoF3DLoss
+from pof3d.loss import Phase, PoF3DLoss, schedule
+from pof3d.testing.reference_schedule import ReferenceSchedule
+
+SCHEDULES = {"shared": PoF3DLoss, "reference": ReferenceSchedule}
 
 B = 4
 
@@ -38,7 +46,11 @@ def real() -> torch.Tensor:
     return torch.rand(B, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
 
-def _run(nets, real, phase: str, *overrides: str, D=None, seed: int = 0):
+def _phase(cfg: Config, name: str) -> Phase:
+    return next(p for p in schedule(cfg) if p.name == name)
+
+
+def _run(nets, real, phase: str, *overrides: str, D=None, seed: int = 0, kind: str = "shared"):
     """One phase from a fixed RNG state; returns (figures, G grads, D grads) with None as zeros."""
     G, D0 = nets
     D = D0 if D is None else D
@@ -47,7 +59,8 @@ def _run(nets, real, phase: str, *overrides: str, D=None, seed: int = 0):
         p.grad = None
     random.seed(seed)
     torch.manual_seed(seed)
-    figures = PoF3DLoss(G, D, cfg, noise_mode="const").accumulate_gradients(phase, real, gain=1.0)
+    loss = SCHEDULES[kind](G, D, cfg, noise_mode="const")
+    figures = loss.accumulate_gradients(_phase(cfg, phase), real, gain=1.0)
 
     def grads(m):
         return {
@@ -83,15 +96,15 @@ class _CallCounter:
         self.calls += 1
 
 
-@pytest.mark.parametrize("share", [True, False])
-def test_symmetry_switch_g_main(nets, real, share: bool) -> None:
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_symmetry_switch_g_main(nets, real, kind: str) -> None:
     G, _ = nets
     counter = _CallCounter(G.superres)
-    f0, g0, d0 = _run(nets, real, "G_main", "loss.symmetry_weight=0", f"loss.share_passes={share}")
+    f0, g0, d0 = _run(nets, real, "G_main", "loss.symmetry_weight=0", kind=kind)
     renders_off, counter.calls = counter.calls, 0
-    _, g1, _ = _run(nets, real, "G_main", "loss.symmetry_weight=1", f"loss.share_passes={share}")
+    _, g1, _ = _run(nets, real, "G_main", "loss.symmetry_weight=1", kind=kind)
     renders_on = counter.calls
-    _, g2, _ = _run(nets, real, "G_main", "loss.symmetry_weight=2", f"loss.share_passes={share}")
+    _, g2, _ = _run(nets, real, "G_main", "loss.symmetry_weight=2", kind=kind)
     counter.handle.remove()
     # Off: the mirrored render is not computed (one render less), and no figure for it.
     assert renders_on == renders_off + 1
@@ -116,11 +129,11 @@ def test_symmetry_switch_d_main(nets, real) -> None:
     assert _norm(g1) == 0.0  # G gets nothing in a D phase
 
 
-@pytest.mark.parametrize("share", [True, False])
-def test_pose_regulariser_reaches_only_the_pose_learner(nets, real, share: bool) -> None:
-    f0, g0, _ = _run(nets, real, "G_main", "loss.pose_gd_weight=0", f"loss.share_passes={share}")
-    f1, g1, _ = _run(nets, real, "G_main", "loss.pose_gd_weight=1", f"loss.share_passes={share}")
-    _, g2, _ = _run(nets, real, "G_main", "loss.pose_gd_weight=2", f"loss.share_passes={share}")
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_pose_regulariser_reaches_only_the_pose_learner(nets, real, kind: str) -> None:
+    f0, g0, _ = _run(nets, real, "G_main", "loss.pose_gd_weight=0", kind=kind)
+    f1, g1, _ = _run(nets, real, "G_main", "loss.pose_gd_weight=1", kind=kind)
+    _, g2, _ = _run(nets, real, "G_main", "loss.pose_gd_weight=2", kind=kind)
     assert "loss/G_pose" not in f0 and float(f1["loss/G_pose"]) > 0
     _assert_linear(g0, g1, g2, prefix="pose_learner.")
     others = [n for n in g0 if not n.startswith("pose_learner.")]
@@ -186,19 +199,46 @@ def test_without_pose_aware_d_no_pose_terms(nets, real) -> None:
     assert _norm(d) > 0
 
 
-@pytest.mark.parametrize("phase", ["G_main", "D_main"])
-def test_shared_passes_compute_the_same_losses(nets, real, phase: str) -> None:
-    """Same latents, noise and coin: the shared schedule gives the reference's values and gradients."""
-    fs, gs, ds = _run(nets, real, phase, "loss.share_passes=true", seed=3)
-    fr, gr, dr = _run(nets, real, phase, "loss.share_passes=false", seed=3)
+def _assert_same(shared: tuple, ref: tuple) -> None:
+    """Same figures (names and values) and the same gradients of G and D, up to float round-off."""
+    (fs, gs, ds), (fr, gr, dr) = shared, ref
     assert fs.keys() == fr.keys()
     for name in fs:
         torch.testing.assert_close(fs[name], fr[name], rtol=1e-4, atol=1e-6)
-    for shared, ref in ((gs, gr), (ds, dr)):
-        scale = _norm(ref)
-        for name in ref:
-            torch.testing.assert_close(shared[name], ref[name], rtol=1e-3, atol=1e-5 * max(scale, 1e-6))
-    assert _norm(gs if phase == "G_main" else ds) > 0
+    for got, want in ((gs, gr), (ds, dr)):
+        scale = _norm(want)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5 * max(scale, 1e-6))
+
+
+@pytest.mark.parametrize("phase", ["G_main", "D_main", "D_r1"])
+def test_shared_passes_compute_the_reference_losses(nets, real, phase: str) -> None:
+    """Same latents, noise and coin: the shared schedule gives the reference's values and gradients."""
+    shared = _run(nets, real, phase, seed=3)
+    _assert_same(shared, _run(nets, real, phase, seed=3, kind="reference"))
+    assert _norm(shared[1] if phase == "G_main" else shared[2]) > 0
+
+
+@pytest.mark.parametrize(
+    ("phase", "weight"),
+    [
+        ("G_main", "loss.symmetry_weight"),
+        ("G_main", "loss.pose_gd_weight"),
+        ("D_main", "loss.symmetry_weight"),
+        ("D_main", "loss.dis_cam_weight"),
+        ("D_r1", "loss.r1_gamma"),
+    ],
+)
+def test_the_comparison_catches_a_changed_or_dropped_term(nets, real, phase: str, weight: str) -> None:
+    """The check above fails when one term's weight differs, and when a term is missing altogether."""
+    shared = _run(nets, real, phase, seed=3)
+    half = _run(nets, real, phase, f"{weight}=0.5", seed=3, kind="reference")
+    with pytest.raises(AssertionError):
+        _assert_same(shared, half)
+    if phase != "D_r1":  # without R1 there is no D_r1 phase at all
+        dropped = _run(nets, real, phase, f"{weight}=0", seed=3, kind="reference")
+        with pytest.raises(AssertionError):
+            _assert_same(shared, dropped)
 
 
 def test_mirror_coin_and_modes(nets) -> None:
@@ -230,3 +270,15 @@ def test_blur_fades_linearly(nets) -> None:
     assert loss.blur_sigma(1000) == pytest.approx(2.0)
     assert loss.blur_sigma(2000) == 0.0 and loss.blur_sigma(5000) == 0.0
     assert PoF3DLoss(G, D, _cfg("loss.blur_fade_kimg=0")).blur_sigma(0) == 0.0
+
+
+def test_training_code_does_not_use_the_reference_schedule() -> None:
+    """The reference schedule is for tests and benchmarks: no library module outside it imports it."""
+    package = Path(__file__).resolve().parents[1] / "pof3d"
+    imports = re.compile(r"^\s*(from|import)\s+pof3d\.testing\b", re.MULTILINE)
+    users = [
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if "testing" not in path.relative_to(package).parts and imports.search(path.read_text())
+    ]
+    assert users == []
