@@ -87,6 +87,10 @@ class LossConfig:
     dis_cam_weight: float = 2.0  # trains D's pose head on generated images
     blur_fade_kimg: float = 200.0
     blur_init_sigma: float = 10.0
+    # Where the density regulariser draws its points: "cube" = U[-1, 1]^3 in world units, as the reference
+    # does whatever box_warp is; "box" = inside the tri-plane box (+-box_warp / 2), where every point
+    # reaches the tri-planes (with box_warp=1 seven in eight "cube" points lie outside it and add nothing).
+    density_reg_region: str = "cube"
 
 
 @dataclass
@@ -288,6 +292,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"loss.symmetry_mode={loss.symmetry_mode!r}: expected flip_both, flip_both_cars or left_right"
         )
+    if loss.density_reg_region not in ("cube", "box"):
+        raise ConfigError(f"loss.density_reg_region={loss.density_reg_region!r}: expected cube or box")
     if cfg.data.synthetic_poses not in ("faces", "cars"):
         raise ConfigError(f"data.synthetic_poses={cfg.data.synthetic_poses!r}: expected faces or cars")
     positive = {

@@ -7,7 +7,9 @@ optimiser step and passes ``gain`` = the interval for the regularisers):
   of the same latent from the mirrored camera, plus the pose regulariser
   ``pose_gd_weight * MSE(Psi(z), stopgrad(D_pose(G(z))))`` whose gradient reaches only the pose
   learner (w is detached into the pose learner for this term).
-- ``G_density``: ``density_reg_weight * L1(sigma(x), sigma(x + eps))`` at random points x in the box.
+- ``G_density``: ``density_reg_weight * L1(sigma(x), sigma(x + eps))`` at random points x, uniform in
+  ``[-1, 1]^3`` world units as the reference draws them (``density_reg_region="cube"``) or inside the
+  tri-plane box (``"box"``).
 - ``D_main``: softplus(D(fake)) + ``symmetry_weight`` * softplus(D(mirrored fake)) + softplus(-D(real))
   + ``dis_cam_weight * MSE(D_pose(fake), Psi(z).detach())``.
 - ``D_r1``: ``r1_gamma / 2 * (|dD/d image|^2 + |dD/d image_raw|^2)`` on reals.
@@ -176,12 +178,12 @@ class PoF3DLoss:
         return figures
 
     def g_density(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
-        """L1 between raw densities at random points in the box and at slightly perturbed points."""
+        """L1 between raw densities at random points and at slightly perturbed points."""
         loss_cfg, G = self.cfg.loss, self.G
         batch, device = real.shape[0], real.device
         ws = G.map(self.latents(batch, device))
         planes = G.synthesize_planes(ws, noise_mode=self.noise_mode)
-        half = 0.5 * self.cfg.model.box_warp
+        half = 1.0 if loss_cfg.density_reg_region == "cube" else 0.5 * self.cfg.model.box_warp
         points = (torch.rand(batch, DENSITY_POINTS, 3, device=device) * 2 - 1) * half
         perturbed = points + torch.randn_like(points) * loss_cfg.density_reg_sigma
         density = G.density(planes, torch.cat((points, perturbed), dim=1))

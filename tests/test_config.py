@@ -114,3 +114,10 @@ def test_a_removed_field_in_a_saved_config_is_ignored_with_a_warning(caplog) -> 
     data["loss"]["sharepasses"] = True
     with pytest.raises(ConfigError, match="unknown field loss.sharepasses"):
         Config.from_json(json.dumps(data))
+
+
+def test_density_region_is_cube_or_box() -> None:
+    assert preset("ffhq512").loss.density_reg_region == "cube"  # the reference's U[-1, 1]^3
+    assert load_config("tiny", ["loss.density_reg_region=box"]).loss.density_reg_region == "box"
+    with pytest.raises(ConfigError, match="density_reg_region='ball': expected cube or box"):
+        load_config("tiny", ["loss.density_reg_region=ball"])

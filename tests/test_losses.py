@@ -188,6 +188,32 @@ def test_density_switch(nets, real) -> None:
     assert _norm(d1) == 0.0
 
 
+@pytest.mark.parametrize(("region", "extent"), [("cube", 1.0), ("box", 0.3)])
+def test_density_points_are_drawn_in_their_region(
+    nets, real, monkeypatch, region: str, extent: float
+) -> None:
+    """ "cube": U[-1, 1]^3 world units whatever box_warp is (the reference); "box": inside +-box_warp / 2."""
+    G, _ = nets
+    drawn = []
+    density = G.density
+    monkeypatch.setattr(
+        G, "density", lambda planes, points: (drawn.append(points.detach()), density(planes, points))[1]
+    )
+    f, _, _ = _run(nets, real, "G_density", f"loss.density_reg_region={region}", "model.box_warp=0.6")
+    assert float(f["loss/G_density"]) > 0
+    (points,) = drawn
+    initial, perturbed = points[:, :1000], points[:, 1000:]
+    assert initial.shape == (B, 1000, 3)
+    assert float(initial.abs().max()) <= extent and float(initial.abs().max()) > 0.95 * extent
+    for axis in range(3):  # uniform: mean about 0, variance extent^2 / 3
+        assert abs(float(initial[..., axis].mean())) < 0.05 * extent
+        assert float(initial[..., axis].var()) == pytest.approx(extent**2 / 3, rel=0.1)
+    torch.testing.assert_close(float((perturbed - initial).std()), 0.004, rtol=0.05, atol=0)
+    if region == "cube":  # most points lie outside the box: any coordinate beyond 0.3
+        outside = (initial.abs() > 0.3).any(dim=-1).float().mean()
+        assert float(outside) > 0.9
+
+
 def test_without_pose_aware_d_no_pose_terms(nets, real) -> None:
     torch.manual_seed(0)
     cfg = _cfg("model.pose_aware_d=false")
