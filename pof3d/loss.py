@@ -12,7 +12,8 @@ optimiser step and passes ``gain`` = the interval for the regularisers):
   tri-plane box (``"box"``).
 - ``D_main``: softplus(D(fake)) + ``symmetry_weight`` * softplus(D(mirrored fake)) + softplus(-D(real))
   + ``dis_cam_weight * MSE(D_pose(fake), Psi(z).detach())``.
-- ``D_r1``: ``r1_gamma / 2 * (|dD/d image|^2 + |dD/d image_raw|^2)`` on reals.
+- ``D_r1``: ``r1_gamma / 2 * (|dD/d image|^2 + |dD/d image_raw|^2)`` on reals, with respect to the
+  (blurred) images D receives.
 
 A term whose weight is zero (or that needs a pose head when ``pose_aware_d`` is off) is not computed
 at all: no render, no D pass, no contribution to any gradient.
@@ -235,10 +236,16 @@ class PoF3DLoss:
         return real_loss
 
     def d_r1(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
-        """R1 on both D inputs; the blur of the image is inside the graph, as in EG3D."""
-        image = real.detach().requires_grad_(True)
-        image_raw = self.real_raw(real.detach(), sigma).requires_grad_(True)
-        logits, _ = self.run_D(image, image_raw, sigma)
+        """R1 with respect to the images D receives: the blurred reals and their blurred raw images.
+
+        As in the reference, whose D call replaces the image by its blurred version before the gradient is
+        taken: the penalty is on D's own input gradient, with the blur outside the differentiated function.
+        """
+        with torch.no_grad():
+            image = gaussian_blur(real, sigma)
+            image_raw = self.real_raw(real, sigma)
+        image, image_raw = image.detach().requires_grad_(True), image_raw.detach().requires_grad_(True)
+        logits, _ = self.D(image, image_raw)
         return self.r1_figures(logits, [image, image_raw], gain)
 
     def r1_figures(self, logits: torch.Tensor, inputs: list[torch.Tensor], gain: float) -> Figures:

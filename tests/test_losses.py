@@ -22,6 +22,7 @@ import torch
 from pof3d.config import Config, load_config
 from pof3d.discriminator import Discriminator
 from pof3d.generator import Generator
+from pof3d.layers import gaussian_blur, resize
 from pof3d.loss import Phase, PoF3DLoss, schedule
 from pof3d.testing.reference_schedule import ReferenceSchedule
 
@@ -175,6 +176,29 @@ def test_r1_penalty_matches_direct_gradient(nets, real) -> None:
     gi, gr = torch.autograd.grad(logits.sum(), [image, raw])
     expected = (gi.square().sum(dim=(1, 2, 3)) + gr.square().sum(dim=(1, 2, 3))).mean()
     torch.testing.assert_close(f["r1_penalty"], expected, rtol=1e-4, atol=1e-10)
+
+
+def _input_gradients(D, image, raw, at=None, pose=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch means of |dD/d at|^2 and |dD/d raw|^2 by hand; ``at`` = the leaf the image comes from."""
+    logits, _ = D(image, raw, pose=pose)
+    grads = torch.autograd.grad(logits.sum(), [image if at is None else at, raw])
+    return tuple(g.square().sum(dim=(1, 2, 3)).mean() for g in grads)
+
+
+def test_r1_is_taken_at_the_blurred_input(nets, real) -> None:
+    """While the blur is on, R1 is D's input gradient at the blurred reals (as the reference takes it)."""
+    _, D = nets
+    f, _, _ = _run(nets, real, "D_r1")  # blur sigma 1
+    raw = gaussian_blur(resize(real, 32), 1.0).requires_grad_(True)
+    blurred = gaussian_blur(real, 1.0).requires_grad_(True)
+    image_term, raw_term = _input_gradients(D, blurred, raw)
+    torch.testing.assert_close(f["r1_penalty"], image_term + raw_term, rtol=1e-4, atol=1e-10)
+    # Taken at the unblurred reals, through the blur, the image's term is smaller (the blur's transpose
+    # smooths the gradient); the raw image's term is the same.
+    leaf = real.clone().requires_grad_(True)
+    image_through_blur, raw_again = _input_gradients(D, gaussian_blur(leaf, 1.0), raw, at=leaf)
+    assert float(image_through_blur) < 0.85 * float(image_term)
+    torch.testing.assert_close(raw_again, raw_term)
 
 
 def test_density_switch(nets, real) -> None:

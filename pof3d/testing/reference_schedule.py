@@ -130,11 +130,16 @@ class ReferenceSchedule(PoF3DLoss):
         return figures
 
     def reference_d_r1(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
-        """R1 on reals through the reference's D calls."""
+        """R1 on reals through the reference's D calls, with respect to the dict's entries after them.
+
+        Those are the tensors the score call received: the blurred image (the D calls replaced the entry)
+        and the raw image, blurred before it went into the dict.
+        """
         image = real.detach().requires_grad_(True)
         image_raw = self.real_raw(real.detach(), sigma).requires_grad_(True)
-        logits = self.score({"image": image, "image_raw": image_raw}, sigma)
-        return self.r1_figures(logits, [image, image_raw], gain)
+        img = {"image": image, "image_raw": image_raw}
+        logits = self.score(img, sigma)
+        return self.r1_figures(logits, [img["image"], img["image_raw"]], gain)
 
 
 _REFERENCE_RUNS = {
