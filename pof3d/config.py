@@ -91,6 +91,10 @@ class LossConfig:
     # does whatever box_warp is; "box" = inside the tri-plane box (+-box_warp / 2), where every point
     # reaches the tri-planes (with box_warp=1 seven in eight "cube" points lie outside it and add nothing).
     density_reg_region: str = "cube"
+    # While the blur fades, a pose-aware D predicts the pose from the image blurred once and scores the image
+    # blurred twice, as the reference does (its pose call and its score call each blur the same image in
+    # place). False: one blur and one D pass for both (cheaper until the blur has faded).
+    double_blur: bool = True
 
 
 @dataclass

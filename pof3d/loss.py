@@ -15,6 +15,10 @@ optimiser step and passes ``gain`` = the interval for the regularisers):
 - ``D_r1``: ``r1_gamma / 2 * (|dD/d image|^2 + |dD/d image_raw|^2)`` on reals, with respect to the
   (blurred) images D receives.
 
+D sees images blurred by a Gaussian whose sigma fades to zero. While it is on, a pose-aware D predicts
+the pose from the image blurred once and scores the image blurred twice, as the reference's pair of D
+calls does (``loss.double_blur``; a second D pass until the blur has faded).
+
 A term whose weight is zero (or that needs a pose head when ``pose_aware_d`` is off) is not computed
 at all: no render, no D pass, no contribution to any gradient.
 
@@ -28,7 +32,9 @@ every term computes in expectation (it only changes which random draws are reuse
    already computes; the term then costs one pose-learner forward on detached w, instead of a third
    full generator pass and another D pass.
 3. In ``D_main`` the pose loss and the fake logits use the same rendered fakes and the same D pass
-   (the discriminator computes its pose head and its score from one backbone pass).
+   (the discriminator computes its pose head and its score from one backbone pass; while the blur
+   is on and ``double_blur`` makes the score see a second blur, the same two D passes as the
+   reference's).
 4. All ``G_main`` terms are backpropagated together (one backward instead of three).
 
 The reference's schedule (a generator pass, D calls and a backward per term) is not part of training:
@@ -119,11 +125,39 @@ class PoF3DLoss:
             axis = "up_down"
         return mirror_pose(pose, axis, cars=mode == "flip_both_cars")
 
-    def run_D(
-        self, image: torch.Tensor, image_raw: torch.Tensor, sigma: float
+    def blurs_twice(self, sigma: float) -> bool:
+        """Whether D scores images blurred twice: ``loss.double_blur``, a pose-aware D and the blur on."""
+        return self.cfg.loss.double_blur and self.cfg.model.pose_aware_d and sigma > 0
+
+    def score_input(
+        self, image: torch.Tensor, image_raw: torch.Tensor, sigma: float, pose_grad: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """D on (blurred) images: logits conditioned on D's own detached pose prediction, and that pose."""
-        return self.D(gaussian_blur(image, sigma), image_raw)
+        """The image D scores and, when it is blurred twice, the pose D predicts from the image blurred once.
+
+        The reference calls D twice on one image dict, once for the pose and once for the score, and each
+        call blurs the dict's image in place: the score sees it blurred twice. Without the second blur (or
+        with the blur off) one D pass gives both, and the pose returned here is None.
+        """
+        image = gaussian_blur(image, sigma)
+        if not self.blurs_twice(sigma):
+            return image, None
+        with torch.set_grad_enabled(pose_grad and torch.is_grad_enabled()):
+            _, pose = self.D(image, image_raw)
+        return gaussian_blur(image, sigma), pose
+
+    def run_D(
+        self, image: torch.Tensor, image_raw: torch.Tensor, sigma: float, pose_grad: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """D on blurred images: logits conditioned on D's own detached pose prediction, and that pose.
+
+        ``pose_grad=False`` when the pose is only used detached: a pose pass of its own (see
+        :meth:`score_input`) then runs without a graph.
+        """
+        scored, pose = self.score_input(image, image_raw, sigma, pose_grad)
+        if pose is None:
+            return self.D(scored, image_raw)
+        logits, _ = self.D(scored, image_raw, pose=pose.detach())
+        return logits, pose
 
     def real_raw(self, real: torch.Tensor, sigma: float) -> torch.Tensor:
         """Raw counterpart of reals: filtered down to the neural resolution, blurred as EG3D does."""
@@ -158,13 +192,13 @@ class PoF3DLoss:
         pose = G.predict_pose(ws)
         planes = G.synthesize_planes(ws, noise_mode=self.noise_mode)
         fake = G.render(planes, ws, pose, noise_mode=self.noise_mode)
-        logits, pred_pose = self.run_D(fake["image"], fake["image_raw"], sigma)
+        logits, pred_pose = self.run_D(fake["image"], fake["image_raw"], sigma, pose_grad=False)
         adv = F.softplus(-logits).mean()
         total, figures = adv, {"loss/G_adv": adv.detach(), "scores/G_fake": logits.detach().mean()}
         if self.symmetry_on:
             # Sharing 1: same ws and tri-planes, new camera.
             flipped = G.render(planes, ws, self.mirror(pose), noise_mode=self.noise_mode)
-            flip_logits, _ = self.run_D(flipped["image"], flipped["image_raw"], sigma)
+            flip_logits, _ = self.run_D(flipped["image"], flipped["image_raw"], sigma, pose_grad=False)
             sym = F.softplus(-flip_logits).mean()
             total = total + loss_cfg.symmetry_weight * sym
             figures["loss/G_sym"] = sym.detach()
@@ -205,7 +239,7 @@ class PoF3DLoss:
             if self.symmetry_on:
                 flipped = G.render(planes, ws, self.mirror(pose), noise_mode=self.noise_mode)
         # Sharing 3: one D pass on the fakes gives both the fake logits and the pose prediction.
-        logits, pred_pose = self.run_D(fake["image"], fake["image_raw"], sigma)
+        logits, pred_pose = self.run_D(fake["image"], fake["image_raw"], sigma, pose_grad=self.dis_cam_on)
         fake_loss = F.softplus(logits).mean()
         total = fake_loss
         figures = {"loss/D_fake": fake_loss.detach(), "scores/D_fake": logits.detach().mean()}
@@ -213,7 +247,7 @@ class PoF3DLoss:
             assert pred_pose is not None
             total = total + loss_cfg.dis_cam_weight * self.pose_loss(pred_pose, pose, figures)
         if flipped is not None:
-            flip_logits, _ = self.run_D(flipped["image"], flipped["image_raw"], sigma)
+            flip_logits, _ = self.run_D(flipped["image"], flipped["image_raw"], sigma, pose_grad=False)
             sym = F.softplus(flip_logits).mean()
             total = total + loss_cfg.symmetry_weight * sym
             figures["loss/D_sym"] = sym.detach()
@@ -229,7 +263,7 @@ class PoF3DLoss:
         return pose_loss
 
     def real_loss(self, real: torch.Tensor, sigma: float, figures: Figures) -> torch.Tensor:
-        logits, _ = self.run_D(real, self.real_raw(real, sigma), sigma)
+        logits, _ = self.run_D(real, self.real_raw(real, sigma), sigma, pose_grad=False)
         real_loss = F.softplus(-logits).mean()
         figures["loss/D_real"] = real_loss.detach()
         figures["scores/D_real"] = logits.detach().mean()
@@ -242,10 +276,10 @@ class PoF3DLoss:
         taken: the penalty is on D's own input gradient, with the blur outside the differentiated function.
         """
         with torch.no_grad():
-            image = gaussian_blur(real, sigma)
             image_raw = self.real_raw(real, sigma)
+            image, pose = self.score_input(real, image_raw, sigma)
         image, image_raw = image.detach().requires_grad_(True), image_raw.detach().requires_grad_(True)
-        logits, _ = self.D(image, image_raw)
+        logits, _ = self.D(image, image_raw, pose=pose)
         return self.r1_figures(logits, [image, image_raw], gain)
 
     def r1_figures(self, logits: torch.Tensor, inputs: list[torch.Tensor], gain: float) -> Figures:

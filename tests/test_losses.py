@@ -124,7 +124,9 @@ def test_symmetry_switch_d_main(nets, real) -> None:
     passes_on = counter.calls
     _, _, d2 = _run(nets, real, "D_main", "loss.symmetry_weight=2")
     counter.handle.remove()
-    assert (passes_off, passes_on) == (2, 3)  # fakes + reals, plus the mirrored fakes
+    # Fakes + reals, plus the mirrored fakes; each scored with a pose pass (blur once) and a score pass
+    # (blur twice) while the blur is on.
+    assert (passes_off, passes_on) == (4, 6)
     assert "loss/D_sym" not in f0
     _assert_linear(d0, d1, d2)
     assert _norm(g1) == 0.0  # G gets nothing in a D phase
@@ -185,20 +187,52 @@ def _input_gradients(D, image, raw, at=None, pose=None) -> tuple[torch.Tensor, t
     return tuple(g.square().sum(dim=(1, 2, 3)).mean() for g in grads)
 
 
-def test_r1_is_taken_at_the_blurred_input(nets, real) -> None:
-    """While the blur is on, R1 is D's input gradient at the blurred reals (as the reference takes it)."""
+@pytest.mark.parametrize("double_blur", [False, True])
+def test_r1_is_taken_at_the_blurred_input(nets, real, double_blur: bool) -> None:
+    """While the blur is on, R1 is D's input gradient at the images D scores (as the reference takes it):
+    the reals blurred once, or twice with ``double_blur`` (conditioned on the pose from the once-blurred)."""
     _, D = nets
-    f, _, _ = _run(nets, real, "D_r1")  # blur sigma 1
+    f, _, _ = _run(nets, real, "D_r1", f"loss.double_blur={double_blur}")  # blur sigma 1
     raw = gaussian_blur(resize(real, 32), 1.0).requires_grad_(True)
-    blurred = gaussian_blur(real, 1.0).requires_grad_(True)
-    image_term, raw_term = _input_gradients(D, blurred, raw)
+    blurred = gaussian_blur(real, 1.0)
+    pose = None
+    if double_blur:
+        pose = D(blurred, raw)[1].detach()
+        blurred = gaussian_blur(blurred, 1.0)
+    blurred.requires_grad_(True)
+    image_term, raw_term = _input_gradients(D, blurred, raw, pose=pose)
     torch.testing.assert_close(f["r1_penalty"], image_term + raw_term, rtol=1e-4, atol=1e-10)
-    # Taken at the unblurred reals, through the blur, the image's term is smaller (the blur's transpose
-    # smooths the gradient); the raw image's term is the same.
+    # Taken at the unblurred reals, through the blur(s), the image's term is smaller (the blur's
+    # transpose smooths the gradient); the raw image's term is the same.
     leaf = real.clone().requires_grad_(True)
-    image_through_blur, raw_again = _input_gradients(D, gaussian_blur(leaf, 1.0), raw, at=leaf)
+    through = gaussian_blur(gaussian_blur(leaf, 1.0), 1.0 if double_blur else 0.0)
+    image_through_blur, raw_again = _input_gradients(D, through, raw, at=leaf, pose=pose)
     assert float(image_through_blur) < 0.85 * float(image_term)
     torch.testing.assert_close(raw_again, raw_term)
+
+
+def test_double_blur_costs_a_d_pass_only_while_the_blur_is_on(nets, real) -> None:
+    """Scored images get a pose pass and a score pass while the blur is on, one pass once it is off."""
+    _, D = nets
+    counter = _CallCounter(D)
+    runs = {}
+    for double in (True, False):
+        for sigma in (1.0, 0.0):
+            counter.calls = 0
+            f, _, _ = _run(
+                nets, real, "D_main", f"loss.double_blur={double}", f"loss.blur_init_sigma={sigma}"
+            )
+            runs[double, sigma] = (counter.calls, f)
+    counter.handle.remove()
+    passes = {key: calls for key, (calls, _) in runs.items()}
+    assert passes == {(True, 1.0): 6, (False, 1.0): 3, (True, 0.0): 3, (False, 0.0): 3}
+    # The second blur changes the scores, not D's pose (predicted from the image blurred once).
+    (_, twice), (_, once) = runs[True, 1.0], runs[False, 1.0]
+    assert abs(float(twice["scores/D_fake"]) - float(once["scores/D_fake"])) > 1e-4
+    torch.testing.assert_close(twice["loss/D_pose"], once["loss/D_pose"])
+    # With the blur off the switch changes nothing.
+    (_, a), (_, b) = runs[True, 0.0], runs[False, 0.0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_density_switch(nets, real) -> None:
@@ -261,12 +295,21 @@ def _assert_same(shared: tuple, ref: tuple) -> None:
             torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5 * max(scale, 1e-6))
 
 
+@pytest.mark.parametrize("double_blur", [True, False])
 @pytest.mark.parametrize("phase", ["G_main", "D_main", "D_r1"])
-def test_shared_passes_compute_the_reference_losses(nets, real, phase: str) -> None:
+def test_shared_passes_compute_the_reference_losses(nets, real, phase: str, double_blur: bool) -> None:
     """Same latents, noise and coin: the shared schedule gives the reference's values and gradients."""
-    shared = _run(nets, real, phase, seed=3)
-    _assert_same(shared, _run(nets, real, phase, seed=3, kind="reference"))
+    blur = f"loss.double_blur={double_blur}"
+    shared = _run(nets, real, phase, blur, seed=3)
+    _assert_same(shared, _run(nets, real, phase, blur, seed=3, kind="reference"))
     assert _norm(shared[1] if phase == "G_main" else shared[2]) > 0
+
+
+@pytest.mark.parametrize("phase", ["G_main", "D_r1"])
+def test_the_comparison_sees_the_second_blur(nets, real, phase: str) -> None:
+    shared = _run(nets, real, phase, "loss.double_blur=true", seed=3)
+    with pytest.raises(AssertionError):
+        _assert_same(shared, _run(nets, real, phase, "loss.double_blur=false", seed=3, kind="reference"))
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,9 @@ blocks, so that, from the same random state, it must give :class:`pof3d.loss.PoF
 gradients; ``tests/test_losses.py`` checks this and ``benchmarks/step.py --compare`` times both.
 
 D's inputs travel in a dict, as in the reference: every D call blurs ``img["image"]`` and stores the
-result back in the dict.
+result back in the dict, so a score call after a pose call sees the image blurred twice (with
+``loss.double_blur=false`` the score call does not blur again, which is what the library's single pass
+computes).
 
 Not used in training: the trainer always runs :mod:`pof3d.loss`'s shared passes.
 """
@@ -55,6 +57,8 @@ class ReferenceSchedule(PoF3DLoss):
             logits, _ = self.D(img["image"], img["image_raw"])
             return logits
         pose = self.predict_pose(img, sigma).detach()
+        if self.cfg.loss.double_blur:
+            img["image"] = gaussian_blur(img["image"], sigma)
         logits, _ = self.D(img["image"], img["image_raw"], pose=pose)
         return logits
 
