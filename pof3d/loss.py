@@ -81,6 +81,16 @@ def frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def blur_fade_length_kimg(cfg: Config) -> float:
+    """Thousands of images (over all workers) over which D's blur fades out.
+
+    ``loss.blur_fade_kimg`` counts for a global batch of 32, as the reference's ``--blur_fade_kimg``
+    option, which its training script scales by ``batch / 32``: the fade lasts as many iterations at
+    any batch.
+    """
+    return cfg.loss.blur_fade_kimg * cfg.train.batch / 32
+
+
 class PoF3DLoss:
     """Computes one phase's losses for a generator/discriminator pair and accumulates their gradients.
 
@@ -108,11 +118,11 @@ class PoF3DLoss:
         return self.cfg.model.pose_aware_d and self.cfg.loss.dis_cam_weight > 0
 
     def blur_sigma(self, images_seen: int) -> float:
-        """Blur of images seen by D, fading linearly to zero over ``blur_fade_kimg`` (EG3D)."""
-        loss = self.cfg.loss
-        if loss.blur_fade_kimg <= 0:
+        """Blur of images seen by D, fading linearly to zero over :func:`blur_fade_length_kimg` (EG3D)."""
+        fade_kimg = blur_fade_length_kimg(self.cfg)
+        if fade_kimg <= 0:
             return 0.0
-        return max(1.0 - images_seen / (loss.blur_fade_kimg * 1e3), 0.0) * loss.blur_init_sigma
+        return max(1.0 - images_seen / (fade_kimg * 1e3), 0.0) * self.cfg.loss.blur_init_sigma
 
     # ------------------------------------------------------------------------------------------
     # Building blocks

@@ -23,7 +23,7 @@ from pof3d.config import Config, load_config
 from pof3d.discriminator import Discriminator
 from pof3d.generator import Generator
 from pof3d.layers import gaussian_blur, resize
-from pof3d.loss import Phase, PoF3DLoss, schedule
+from pof3d.loss import Phase, PoF3DLoss, blur_fade_length_kimg, schedule
 from pof3d.testing.reference_schedule import ReferenceSchedule
 
 SCHEDULES = {"shared": PoF3DLoss, "reference": ReferenceSchedule}
@@ -358,11 +358,22 @@ def test_mirror_coin_and_modes(nets) -> None:
 
 def test_blur_fades_linearly(nets) -> None:
     G, D = nets
-    loss = PoF3DLoss(G, D, _cfg("loss.blur_fade_kimg=2", "loss.blur_init_sigma=4"))
+    loss = PoF3DLoss(G, D, _cfg("loss.blur_fade_kimg=2", "loss.blur_init_sigma=4", "train.batch=32"))
     assert loss.blur_sigma(0) == 4.0
     assert loss.blur_sigma(1000) == pytest.approx(2.0)
     assert loss.blur_sigma(2000) == 0.0 and loss.blur_sigma(5000) == 0.0
     assert PoF3DLoss(G, D, _cfg("loss.blur_fade_kimg=0")).blur_sigma(0) == 0.0
+
+
+def test_blur_fade_length_scales_with_the_batch(nets) -> None:
+    """``blur_fade_kimg`` counts at batch 32, as the reference's option: the fade lasts as many steps."""
+    G, D = nets
+    assert blur_fade_length_kimg(_cfg("loss.blur_fade_kimg=200", "train.batch=32")) == 200.0
+    assert blur_fade_length_kimg(_cfg("loss.blur_fade_kimg=200", "train.batch=8")) == 50.0
+    assert blur_fade_length_kimg(_cfg("loss.blur_fade_kimg=200", "train.batch=64")) == 400.0
+    small = PoF3DLoss(G, D, _cfg("loss.blur_fade_kimg=2", "loss.blur_init_sigma=4", "train.batch=8"))
+    assert small.blur_sigma(250) == pytest.approx(2.0)  # half of 2 kimg * 8 / 32 = 500 images
+    assert small.blur_sigma(500) == 0.0
 
 
 def test_training_code_does_not_use_the_reference_schedule() -> None:
