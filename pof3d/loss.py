@@ -140,7 +140,7 @@ class PoF3DLoss:
         return self.cfg.loss.double_blur and self.cfg.model.pose_aware_d and sigma > 0
 
     def score_input(
-        self, image: torch.Tensor, image_raw: torch.Tensor, sigma: float, pose_grad: bool = False
+        self, image: torch.Tensor, image_raw: torch.Tensor, sigma: float, pose_grad: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The image D scores and, when it is blurred twice, the pose D predicts from the image blurred once.
 
@@ -280,7 +280,7 @@ class PoF3DLoss:
         return real_loss
 
     def d_r1(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
-        """R1 with respect to the images D receives: the blurred reals and their blurred raw images.
+        """R1 with respect to the images D scores: the blurred reals and their blurred raw images.
 
         As in the reference, whose D call replaces the image by its blurred version before the gradient is
         taken: the penalty is on D's own input gradient, with the blur outside the differentiated function.
