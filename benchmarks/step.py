@@ -1,15 +1,16 @@
 """Seconds per training iteration, per phase and images/s at a preset (default: tiny and anchor).
 
     python benchmarks/step.py [--preset tiny,anchor] [--iters 5] [--warmup 1]
-                              [--share-passes | --no-share-passes | --compare]
+                              [--schedule shared|reference | --compare]
                               [--device cpu|cuda] [--amp] [--threads 2] [--set SECTION.FIELD=VALUE ...]
                               [--host-memory retain|default]
 
 Each iteration runs every phase once (G_main, G_density, D_main, D_r1), timed on its own; the table
 gives medians over ``--iters`` iterations after ``--warmup`` ones. "iteration, every phase once" is
 the sum of the phase medians; "iteration, amortised" weights the lazy regularisers by 1/interval as
-training runs them. ``--compare`` runs the shared-pass and the reference (independent-pass) schedules
-interleaved in one process, so that both see the same machine load.
+training runs them. ``--schedule reference`` times the reference implementation's schedule (a generator
+pass, D calls and a backward per term: pof3d/testing/reference_schedule.py) instead of the shared
+passes; ``--compare`` runs both interleaved in one process, so that both see the same machine load.
 
 Imports only torch and the pof3d model modules (no Ray, MLflow or data pipeline), so that it runs on a
 bare GPU machine.
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pof3d.config import Config, load_config  # noqa: E402
 from pof3d.host_memory import is_retaining, retaining_env  # noqa: E402
 from pof3d.loop import Trainer  # noqa: E402
+from pof3d.testing.reference_schedule import ReferenceSchedule  # noqa: E402
 
 PHASE_ORDER = ("G_main", "G_density", "D_main", "D_r1")
 
@@ -40,11 +42,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(preset: str, share: bool, device: torch.device, amp: bool, overrides: list[str]) -> Trainer:
-    cfg: Config = load_config(preset, [f"loss.share_passes={share}", *overrides])
+SCHEDULES = ("shared", "reference")
+
+
+def build(preset: str, schedule: str, device: torch.device, amp: bool, overrides: list[str]) -> Trainer:
+    cfg: Config = load_config(preset, overrides)
     if not amp:
         cfg.model.num_fp16_res = 0
-    return Trainer(cfg, device=device, seed=0)
+    trainer = Trainer(cfg, device=device, seed=0)
+    if schedule == "reference":
+        trainer.loss = ReferenceSchedule(trainer.G, trainer.D, cfg)
+    return trainer
 
 
 def time_iteration(trainer: Trainer, real: torch.Tensor) -> dict[str, float]:
@@ -83,31 +91,31 @@ def run(args: argparse.Namespace) -> list[str]:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    shares = [True, False] if args.compare else [args.share_passes]
+    schedules = list(SCHEDULES) if args.compare else [args.schedule]
     lines = []
     lines.append(
         f"{'preset':8} {'schedule':9} {'G_main':>7} {'G_dens':>7} {'D_main':>7} {'D_r1':>7} {'once s':>7} "
         f"{'img/s':>7} {'amort s':>7} {'img/s':>7} {'cpu s':>7} {'G params':>10} {'D params':>10} {'GiB':>6}"
     )
     for preset in args.preset.split(","):
-        trainers = {s: build(preset, s, device, args.amp, args.set) for s in shares}
-        batch = trainers[shares[0]].cfg.train.batch
-        res = trainers[shares[0]].cfg.model.image_resolution
+        trainers = {s: build(preset, s, device, args.amp, args.set) for s in schedules}
+        batch = trainers[schedules[0]].cfg.train.batch
+        res = trainers[schedules[0]].cfg.model.image_resolution
         real = torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
-        samples: dict[bool, list[dict[str, float]]] = {s: [] for s in shares}
+        samples: dict[str, list[dict[str, float]]] = {s: [] for s in schedules}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for i in range(args.warmup + args.iters):
-            for s in shares:  # interleaved, so every schedule sees the same load
+            for s in schedules:  # interleaved, so every schedule sees the same load
                 times = time_iteration(trainers[s], real)
                 if i >= args.warmup:
                     samples[s].append(times)
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-        for s in shares:
+        for s in schedules:
             t = trainers[s]
             med = summarise(t, samples[s])
             lines.append(
-                f"{preset:8} {'shared' if s else 'reference':9} {med['G_main']:7.3f} "
+                f"{preset:8} {s:9} {med['G_main']:7.3f} "
                 f"{med.get('G_density', 0.0):7.3f} {med['D_main']:7.3f} {med.get('D_r1', 0.0):7.3f} "
                 f"{med['every_phase_once']:7.3f} {batch / med['every_phase_once']:7.3f} "
                 f"{med['amortised']:7.3f} {batch / med['amortised']:7.3f} {med['cpu']:7.2f} "
@@ -122,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="tiny,anchor", help="comma-separated presets")
     parser.add_argument("--iters", type=int, default=5, help="timed iterations (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
-    parser.add_argument("--share-passes", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--schedule", choices=SCHEDULES, default="shared", help="which loss schedule")
     parser.add_argument("--compare", action="store_true", help="time shared and reference schedules")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="mixed precision as the preset's num_fp16_res")

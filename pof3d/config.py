@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from pof3d.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 # Normalised focal length f = 1 / (tan(FoV/2) * sqrt(2)) for EG3D's FFHQ FoV of 18.837 degrees.
 FFHQ_FOCAL = 1.0 / (math.tan(math.radians(18.837) / 2) * math.sqrt(2))
@@ -95,7 +98,14 @@ class LossConfig:
     blur_fade_kimg: float = 200.0
     blur_fade_scales_with_batch: bool = True
     blur_init_sigma: float = 10.0
-    share_passes: bool = True  # False reproduces the reference's independent G/D passes
+    # Where the density regulariser draws its points: "cube" = U[-1, 1]^3 in world units, as the reference
+    # does whatever box_warp is; "box" = inside the tri-plane box (+-box_warp / 2), where every point
+    # reaches the tri-planes (with box_warp=1 seven in eight "cube" points lie outside it and add nothing).
+    density_reg_region: str = "cube"
+    # While the blur fades, a pose-aware D predicts the pose from the image blurred once and scores the image
+    # blurred twice, as the reference does (its pose call and its score call each blur the same image in
+    # place). False: one blur and one D pass for both (cheaper until the blur has faded).
+    double_blur: bool = True
 
 
 @dataclass
@@ -168,6 +178,10 @@ class Config:
                 continue
             section = _section(cfg, key)
             for name, raw in value.items():
+                removed = REMOVED_FIELDS.get(f"{key}.{name}")
+                if removed is not None:
+                    logger.warning("ignoring config field %s.%s=%r, removed: %s", key, name, raw, removed)
+                    continue
                 _set_field(section, key, name, raw)
         validate(cfg)
         return cfg
@@ -192,6 +206,13 @@ class Config:
 
 
 SECTIONS = ("model", "loss", "optim", "data", "train")
+
+# Fields that earlier versions saved in config.json and that no longer exist, with the reason. A saved
+# config that holds one still loads (the field is ignored, with a warning); an override naming one fails.
+REMOVED_FIELDS = {
+    "loss.share_passes": "the shared passes are the only training schedule; the reference's independent "
+    "passes live in pof3d/testing/reference_schedule.py (tests and benchmarks/step.py --compare)",
+}
 
 
 def _section(cfg: Config, name: str) -> Any:
@@ -243,6 +264,9 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
 
 def _set_field(section: Any, section_name: str, name: str, raw: Any) -> None:
     hints = typing.get_type_hints(type(section))
+    removed = REMOVED_FIELDS.get(f"{section_name}.{name}")
+    if removed is not None:
+        raise ConfigError(f"{section_name}.{name} was removed: {removed}")
     if name not in hints:
         valid = ", ".join(f.name for f in dataclasses.fields(section))
         raise ConfigError(f"unknown field {section_name}.{name}; valid fields of {section_name}: {valid}")
@@ -289,6 +313,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.sr_noise_mode={m.sr_noise_mode!r}: expected none, random, const or caller")
     if not m.pose_init_scale > 0:
         raise ConfigError(f"model.pose_init_scale={m.pose_init_scale}: expected a positive number")
+    if loss.density_reg_region not in ("cube", "box"):
+        raise ConfigError(f"loss.density_reg_region={loss.density_reg_region!r}: expected cube or box")
     if cfg.data.synthetic_poses not in ("faces", "cars"):
         raise ConfigError(f"data.synthetic_poses={cfg.data.synthetic_poses!r}: expected faces or cars")
     positive = {

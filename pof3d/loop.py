@@ -12,7 +12,6 @@ import copy
 import logging
 import random
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,19 +24,9 @@ from pof3d.discriminator import Discriminator
 from pof3d.ema import ema_beta, update_ema
 from pof3d.errors import TrainingError
 from pof3d.generator import Generator
-from pof3d.loss import PoF3DLoss
+from pof3d.loss import Phase, PoF3DLoss, schedule
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Phase:
-    """One optimiser step of a network on its interval; ``gain`` = interval for lazy regularisers."""
-
-    name: str
-    module: nn.Module
-    opt: torch.optim.Optimizer
-    interval: int
 
 
 def seed_everything(seed: int) -> None:
@@ -70,9 +59,10 @@ def _world() -> tuple[int, int]:
 class Trainer:
     """Builds G, D, G_ema and their optimisers; ``train_step(real)`` runs one training iteration.
 
-    Phases per step, in EG3D's order: ``G_main`` every step, ``G_density`` every
-    ``loss.density_reg_interval`` steps, ``D_main`` every step, ``D_r1`` every ``loss.r1_interval``
-    steps. A regulariser whose weight is zero has no phase and no optimiser correction.
+    The phases come from :func:`pof3d.loss.schedule`, in EG3D's order: ``G_main`` every step,
+    ``G_density`` every ``loss.density_reg_interval`` steps, ``D_main`` every step, ``D_r1`` every
+    ``loss.r1_interval`` steps. A regulariser whose weight is zero has no phase and no optimiser
+    correction.
     """
 
     def __init__(self, cfg: Config, device: torch.device | str = "cpu", seed: int = 0) -> None:
@@ -95,7 +85,10 @@ class Trainer:
             seed_everything(seed + self.rank)  # each worker draws its own latents and noise
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.loss = PoF3DLoss(self.G, self.D, cfg)
-        self.phases = self._build_phases()
+        self.phases = [phase for phase in schedule(cfg) if phase.active]
+        self.networks: dict[str, nn.Module] = {"G": self.G, "D": self.D}
+        self.opt_G, self.opt_D = self._build_optimisers()
+        self.optimisers: dict[str, torch.optim.Optimizer] = {"G": self.opt_G, "D": self.opt_D}
         self.images_seen = 0
         self.step = 0
         if cfg.train.compile:
@@ -113,10 +106,12 @@ class Trainer:
         self.G.backbone.compile()
         self.G.superres.compile()
 
-    def _build_phases(self) -> list[Phase]:
-        o, loss = self.cfg.optim, self.cfg.loss
-        g_reg = loss.density_reg_interval if loss.density_reg_weight > 0 else 0
-        d_reg = loss.r1_interval if loss.r1_gamma > 0 else 0
+    def _lazy_interval(self, network: str) -> int:
+        """Interval of the network's lazy regulariser phase, 0 when it has none (no correction)."""
+        return next((p.interval for p in self.phases if p.network == network and p.lazy), 0)
+
+    def _build_optimisers(self) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        o = self.cfg.optim
         opt_G = lazy_adam(
             [
                 {"params": self.G.main_parameters(), "lr": o.g_lr},
@@ -125,26 +120,16 @@ class Trainer:
             o.beta1,
             o.beta2,
             o.eps,
-            g_reg,
+            self._lazy_interval("G"),
         )
         opt_D = lazy_adam(
-            [{"params": list(self.D.parameters()), "lr": o.d_lr}], o.beta1, o.beta2, o.eps, d_reg
+            [{"params": list(self.D.parameters()), "lr": o.d_lr}],
+            o.beta1,
+            o.beta2,
+            o.eps,
+            self._lazy_interval("D"),
         )
-        phases = [Phase("G_main", self.G, opt_G, 1)]
-        if g_reg:
-            phases.append(Phase("G_density", self.G, opt_G, g_reg))
-        phases.append(Phase("D_main", self.D, opt_D, 1))
-        if d_reg:
-            phases.append(Phase("D_r1", self.D, opt_D, d_reg))
-        return phases
-
-    @property
-    def opt_G(self) -> torch.optim.Optimizer:
-        return self.phases[0].opt
-
-    @property
-    def opt_D(self) -> torch.optim.Optimizer:
-        return next(p.opt for p in self.phases if p.name == "D_main")
+        return opt_G, opt_D
 
     # ------------------------------------------------------------------------------------------
 
@@ -171,13 +156,14 @@ class Trainer:
 
     def run_phase(self, phase: Phase, real: torch.Tensor) -> dict[str, torch.Tensor]:
         """One phase's forward, backward, gradient averaging and optimiser step (counters untouched)."""
-        phase.opt.zero_grad(set_to_none=True)
+        opt = self.optimisers[phase.network]
+        opt.zero_grad(set_to_none=True)
         figures = self.loss.accumulate_gradients(
-            phase.name, real, gain=float(phase.interval), images_seen=self.images_seen
+            phase, real, gain=float(phase.interval), images_seen=self.images_seen
         )
         self._check_finite(phase.name, figures)
-        self._average_gradients(phase.module)
-        phase.opt.step()
+        self._average_gradients(self.networks[phase.network])
+        opt.step()
         return figures
 
     def _check_finite(self, phase: str, figures: dict[str, torch.Tensor]) -> None:

@@ -7,16 +7,23 @@ optimiser step and passes ``gain`` = the interval for the regularisers):
   of the same latent from the mirrored camera, plus the pose regulariser
   ``pose_gd_weight * MSE(Psi(z), stopgrad(D_pose(G(z))))`` whose gradient reaches only the pose
   learner (w is detached into the pose learner for this term).
-- ``G_density``: ``density_reg_weight * L1(sigma(x), sigma(x + eps))`` at random points x in the box.
+- ``G_density``: ``density_reg_weight * L1(sigma(x), sigma(x + eps))`` at random points x, uniform in
+  ``[-1, 1]^3`` world units as the reference draws them (``density_reg_region="cube"``) or inside the
+  tri-plane box (``"box"``).
 - ``D_main``: softplus(D(fake)) + ``symmetry_weight`` * softplus(D(mirrored fake)) + softplus(-D(real))
   + ``dis_cam_weight * MSE(D_pose(fake), Psi(z).detach())``.
-- ``D_r1``: ``r1_gamma / 2 * (|dD/d image|^2 + |dD/d image_raw|^2)`` on reals.
+- ``D_r1``: ``r1_gamma / 2 * (|dD/d image|^2 + |dD/d image_raw|^2)`` on reals, with respect to the
+  (blurred) images D receives.
+
+D sees images blurred by a Gaussian whose sigma fades to zero. While it is on, a pose-aware D predicts
+the pose from the image blurred once and scores the image blurred twice, as the reference's pair of D
+calls does (``loss.double_blur``; a second D pass until the blur has faded).
 
 A term whose weight is zero (or that needs a pose head when ``pose_aware_d`` is off) is not computed
 at all: no render, no D pass, no contribution to any gradient.
 
-With ``loss.share_passes`` (default) the work the reference repeats is done once; each choice keeps
-what every term computes in expectation (it only changes which random draws are reused):
+Work the reference implementation repeats for every term is done once here; each choice keeps what
+every term computes in expectation (it only changes which random draws are reused):
 
 1. The mirrored render shares the latent's mapping and tri-planes with the normal render: only the
    rays, the volume rendering and the super-resolution run twice. The backbone's backward pass also
@@ -25,11 +32,17 @@ what every term computes in expectation (it only changes which random draws are 
    already computes; the term then costs one pose-learner forward on detached w, instead of a third
    full generator pass and another D pass.
 3. In ``D_main`` the pose loss and the fake logits use the same rendered fakes and the same D pass
-   (the discriminator computes its pose head and its score from one backbone pass).
+   (the discriminator computes its pose head and its score from one backbone pass; while the blur
+   is on and ``double_blur`` makes the score see a second blur, the same two D passes as the
+   reference's).
 4. All ``G_main`` terms are backpropagated together (one backward instead of three).
 
-With ``share_passes=False`` every term gets its own generator and discriminator passes and its own
-backward, as the reference does; this is kept for validation and timing comparisons.
+The reference's schedule (a generator pass, D calls and a backward per term) is not part of training:
+:mod:`pof3d.testing.reference_schedule` keeps it for the tests that compare both schedules' losses and
+gradients and for ``benchmarks/step.py --compare``.
+
+Which phases exist, on which interval, for which network and with which loss method is defined once,
+by :func:`schedule`; the trainer builds its optimisers and steps from that list.
 """
 
 from __future__ import annotations
@@ -37,19 +50,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pof3d.camera import angular_error, mirror_pose
-from pof3d.config import Config
+from pof3d.config import Config, effective_blur_fade_kimg
 from pof3d.layers import gaussian_blur, resize
 
 logger = logging.getLogger(__name__)
 
-PHASES = ("G_main", "G_density", "D_main", "D_r1")
 DENSITY_POINTS = 1000  # random points per latent for the density regulariser (as EG3D)
 
 Figures = dict[str, torch.Tensor]
@@ -93,22 +107,13 @@ class PoF3DLoss:
     def dis_cam_on(self) -> bool:
         return self.cfg.model.pose_aware_d and self.cfg.loss.dis_cam_weight > 0
 
-    def phase_active(self, phase: str) -> bool:
-        """Whether a phase has any term with a non-zero weight (inactive phases are skipped)."""
-        if phase == "G_density":
-            return self.cfg.loss.density_reg_weight > 0
-        if phase == "D_r1":
-            return self.cfg.loss.r1_gamma > 0
-        if phase in ("G_main", "D_main"):
-            return True
-        raise ValueError(f"unknown phase {phase!r}; expected one of {', '.join(PHASES)}")
-
     def blur_sigma(self, images_seen: int) -> float:
-        """Blur of images seen by D, fading linearly to zero over ``blur_fade_kimg`` (EG3D)."""
-        loss = self.cfg.loss
-        if loss.blur_fade_kimg <= 0:
+        """Blur of images seen by D, fading linearly to zero (EG3D) over
+        :func:`~pof3d.config.effective_blur_fade_kimg` thousand images."""
+        fade_kimg = effective_blur_fade_kimg(self.cfg)
+        if fade_kimg <= 0:
             return 0.0
-        return max(1.0 - images_seen / (loss.blur_fade_kimg * 1e3), 0.0) * loss.blur_init_sigma
+        return max(1.0 - images_seen / (fade_kimg * 1e3), 0.0) * self.cfg.loss.blur_init_sigma
 
     # ------------------------------------------------------------------------------------------
     # Building blocks
@@ -121,11 +126,39 @@ class PoF3DLoss:
             axis = "up_down"
         return mirror_pose(pose, axis, cars=mode == "flip_both_cars")
 
-    def run_D(
-        self, image: torch.Tensor, image_raw: torch.Tensor, sigma: float
+    def blurs_twice(self, sigma: float) -> bool:
+        """Whether D scores images blurred twice: ``loss.double_blur``, a pose-aware D and the blur on."""
+        return self.cfg.loss.double_blur and self.cfg.model.pose_aware_d and sigma > 0
+
+    def score_input(
+        self, image: torch.Tensor, image_raw: torch.Tensor, sigma: float, pose_grad: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """D on (blurred) images: logits conditioned on D's own detached pose prediction, and that pose."""
-        return self.D(gaussian_blur(image, sigma), image_raw)
+        """The image D scores and, when it is blurred twice, the pose D predicts from the image blurred once.
+
+        The reference calls D twice on one image dict, once for the pose and once for the score, and each
+        call blurs the dict's image in place: the score sees it blurred twice. Without the second blur (or
+        with the blur off) one D pass gives both, and the pose returned here is None.
+        """
+        image = gaussian_blur(image, sigma)
+        if not self.blurs_twice(sigma):
+            return image, None
+        with torch.set_grad_enabled(pose_grad and torch.is_grad_enabled()):
+            _, pose = self.D(image, image_raw)
+        return gaussian_blur(image, sigma), pose
+
+    def run_D(
+        self, image: torch.Tensor, image_raw: torch.Tensor, sigma: float, pose_grad: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """D on blurred images: logits conditioned on D's own detached pose prediction, and that pose.
+
+        ``pose_grad=False`` when the pose is only used detached: a pose pass of its own (see
+        :meth:`score_input`) then runs without a graph.
+        """
+        scored, pose = self.score_input(image, image_raw, sigma, pose_grad)
+        if pose is None:
+            return self.D(scored, image_raw)
+        logits, _ = self.D(scored, image_raw, pose=pose.detach())
+        return logits, pose
 
     def real_raw(self, real: torch.Tensor, sigma: float) -> torch.Tensor:
         """Raw counterpart of reals: filtered down to the neural resolution, blurred as EG3D does."""
@@ -134,60 +167,39 @@ class PoF3DLoss:
     def latents(self, batch: int, device: torch.device) -> torch.Tensor:
         return torch.randn(batch, self.cfg.model.z_dim, device=device)
 
-    def _generate(
-        self, z: torch.Tensor, mirrored: bool = False, update_w_avg: bool = False
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """A full generator pass (mapping, pose, tri-planes, render) from the learned or mirrored pose."""
-        G = self.G
-        ws = G.map(z, update_w_avg=update_w_avg)
-        pose = G.predict_pose(ws)
-        planes = G.synthesize_planes(ws, noise_mode=self.noise_mode)
-        render_pose = self.mirror(pose) if mirrored else pose
-        return G.render(planes, ws, render_pose, noise_mode=self.noise_mode), pose
-
     # ------------------------------------------------------------------------------------------
     # Phases
 
     def accumulate_gradients(
-        self, phase: str, real: torch.Tensor, gain: float = 1.0, images_seen: int = 0
+        self, phase: Phase, real: torch.Tensor, gain: float = 1.0, images_seen: int = 0
     ) -> Figures:
         """Run one phase on this worker's ``real`` batch and backpropagate ``gain`` * its loss.
 
-        Returns detached scalar figures (losses and statistics) for logging. The latent batch has the
-        size of ``real``.
+        The other network is frozen (gradients flow through it but its parameters collect none). Returns
+        detached scalar figures (losses and statistics) for logging; an inactive phase returns none. The
+        latent batch has the size of ``real``.
         """
-        if not self.phase_active(phase):
+        if not phase.active:
             return {}
-        sigma = self.blur_sigma(images_seen)
-        if phase == "G_main":
-            with frozen(self.D):
-                return self._g_main(real.shape[0], real.device, gain, sigma)
-        if phase == "G_density":
-            with frozen(self.D):
-                return self._g_density(real.shape[0], real.device, gain)
-        if phase == "D_main":
-            with frozen(self.G):
-                return self._d_main(real, gain, sigma)
-        with frozen(self.G):
-            return self._d_r1(real, gain, sigma)
+        other = self.D if phase.network == "G" else self.G
+        with frozen(other):
+            return phase.run(self, real, gain, self.blur_sigma(images_seen))
 
-    def _g_main(self, batch: int, device: torch.device, gain: float, sigma: float) -> Figures:
-        loss_cfg = self.cfg.loss
-        z = self.latents(batch, device)
-        if not loss_cfg.share_passes:
-            return self._g_main_independent(z, gain, sigma)
-        G = self.G
+    def g_main(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
+        """Adversarial, mirrored-camera and pose-regulariser terms of G from one generator pass."""
+        loss_cfg, G = self.cfg.loss, self.G
+        z = self.latents(real.shape[0], real.device)
         ws = G.map(z)
         pose = G.predict_pose(ws)
         planes = G.synthesize_planes(ws, noise_mode=self.noise_mode)
         fake = G.render(planes, ws, pose, noise_mode=self.noise_mode)
-        logits, pred_pose = self.run_D(fake["image"], fake["image_raw"], sigma)
+        logits, pred_pose = self.run_D(fake["image"], fake["image_raw"], sigma, pose_grad=False)
         adv = F.softplus(-logits).mean()
         total, figures = adv, {"loss/G_adv": adv.detach(), "scores/G_fake": logits.detach().mean()}
         if self.symmetry_on:
             # Sharing 1: same ws and tri-planes, new camera.
             flipped = G.render(planes, ws, self.mirror(pose), noise_mode=self.noise_mode)
-            flip_logits, _ = self.run_D(flipped["image"], flipped["image_raw"], sigma)
+            flip_logits, _ = self.run_D(flipped["image"], flipped["image_raw"], sigma, pose_grad=False)
             sym = F.softplus(-flip_logits).mean()
             total = total + loss_cfg.symmetry_weight * sym
             figures["loss/G_sym"] = sym.detach()
@@ -201,49 +213,22 @@ class PoF3DLoss:
         figures.update(pose_figures(self.G.eg3d_pose(pose.detach())))
         return figures
 
-    def _g_main_independent(self, z: torch.Tensor, gain: float, sigma: float) -> Figures:
-        """The reference's schedule: a full G pass (and backward) per term."""
+    def g_density(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
+        """L1 between raw densities at random points and at slightly perturbed points."""
         loss_cfg, G = self.cfg.loss, self.G
-        fake, pose = self._generate(z)
-        logits, _ = self.run_D(fake["image"], fake["image_raw"], sigma)
-        adv = F.softplus(-logits).mean()
-        adv.mul(gain).backward()
-        figures = {"loss/G_adv": adv.detach(), "scores/G_fake": logits.detach().mean()}
-        if self.symmetry_on:
-            flipped, _ = self._generate(z, mirrored=True)
-            flip_logits, _ = self.run_D(flipped["image"], flipped["image_raw"], sigma)
-            sym = F.softplus(-flip_logits).mean()
-            sym.mul(loss_cfg.symmetry_weight * gain).backward()
-            figures["loss/G_sym"] = sym.detach()
-        if self.pose_gd_on:
-            ws = G.map(z)
-            own_pose = G.predict_pose(ws.detach())
-            planes = G.synthesize_planes(ws, noise_mode=self.noise_mode)
-            render = G.render(planes, ws, own_pose, noise_mode=self.noise_mode)
-            _, pred_pose = self.run_D(render["image"], render["image_raw"], sigma)
-            assert pred_pose is not None
-            pose_reg = F.mse_loss(own_pose, pred_pose.detach())
-            pose_reg.mul(loss_cfg.pose_gd_weight * gain).backward()
-            figures["loss/G_pose"] = pose_reg.detach()
-        figures.update(pose_figures(self.G.eg3d_pose(pose.detach())))
-        return figures
-
-    def _g_density(self, batch: int, device: torch.device, gain: float) -> Figures:
-        """L1 between raw densities at random points in the box and at slightly perturbed points."""
-        loss_cfg, G = self.cfg.loss, self.G
+        batch, device = real.shape[0], real.device
         ws = G.map(self.latents(batch, device))
         planes = G.synthesize_planes(ws, noise_mode=self.noise_mode)
-        half = 0.5 * self.cfg.model.box_warp
+        half = 1.0 if loss_cfg.density_reg_region == "cube" else 0.5 * self.cfg.model.box_warp
         points = (torch.rand(batch, DENSITY_POINTS, 3, device=device) * 2 - 1) * half
         perturbed = points + torch.randn_like(points) * loss_cfg.density_reg_sigma
-        sigma = G.density(planes, torch.cat((points, perturbed), dim=1))
-        tv = F.l1_loss(sigma[:, :DENSITY_POINTS], sigma[:, DENSITY_POINTS:])
+        density = G.density(planes, torch.cat((points, perturbed), dim=1))
+        tv = F.l1_loss(density[:, :DENSITY_POINTS], density[:, DENSITY_POINTS:])
         (tv * loss_cfg.density_reg_weight).mul(gain).backward()
         return {"loss/G_density": tv.detach()}
 
-    def _d_main(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
-        if not self.cfg.loss.share_passes:
-            return self._d_main_independent(real, gain, sigma)
+    def d_main(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
+        """D's fake, mirrored-fake, real and pose terms; the fakes come from one generator pass."""
         loss_cfg, G = self.cfg.loss, self.G
         z = self.latents(real.shape[0], real.device)
         with torch.no_grad():
@@ -255,51 +240,23 @@ class PoF3DLoss:
             if self.symmetry_on:
                 flipped = G.render(planes, ws, self.mirror(pose), noise_mode=self.noise_mode)
         # Sharing 3: one D pass on the fakes gives both the fake logits and the pose prediction.
-        logits, pred_pose = self.run_D(fake["image"], fake["image_raw"], sigma)
+        logits, pred_pose = self.run_D(fake["image"], fake["image_raw"], sigma, pose_grad=self.dis_cam_on)
         fake_loss = F.softplus(logits).mean()
         total = fake_loss
         figures = {"loss/D_fake": fake_loss.detach(), "scores/D_fake": logits.detach().mean()}
         if self.dis_cam_on:
             assert pred_pose is not None
-            total = total + loss_cfg.dis_cam_weight * self._pose_figures(pred_pose, pose, figures)
+            total = total + loss_cfg.dis_cam_weight * self.pose_loss(pred_pose, pose, figures)
         if flipped is not None:
-            flip_logits, _ = self.run_D(flipped["image"], flipped["image_raw"], sigma)
+            flip_logits, _ = self.run_D(flipped["image"], flipped["image_raw"], sigma, pose_grad=False)
             sym = F.softplus(flip_logits).mean()
             total = total + loss_cfg.symmetry_weight * sym
             figures["loss/D_sym"] = sym.detach()
-        total = total + self._real_loss(real, sigma, figures)
+        total = total + self.real_loss(real, sigma, figures)
         total.mul(gain).backward()
         return figures
 
-    def _d_main_independent(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
-        """The reference's schedule: separate G passes for the pose loss, the fakes and the mirror."""
-        loss_cfg = self.cfg.loss
-        z = self.latents(real.shape[0], real.device)
-        figures: Figures = {}
-        if self.dis_cam_on:
-            with torch.no_grad():
-                fake, pose = self._generate(z, update_w_avg=True)
-            _, pred_pose = self.run_D(fake["image"], fake["image_raw"], sigma)
-            assert pred_pose is not None
-            pose_loss = self._pose_figures(pred_pose, pose, figures)
-            pose_loss.mul(loss_cfg.dis_cam_weight * gain).backward()
-        with torch.no_grad():
-            fake, _ = self._generate(z, update_w_avg=True)
-        logits, _ = self.run_D(fake["image"], fake["image_raw"], sigma)
-        fake_loss = F.softplus(logits).mean()
-        fake_loss.mul(gain).backward()
-        figures.update({"loss/D_fake": fake_loss.detach(), "scores/D_fake": logits.detach().mean()})
-        if self.symmetry_on:
-            with torch.no_grad():
-                flipped, _ = self._generate(z, mirrored=True, update_w_avg=True)
-            flip_logits, _ = self.run_D(flipped["image"], flipped["image_raw"], sigma)
-            sym = F.softplus(flip_logits).mean()
-            sym.mul(loss_cfg.symmetry_weight * gain).backward()
-            figures["loss/D_sym"] = sym.detach()
-        self._real_loss(real, sigma, figures).mul(gain).backward()
-        return figures
-
-    def _pose_figures(self, pred_pose: torch.Tensor, pose: torch.Tensor, figures: Figures) -> torch.Tensor:
+    def pose_loss(self, pred_pose: torch.Tensor, pose: torch.Tensor, figures: Figures) -> torch.Tensor:
         """D's pose loss on fakes with known pose; records it and the angular error in degrees."""
         pose_loss = F.mse_loss(pred_pose, pose.detach())
         figures["loss/D_pose"] = pose_loss.detach()
@@ -307,19 +264,29 @@ class PoF3DLoss:
         figures["pose/D_error_deg"] = torch.rad2deg(error).mean()
         return pose_loss
 
-    def _real_loss(self, real: torch.Tensor, sigma: float, figures: Figures) -> torch.Tensor:
-        logits, _ = self.run_D(real, self.real_raw(real, sigma), sigma)
+    def real_loss(self, real: torch.Tensor, sigma: float, figures: Figures) -> torch.Tensor:
+        logits, _ = self.run_D(real, self.real_raw(real, sigma), sigma, pose_grad=False)
         real_loss = F.softplus(-logits).mean()
         figures["loss/D_real"] = real_loss.detach()
         figures["scores/D_real"] = logits.detach().mean()
         return real_loss
 
-    def _d_r1(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
-        """R1 on both D inputs; the blur of the image is inside the graph, as in EG3D."""
-        image = real.detach().requires_grad_(True)
-        image_raw = self.real_raw(real.detach(), sigma).requires_grad_(True)
-        logits, _ = self.run_D(image, image_raw, sigma)
-        grads = torch.autograd.grad(logits.sum(), [image, image_raw], create_graph=True)
+    def d_r1(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
+        """R1 with respect to the images D scores: the blurred reals and their blurred raw images.
+
+        As in the reference, whose D call replaces the image by its blurred version before the gradient is
+        taken: the penalty is on D's own input gradient, with the blur outside the differentiated function.
+        """
+        with torch.no_grad():
+            image_raw = self.real_raw(real, sigma)
+            image, pose = self.score_input(real, image_raw, sigma)
+        image, image_raw = image.detach().requires_grad_(True), image_raw.detach().requires_grad_(True)
+        logits, _ = self.D(image, image_raw, pose=pose)
+        return self.r1_figures(logits, [image, image_raw], gain)
+
+    def r1_figures(self, logits: torch.Tensor, inputs: list[torch.Tensor], gain: float) -> Figures:
+        """Backpropagate ``gain * r1_gamma / 2 * |d logits / d inputs|^2`` (mean over the batch)."""
+        grads = torch.autograd.grad(logits.sum(), inputs, create_graph=True)
         penalty = sum(g.square().sum(dim=(1, 2, 3)) for g in grads)
         loss = (penalty * (self.cfg.loss.r1_gamma / 2)).mean()
         loss.mul(gain).backward()
@@ -336,3 +303,44 @@ def pose_figures(pose: torch.Tensor) -> Figures:
         "pose/v_mean_deg": deg[:, 1].mean(),
         "pose/v_std_deg": std[1],
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# The schedule of phases
+
+PhaseLoss = Callable[[PoF3DLoss, torch.Tensor, float, float], Figures]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One optimiser step of one network, on its interval (EG3D's lazy regularisation).
+
+    ``run(loss, real, gain, sigma)`` computes the phase's loss and backpropagates ``gain`` times it;
+    ``gain`` is the interval. A ``lazy`` phase is a regulariser: its network's Adam gets EG3D's
+    ``interval / (interval + 1)`` correction. An inactive phase (its weight is zero) has no step.
+    """
+
+    name: str
+    network: Literal["G", "D"]
+    interval: int
+    run: PhaseLoss
+    active: bool = True
+    lazy: bool = False
+
+
+def schedule(cfg: Config) -> tuple[Phase, ...]:
+    """The phases of a training iteration, in EG3D's order, for this config (active or not)."""
+    loss = cfg.loss
+    return (
+        Phase("G_main", "G", 1, PoF3DLoss.g_main),
+        Phase(
+            "G_density",
+            "G",
+            loss.density_reg_interval,
+            PoF3DLoss.g_density,
+            active=loss.density_reg_weight > 0,
+            lazy=True,
+        ),
+        Phase("D_main", "D", 1, PoF3DLoss.d_main),
+        Phase("D_r1", "D", loss.r1_interval, PoF3DLoss.d_r1, active=loss.r1_gamma > 0, lazy=True),
+    )

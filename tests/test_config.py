@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 
 import pytest
@@ -148,3 +150,26 @@ def test_flat_params_cover_every_field() -> None:
     assert flat["optim.pose_lr"] == 2.5e-5
     assert flat["preset"] == "tiny"
     assert len(flat) > 60
+
+
+def test_a_removed_field_in_a_saved_config_is_ignored_with_a_warning(caplog) -> None:
+    """Runs saved before ``loss.share_passes`` was removed still load; asking for it now is an error."""
+    data = json.loads(preset("tiny").to_json())
+    data["loss"]["share_passes"] = False
+    with caplog.at_level(logging.WARNING, logger="pof3d.config"):
+        cfg = Config.from_json(json.dumps(data))
+    assert cfg == preset("tiny")
+    assert "loss.share_passes=False" in caplog.text and "removed" in caplog.text
+    with pytest.raises(ConfigError, match="loss.share_passes was removed: the shared passes"):
+        load_config("tiny", ["loss.share_passes=false"])
+    # Any other unknown field in a saved config is still refused.
+    data["loss"]["sharepasses"] = True
+    with pytest.raises(ConfigError, match="unknown field loss.sharepasses"):
+        Config.from_json(json.dumps(data))
+
+
+def test_density_region_is_cube_or_box() -> None:
+    assert preset("ffhq512").loss.density_reg_region == "cube"  # the reference's U[-1, 1]^3
+    assert load_config("tiny", ["loss.density_reg_region=box"]).loss.density_reg_region == "box"
+    with pytest.raises(ConfigError, match="density_reg_region='ball': expected cube or box"):
+        load_config("tiny", ["loss.density_reg_region=ball"])
