@@ -42,16 +42,22 @@ POSTER_ROW = {
     "pose_lr_x10": "lr = 2.5e-4",
     "pose_lr_x0.1": "lr = 2.5e-6",
 }
+PER_AXIS_JS_GOAL = 0.02  # nats: the per-axis goal of the long run
 EVAL_COLUMNS = (
     ("JS", "eval/js"),
     ("JS yaw", "eval/js_yaw"),
     ("JS pitch", "eval/js_pitch"),
     ("D pose error on reals (deg)", "eval/pose_error_deg"),
+    ("mean-pose guess (deg)", "eval/pose_error_guess_deg"),
     ("D pose error on fakes (deg, batch)", "pose/D_error_deg"),
     ("depth error", "eval/depth_error"),
     ("RE", "eval/reprojection_error"),
     ("FD_random", "eval/fd_random"),
     ("KD_random", "eval/kd_random"),
+    ("learned yaw mean (deg)", "eval/learned_yaw_mean_deg"),
+    ("learned yaw std (deg)", "eval/learned_yaw_std_deg"),
+    ("learned pitch mean (deg)", "eval/learned_pitch_mean_deg"),
+    ("learned pitch std (deg)", "eval/learned_pitch_std_deg"),
     ("learned yaw std (deg, batch)", "pose/h_std_deg"),
     ("learned pitch std (deg, batch)", "pose/v_std_deg"),
 )
@@ -104,17 +110,39 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
         (
             "pose JS divergence (nats)",
             [("eval/js", "joint"), ("eval/js_yaw", "yaw"), ("eval/js_pitch", "pitch")],
-            0.1,
+            PER_AXIS_JS_GOAL,
         ),
         (
             "D pose error (deg)",
-            [("eval/pose_error_deg", "real images"), ("pose/D_error_deg", "fakes (batch)")],
-            10.0,
+            [
+                ("eval/pose_error_deg", "real images"),
+                ("pose/D_error_deg", "fakes (batch)"),
+                ("eval/pose_error_guess_deg", "mean-pose guess on reals"),
+            ],
+            None,
         ),
-        ("learned pose spread (deg)", [("pose/h_std_deg", "yaw std"), ("pose/v_std_deg", "pitch std")], None),
+        (
+            "learned pose mean (deg)",
+            [
+                ("eval/learned_yaw_mean_deg", "yaw"),
+                ("eval/learned_pitch_mean_deg", "pitch"),
+                ("eval/true_yaw_mean_deg", "true yaw"),
+                ("eval/true_pitch_mean_deg", "true pitch"),
+            ],
+            None,
+        ),
+        (
+            "learned pose spread (deg)",
+            [
+                ("eval/learned_yaw_std_deg", "yaw std"),
+                ("eval/learned_pitch_std_deg", "pitch std"),
+                ("pose/h_std_deg", "yaw std (batch)"),
+                ("pose/v_std_deg", "pitch std (batch)"),
+            ],
+            None,
+        ),
         ("depth error (normalised)", [("eval/depth_error", "generated")], None),
         ("FD_random (stand-in for FID)", [("eval/fd_random", "FD_random")], None),
-        ("reprojection error", [("eval/reprojection_error", "RE")], None),
     ]
     for ax, (title, keys, target) in zip(axes.flat, panels, strict=True):
         for key, label in keys:
@@ -123,6 +151,10 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
                 ax.plot(x, y, marker="o", label=label)
         if target is not None:
             ax.axhline(target, color="grey", linestyle="--", label=f"target {target:g}")
+        if title.startswith("D pose error"):
+            x, y = _series(rows, "eval/pose_error_guess_deg")
+            if len(x):
+                ax.plot(x, y / 2, color="grey", linestyle="--", label="goal: half the guess")
         if title.startswith("learned pose spread"):
             ax.axhline(true_h, color="C0", linestyle=":", label=f"true yaw std {true_h:.1f}")
             ax.axhline(true_v, color="C1", linestyle=":", label=f"true pitch std {true_v:.1f}")
