@@ -150,6 +150,12 @@ class TrainConfig:
     cpus_per_worker: float = 0.5
     keep_checkpoints: int = 3
     max_failures: int = 2
+    # Wall-clock bound in minutes (0 = none), counted from the start of the launch (Ray workers starting,
+    # resumes and retries after a failure included; preparing the data before it is not). When it is
+    # reached, rank 0 decides, every worker stops after the same step, and the run ends as at its kimg
+    # target: final checkpoint and evaluation, reported finished ("time limit after X kimg"). A later
+    # --resume gets a new bound of its own.
+    time_limit_min: float = 0.0
     compile: bool = False
     retain_cpu_memory: bool = True  # CPU workers keep freed memory (pof3d/host_memory.py)
 
@@ -333,6 +339,8 @@ def validate(cfg: Config) -> None:
     for name in ("kimg", "tick_kimg", "snapshot_kimg"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name}={getattr(t, name)}: expected a positive number")
+    if t.time_limit_min < 0:
+        raise ConfigError(f"train.time_limit_min={t.time_limit_min}: expected minutes >= 0 (0 = no limit)")
     if t.cpus_per_worker <= 0 and t.gpus_per_worker <= 0:
         raise ConfigError("train.cpus_per_worker and train.gpus_per_worker cannot both be 0")
     if cfg.data.resolution != m.image_resolution:

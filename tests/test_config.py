@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -99,6 +100,41 @@ def test_anchor_preset_is_the_fixed_benchmark_size() -> None:
     assert (m.channel_base, m.channel_max, m.mapping_layers, m.z_dim, m.w_dim) == (8192, 128, 2, 512, 512)
     assert (m.decoder_hidden, m.depth_samples, m.importance_samples) == (64, 24, 24)
     assert preset("anchor").train.batch == 4 and m.num_fp16_res == 0 and m.pose_aware_d
+
+
+# The anchor_faces fields that come from anchor (the network size); every other field is ffhq256's.
+ANCHOR_SIZE = (
+    "image_resolution",
+    "neural_resolution",
+    "triplane_resolution",
+    "triplane_channels",
+    "channel_base",
+    "channel_max",
+    "disc_channel_base",
+    "disc_channel_max",
+    "cmap_dim",
+    "mapping_layers",
+    "z_dim",
+    "w_dim",
+    "decoder_hidden",
+    "depth_samples",
+    "importance_samples",
+    "num_fp16_res",
+)
+
+
+def test_anchor_faces_is_the_anchor_network_with_the_ffhq_settings() -> None:
+    faces, anchor, ffhq = preset("anchor_faces"), preset("anchor"), preset("ffhq256")
+    for name, value in dataclasses.asdict(faces.model).items():
+        source = anchor if name in ANCHOR_SIZE else ffhq
+        assert value == getattr(source.model, name), name
+    assert (faces.loss, faces.optim, faces.train) == (ffhq.loss, ffhq.optim, ffhq.train)
+    assert faces.train.batch == 32 and effective_blur_fade_kimg(faces) == 200.0
+    assert (faces.data.resolution, faces.data.synthetic_poses, faces.data.synthetic_n) == (
+        128,
+        "faces",
+        20000,
+    )
 
 
 def test_overrides_are_typed() -> None:

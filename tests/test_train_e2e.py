@@ -126,6 +126,29 @@ def test_non_finite_loss_stops_cleanly_and_keeps_the_last_checkpoint(finished_ru
     assert progress["images_seen"] == 24
 
 
+def test_time_limit_ends_the_run_like_its_target_and_resume_continues_it(ray_local, tmp_path, capsys) -> None:
+    """A limit that has passed before the first step ends the run after that step, cleanly: final tick,
+    evaluation and checkpoint, MLflow run finished with the reason; ``--resume`` then trains on."""
+    run_dir = tmp_path / "timed"
+    extra = ["train.time_limit_min=0.001", "train.eval_kimg=0.1", "train.eval_metrics=js"]
+    assert main(["--kimg", "1", *BATCH, "--run-dir", str(run_dir), *_sets(extra)]) == 0
+    out = capsys.readouterr().out
+    assert "in 1 ticks (stopped at the time limit after 0.004 kimg; --resume" in out, out[-2000:]
+    (tick,) = _ticks(run_dir)
+    assert tick["images_seen"] == 4 and 0.0 <= tick["eval/js"] <= 1.0  # the final evaluation
+    _, _, progress = load_checkpoint(latest_checkpoint(run_dir))
+    assert progress["images_seen"] == 4 and progress["step"] == 1
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("pof3d").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["stop_reason"] == "time limit after 0.004 kimg"
+    resume = ["--resume", str(run_dir), "--kimg", "0.008", "--set", "train.time_limit_min=0"]
+    assert main(resume) == 0
+    assert "stopped at" not in capsys.readouterr().out
+    assert [t["images_seen"] for t in _ticks(run_dir)] == [4, 8]
+    _, _, progress = load_checkpoint(latest_checkpoint(run_dir))
+    assert progress["images_seen"] == 8 and progress["step"] == 2
+
+
 def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,9 +3,11 @@ request checks, CLI exit codes, and MLflow tracking against a real local store o
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import socket
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -14,7 +16,14 @@ from pof3d.checkpoint import save_checkpoint
 from pof3d.config import load_config
 from pof3d.distributed.launcher import check_resources
 from pof3d.distributed.plan import TrainRequest, flag_overrides, plan_run
-from pof3d.distributed.progress import TickMeter, format_eta, next_boundary, progress_line
+from pof3d.distributed.progress import (
+    TickMeter,
+    TimeLimit,
+    deadline,
+    format_eta,
+    next_boundary,
+    progress_line,
+)
 from pof3d.errors import ConfigError
 from pof3d.tracking import Tracker, default_tracking_uri, ui_command
 from pof3d.train import main
@@ -45,6 +54,44 @@ def test_tick_meter_averages_figures_and_measures_throughput() -> None:
     second = meter.close(images_seen=20)  # the meter restarted: no figures carried over
     assert "loss/G_adv" not in second and second["perf/images_per_sec"] == 0.0
     assert format_eta(math.inf) == "?" and format_eta(3725) == "1h02m"
+
+
+def test_time_limit_is_rank_0s_clock_against_the_launch_deadline() -> None:
+    assert deadline(0.0, 100.0) is None and deadline(1.5, 100.0) == 190.0
+    assert not TimeLimit(None).reached() and TimeLimit(None).remaining() == math.inf
+    now = [150.0]
+    limit = TimeLimit(190.0, clock=lambda: now[0])
+    assert not limit.reached() and limit.remaining() == 40.0
+    now[0] = 190.0
+    assert limit.reached() and limit.remaining() == 0.0
+    assert not limit.reached(rank=1)  # alone, a rank other than 0 never decides by its own clock
+    with pytest.raises(ConfigError, match="train.time_limit_min=-1.0: expected minutes >= 0"):
+        load_config("tiny", ["train.time_limit_min=-1"])
+
+
+def _agree(rank: int, store: str, out: str) -> None:
+    """One rank of a 2-process gloo group asking :class:`TimeLimit` with its own clock, twice: once with
+    only rank 0's clock past the deadline, once with only rank 1's."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        answers = [
+            TimeLimit(100.0, clock=lambda c=c: c[rank]).reached(rank, 2) for c in ((101, 99), (99, 101))
+        ]
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank-{rank}.json").write_text(json.dumps(answers))
+
+
+@pytest.mark.slow  # two spawned processes: about 10 s alone, over 30 s on a busy 2-core machine
+def test_every_rank_takes_rank_0s_answer(tmp_path) -> None:
+    """Clocks disagree across processes; all ranks must stop (or go on) after the same step."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank-{rank}.json").read_text()) == [True, False]
 
 
 def test_resource_check_rejects_requests_that_would_starve_ray_data() -> None:

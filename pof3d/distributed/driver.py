@@ -23,6 +23,7 @@ class RunSummary:
     mlflow_uri: str
     mlflow_run_id: str | None
     experiment: str
+    stop_reason: str | None = None  # e.g. "time limit after 103.456 kimg"; None: the kimg target was reached
 
     @property
     def ui_command(self) -> str:
@@ -30,8 +31,14 @@ class RunSummary:
 
     def line(self) -> str:
         where = f"checkpoint {self.checkpoint}" if self.checkpoint else "no checkpoint"
+        stopped = (
+            f" (stopped at the {self.stop_reason}; --resume {self.run_dir} continues)"
+            if self.stop_reason
+            else ""
+        )
         return (
-            f"trained to kimg {self.images_seen / 1000:g} in {self.tick} ticks; results in {self.run_dir} "
+            f"trained to kimg {self.images_seen / 1000:g} in {self.tick} ticks{stopped}; "
+            f"results in {self.run_dir} "
             f"({where}); MLflow run {self.mlflow_run_id or '(tracking unavailable)'} of experiment "
             f"{self.experiment!r}: {self.ui_command}"
         )
@@ -78,6 +85,8 @@ def run_training(plan: RunPlan) -> RunSummary:
         tracker.set_tag("training_error", result.training_error[:5000])
         tracker.finish("FAILED")
         raise TrainingError(f"{result.training_error} (last good checkpoint: {result.checkpoint or 'none'})")
+    if result.stop_reason:
+        tracker.set_tag("stop_reason", result.stop_reason)
     tracker.finish("FINISHED")
     return RunSummary(
         run_dir=plan.run_dir,
@@ -87,4 +96,5 @@ def run_training(plan: RunPlan) -> RunSummary:
         mlflow_uri=plan.mlflow_uri,
         mlflow_run_id=tracker.run_id,
         experiment=plan.experiment,
+        stop_reason=result.stop_reason,
     )

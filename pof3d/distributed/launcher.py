@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class LaunchResult:
     tick: int
     checkpoint: Path | None
     training_error: str | None
+    stop_reason: str | None = None  # set when train.time_limit_min ended the run before its kimg target
 
 
 def connect(address: str | None) -> None:
@@ -91,6 +93,7 @@ def launch(spec: LaunchSpec) -> LaunchResult:
     from ray.train.torch import TorchTrainer
 
     from pof3d.data.streaming import ingest_options, make_dataset
+    from pof3d.distributed.progress import deadline
     from pof3d.distributed.worker import train_loop_per_worker
 
     cfg = spec.cfg
@@ -113,6 +116,8 @@ def launch(spec: LaunchSpec) -> LaunchResult:
             "mlflow_uri": spec.mlflow_uri,
             "mlflow_run_id": spec.mlflow_run_id,
             "resume_from": str(spec.resume_from) if spec.resume_from else None,
+            # Fixed here, so that workers restarted after a failure keep the launch's deadline.
+            "deadline": deadline(t.time_limit_min, time.time()),
         },
         scaling_config=ScalingConfig(
             num_workers=t.workers, use_gpu=t.gpus_per_worker > 0, resources_per_worker=resources
@@ -142,6 +147,7 @@ def launch(spec: LaunchSpec) -> LaunchResult:
         tick=int(final.get("tick", 0)),
         checkpoint=checkpoint,
         training_error=final.get("training_error"),
+        stop_reason=final.get("stop_reason"),
     )
 
 

@@ -1,4 +1,5 @@
-"""Per-tick bookkeeping: averaged figures, throughput, data-wait share, ETA, and the progress line.
+"""Per-tick bookkeeping: averaged figures, throughput, data-wait share, ETA, the progress line, and
+the wall-clock limit of a run.
 
 Kept free of Ray and of the model so that the arithmetic (and the line users read in ``ray job logs``)
 is tested on its own.
@@ -11,6 +12,9 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -64,6 +68,42 @@ class TickMeter:
         self._images, self._data_wait, self._step_time = 0, 0.0, 0.0
         self._started = now
         return out
+
+
+def deadline(limit_min: float, started: float) -> float | None:
+    """Wall-clock time (``time.time()``) at which a launch started at ``started`` with
+    ``train.time_limit_min=limit_min`` ends; None for no limit (0)."""
+    return started + 60.0 * limit_min if limit_min > 0 else None
+
+
+@dataclass
+class TimeLimit:
+    """Whether the run's deadline has passed, as every worker must see it: the same answer at the same
+    step.
+
+    Ticks and snapshots need no agreement (every rank counts the same images), but clocks differ between
+    processes, so rank 0 alone reads its clock and, in a data-parallel run, broadcasts its answer: a rank
+    that stopped on its own clock while another took one more step would leave that one waiting forever
+    in the gradient all-reduce. Every rank must call :meth:`reached` at every step (a collective); with no
+    deadline it is free.
+    """
+
+    deadline: float | None
+    clock: Callable[[], float] = time.time
+
+    def reached(self, rank: int = 0, world: int = 1, device: torch.device | str = "cpu") -> bool:
+        if self.deadline is None:
+            return False
+        up = rank == 0 and self.clock() >= self.deadline
+        if world > 1:
+            flag = torch.tensor([int(up)], dtype=torch.int32, device=device)
+            dist.broadcast(flag, src=0)
+            up = bool(flag.item())
+        return up
+
+    def remaining(self) -> float:
+        """Seconds left (inf with no deadline, 0 once passed): caps the progress line's ETA."""
+        return math.inf if self.deadline is None else max(self.deadline - self.clock(), 0.0)
 
 
 def next_boundary(images_seen: int, every_kimg: float) -> int:

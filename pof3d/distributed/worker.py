@@ -25,7 +25,7 @@ import torch
 from pof3d.checkpoint import PROGRESS_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
 from pof3d.config import Config
 from pof3d.distributed.launcher import CHECKPOINTS_DIR
-from pof3d.distributed.progress import TickMeter, next_boundary, progress_line
+from pof3d.distributed.progress import TickMeter, TimeLimit, next_boundary, progress_line
 from pof3d.errors import TrainingError
 from pof3d.tracking import Tracker
 
@@ -41,9 +41,11 @@ METRICS_FILE = "metrics.jsonl"
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Entry point of each Ray Train worker; ``config`` is built by :mod:`pof3d.distributed.launcher`.
 
-    Returns (rank 0's value reaches the driver) the counters reached and, if training had to stop,
-    ``training_error``: a non-finite loss ends the workers cleanly instead of raising, because a raised
-    error would be retried from the last checkpoint by Ray's FailureConfig and fail the same way again.
+    Returns (rank 0's value reaches the driver) the counters reached; ``stop_reason`` when the run ended
+    before its kimg target at ``train.time_limit_min`` (cleanly, as at the target), and, if training had
+    to stop, ``training_error``: a non-finite loss ends the workers cleanly instead of raising, because a
+    raised error would be retried from the last checkpoint by Ray's FailureConfig and fail the same way
+    again.
     """
     import ray.train
 
@@ -80,8 +82,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     next_tick = next_boundary(trainer.images_seen, cfg.train.tick_kimg)
     next_snapshot = next_boundary(trainer.images_seen, cfg.train.snapshot_kimg)
     next_eval = next_boundary(trainer.images_seen, cfg.train.eval_kimg) if cfg.train.eval_kimg > 0 else None
+    time_limit = TimeLimit(config.get("deadline"))
+    stop_reason = None
 
-    while trainer.images_seen < target:
+    while stop_reason is None and trainer.images_seen < target:
         started = time.perf_counter()
         batch = next(batches)
         real = batch["image"].to(device, non_blocking=True)
@@ -101,12 +105,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             data_wait=fetched - started,
             step_time=time.perf_counter() - started,
         )
-        done = trainer.images_seen >= target
+        # Every rank asks at every step (a collective when a limit is set); rank 0's clock decides.
+        out_of_time = trainer.images_seen < target and time_limit.reached(rank, world, device)
+        if out_of_time:
+            stop_reason = f"time limit after {trainer.images_seen / 1000:.3f} kimg"
+            if rank == 0:
+                logger.info(
+                    "train.time_limit_min=%g reached at kimg %.3f: final checkpoint and evaluation",
+                    cfg.train.time_limit_min,
+                    trainer.images_seen / 1000,
+                )
+        done = trainer.images_seen >= target or out_of_time
         if not (done or trainer.images_seen >= next_tick):
             continue
         tick += 1
         next_tick = next_boundary(trainer.images_seen, cfg.train.tick_kimg)
         metrics = meter.close(trainer.images_seen)
+        metrics["perf/eta_sec"] = min(metrics["perf/eta_sec"], time_limit.remaining())
         snapshot = done or trainer.images_seen >= next_snapshot
         if snapshot:
             next_snapshot = next_boundary(trainer.images_seen, cfg.train.snapshot_kimg)
@@ -122,8 +137,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             tracker.log_metrics(metrics, step=trainer.images_seen)
         _report(trainer, cfg, config, metrics, tick, snapshot, done, rank, tracker, run_dir, true_poses)
     if rank == 0:
-        logger.info("training reached kimg %.3f after %d ticks", trainer.images_seen / 1000, tick)
-    return {"images_seen": trainer.images_seen, "tick": tick, "training_error": None}
+        ended = f"stopped: {stop_reason}" if stop_reason else f"reached kimg {trainer.images_seen / 1000:.3f}"
+        logger.info("training %s after %d ticks", ended, tick)
+    return {
+        "images_seen": trainer.images_seen,
+        "tick": tick,
+        "training_error": None,
+        "stop_reason": stop_reason,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
