@@ -66,7 +66,7 @@ class ModelConfig:
     pose_hidden: int = 512
     pose_from_truncated_w: bool = False  # False: pose from the untruncated w, as the reference
     pose_init_scale: float = 1.0  # output layer's initial scale; 1.0 = the reference's (~45 deg spread)
-    pitch_output: str = "polar"  # the model's pitch coordinate: polar angle, or eg3d's v (the reference)
+    pitch_output: str = "eg3d"  # the model's pitch coordinate: eg3d's v (the reference) or the polar angle
     # Discriminator.
     disc_channel_base: int = 32768
     disc_channel_max: int = 512
@@ -102,6 +102,11 @@ class LossConfig:
     # does whatever box_warp is; "box" = inside the tri-plane box (+-box_warp / 2), where every point
     # reaches the tri-planes (with box_warp=1 seven in eight "cube" points lie outside it and add nothing).
     density_reg_region: str = "cube"
+    # Drop a G_main or D_main update (zero gradient, the optimiser still steps) when any latent of the
+    # global batch has its learned pitch at or beyond a pole: the reference's faces camera is NaN there
+    # and its loop zeroes NaN gradients, so the update is lost. Off: such poses render at the pole.
+    # Never applies with model.pose_clamp (the reference clamps cars' poses instead).
+    skip_past_pole: bool = True
     # While the blur fades, a pose-aware D predicts the pose from the image blurred once and scores the image
     # blurred twice, as the reference does (its pose call and its score call each blur the same image in
     # place). False: one blur and one D pass for both (cheaper until the blur has faded).

@@ -91,6 +91,10 @@ class Generator(nn.Module):
         model's pitch coordinate (``model.pitch_output``), which :meth:`render` takes."""
         return self.pose_learner(ws[:, 0])
 
+    def past_pole(self, ws: torch.Tensor) -> torch.Tensor:
+        """``[B]`` bool: the learned pitch of each latent lies at or beyond a pole before clamping."""
+        return self.pose_learner.past_pole(ws[:, 0])
+
     def eg3d_pose(self, pose: torch.Tensor) -> torch.Tensor:
         """A pose of this model as EG3D's (h, v), the convention of data, labels and metrics."""
         return to_eg3d(pose, self.cfg.pitch_output)

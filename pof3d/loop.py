@@ -24,7 +24,7 @@ from pof3d.discriminator import Discriminator
 from pof3d.ema import ema_beta, update_ema
 from pof3d.errors import TrainingError
 from pof3d.generator import Generator
-from pof3d.loss import Phase, PoF3DLoss, schedule
+from pof3d.loss import PAST_POLE, Phase, PoF3DLoss, schedule
 
 logger = logging.getLogger(__name__)
 
@@ -162,9 +162,27 @@ class Trainer:
             phase, real, gain=float(phase.interval), images_seen=self.images_seen
         )
         self._check_finite(phase.name, figures)
-        self._average_gradients(self.networks[phase.network])
+        network = self.networks[phase.network]
+        if PAST_POLE in figures and self._any_worker(bool(figures[PAST_POLE] > 0)):
+            # The reference's camera is NaN for such a pose and its loop zeroes NaN gradients after the
+            # all-reduce: the whole update is lost on every worker, but the optimiser still steps.
+            for p in network.parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
+            figures[f"dropped/{phase.name}"] = torch.ones(())
+        elif PAST_POLE in figures:
+            figures[f"dropped/{phase.name}"] = torch.zeros(())
+        self._average_gradients(network)
         opt.step()
         return figures
+
+    def _any_worker(self, flag: bool) -> bool:
+        """True when ``flag`` is set on any worker (an all-reduce of the flags when data parallel)."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
 
     def _check_finite(self, phase: str, figures: dict[str, torch.Tensor]) -> None:
         if not figures:

@@ -64,6 +64,9 @@ from pof3d.layers import gaussian_blur, resize
 
 logger = logging.getLogger(__name__)
 
+# Figure of G_main and D_main: the fraction of the batch's latents with a pitch at or past a pole; a
+# non-zero value on any worker drops the phase's update (``loss.skip_past_pole``, as the reference).
+PAST_POLE = "pose/past_pole_fraction"
 DENSITY_POINTS = 1000  # random points per latent for the density regulariser (as EG3D)
 
 Figures = dict[str, torch.Tensor]
@@ -211,6 +214,7 @@ class PoF3DLoss:
             figures["loss/G_pose"] = pose_reg.detach()
         total.mul(gain).backward()
         figures.update(pose_figures(self.G.eg3d_pose(pose.detach())))
+        figures.update(self.past_pole(ws))
         return figures
 
     def g_density(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
@@ -254,7 +258,16 @@ class PoF3DLoss:
             figures["loss/D_sym"] = sym.detach()
         total = total + self.real_loss(real, sigma, figures)
         total.mul(gain).backward()
+        figures.update(self.past_pole(ws))
         return figures
+
+    def past_pole(self, ws: torch.Tensor) -> Figures:
+        """``{PAST_POLE: fraction}`` of this batch's latents whose pitch lies at or beyond a pole, when
+        ``loss.skip_past_pole`` applies; the trainer then drops the phase's update on every worker."""
+        if not self.cfg.loss.skip_past_pole or self.cfg.model.pose_clamp:
+            return {}
+        with torch.no_grad():
+            return {PAST_POLE: self.G.past_pole(ws.detach()).float().mean()}
 
     def pose_loss(self, pred_pose: torch.Tensor, pose: torch.Tensor, figures: Figures) -> torch.Tensor:
         """D's pose loss on fakes with known pose; records it and the angular error in degrees."""

@@ -35,11 +35,12 @@ class PoseLearner(nn.Module):
     The pitch is in the model's pitch coordinate (``model.pitch_output``, see
     :data:`pof3d.camera.PITCH_COORDINATES`), kept inside (1e-5, pi - 1e-5) either way:
 
-    - ``"eg3d"`` (the reference): EG3D's v. The camera's polar angle is phi = arccos(1 - 2 v / pi), so
-      the camera moves at 2 / (pi sin phi) per unit of v, without bound toward the poles. Latents mapped
-      near a pole then send gradients to the shared pose weights that are many times larger than anyone
-      else's: measured, the learned pitch collapses onto a pole (docs/fidelity.md, "pitch at the poles").
-    - ``"polar"`` (default): the polar angle phi itself; the camera moves at unit rate everywhere.
+    - ``"eg3d"`` (default, the reference): EG3D's v. The camera's polar angle is
+      phi = arccos(1 - 2 v / pi), so the camera moves at 2 / (pi sin phi) per unit of v, without bound
+      toward the poles: latents mapped near a pole send the shared pose weights gradients many times
+      larger than anyone else's.
+    - ``"polar"``: the polar angle phi itself; the camera moves at unit rate everywhere. Whether this
+      changes what is learned is measured in docs/fidelity.md ("Pitch at the poles").
 
     The whole model works in this coordinate (renderer, D's pose head and pseudo labels, the pose
     losses), as the reference's does in its own; both agree at the centre (phi = v = pi/2), and
@@ -72,6 +73,16 @@ class PoseLearner(nn.Module):
         self.out = FullyConnected(hidden, 2)
         with torch.no_grad():
             self.out.weight.mul_(init_scale)
+
+    def past_pole(self, w: torch.Tensor) -> torch.Tensor:
+        """``[B]`` bool: the pitch before any clamp lies at or beyond a pole (outside (0, pi)).
+
+        In the reference (faces, no clamp) such a latent's camera is NaN, and the training loop's
+        ``nan_to_num`` then zeroes the whole update of the phase that rendered it; see
+        ``loss.skip_past_pole``.
+        """
+        pitch = self.out(self.hidden(w))[:, 1] + self.pitch_center
+        return (pitch <= 0) | (pitch >= math.pi)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         x = self.out(self.hidden(w))

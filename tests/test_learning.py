@@ -180,3 +180,41 @@ def test_data_parallel_workers_stay_in_sync(tmp_path) -> None:
         assert torch.equal(a["params"][name], b["params"][name]), name
     single = Trainer(_cfg(), seed=0)
     assert not torch.equal(single.D.state_dict()["fc.weight"], a["params"]["D.fc.weight"])  # it trained
+
+
+def _pitch_past_pole(trainer: Trainer, offset: float) -> None:
+    """Shift the pose learner's pitch by ``offset`` so that some latents land beyond a pole."""
+    with torch.no_grad():
+        trainer.G.pose_learner.out.bias[1] += offset
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_pitch_past_a_pole_drops_the_update_as_the_reference(skip: bool) -> None:
+    """With ``loss.skip_past_pole`` a G_main or D_main step whose batch holds a latent with its pitch
+    beyond a pole leaves the weights as they were (the reference's NaN camera and nan_to_num), while
+    the same step without it trains; a batch inside (0, pi) trains either way."""
+    torch.manual_seed(0)
+    cfg = _cfg("loss.density_reg_weight=0", "loss.r1_gamma=0", f"loss.skip_past_pole={str(skip).lower()}")
+    trainer = Trainer(cfg, seed=0)
+    _pitch_past_pole(trainer, 3.0)  # pitch = pi/2 + 3 + spread: most latents past pi
+    nets = {"G": trainer.G, "D": trainer.D}
+    before = {k: [p.detach().clone() for p in n.parameters()] for k, n in nets.items()}
+    fig = trainer.train_step(_real())
+    changed = {
+        k: any(not torch.equal(a, b) for a, b in zip(before[k], n.parameters(), strict=True))
+        for k, n in nets.items()
+    }
+    if skip:
+        assert fig["pose/past_pole_fraction"] > 0.5
+        assert fig["dropped/G_main"] == 1.0 and fig["dropped/D_main"] == 1.0
+        assert changed == {"G": False, "D": False}
+        assert trainer.step == 1 and trainer.images_seen == 4  # the step still counts
+    else:
+        assert "dropped/G_main" not in fig
+        assert changed == {"G": True, "D": True}
+    _pitch_past_pole(trainer, -3.0)  # back inside
+    with torch.no_grad():
+        trainer.G.pose_learner.out.weight.mul_(0.01)  # every latent near the centre
+    fig = trainer.train_step(_real(seed=2))
+    assert fig.get("pose/past_pole_fraction", 0.0) == 0.0
+    assert fig.get("dropped/G_main", 0.0) == 0.0
