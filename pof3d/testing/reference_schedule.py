@@ -102,6 +102,7 @@ class ReferenceSchedule(PoF3DLoss):
             pose_reg.mul(loss_cfg.pose_gd_weight * gain).backward()
             figures["loss/G_pose"] = pose_reg.detach()
         figures.update(pose_figures(G.eg3d_pose(pose.detach())))
+        figures.update(self.past_pole(G.map(z)))
         return figures
 
     def reference_d_main(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
@@ -131,6 +132,8 @@ class ReferenceSchedule(PoF3DLoss):
         real_loss = F.softplus(-real_logits).mean()
         real_loss.mul(gain).backward()
         figures.update({"loss/D_real": real_loss.detach(), "scores/D_real": real_logits.detach().mean()})
+        with torch.no_grad():
+            figures.update(self.past_pole(self.G.map(z)))
         return figures
 
     def reference_d_r1(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
