@@ -97,6 +97,8 @@ class LossConfig:
     # the reference's batch * 200 / 32; with blur_fade_scales_with_batch off, over blur_fade_kimg itself.
     blur_fade_kimg: float = 200.0
     blur_fade_scales_with_batch: bool = True
+    # The reference's sigma: taps 2^-(t / sigma)^2 (a Gaussian of std 0.85 sigma) out to floor(3 sigma),
+    # zero padding (pof3d.layers.gaussian_blur).
     blur_init_sigma: float = 10.0
     # Where the density regulariser draws its points: "cube" = U[-1, 1]^3 in world units, as the reference
     # does whatever box_warp is; "box" = inside the tri-plane box (+-box_warp / 2), where every point
@@ -106,6 +108,9 @@ class LossConfig:
     # blurred twice, as the reference does (its pose call and its score call each blur the same image in
     # place). False: one blur and one D pass for both (cheaper until the blur has faded).
     double_blur: bool = True
+    # Reals' raw image (D's second input) is a plain bilinear resize, as the reference computes (the
+    # antialias argument of its filtered_resizing is commented out); true: EG3D's antialiased resize.
+    real_raw_antialias: bool = False
 
 
 @dataclass

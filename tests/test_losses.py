@@ -379,6 +379,27 @@ def test_blur_fade_length_scales_with_the_batch(nets) -> None:
     assert small.blur_sigma(500) == 0.0
 
 
+def test_a_blur_below_one_third_sigma_is_off(nets, real) -> None:
+    """The reference's radius floor(3 sigma) is 0 below sigma = 1/3: no blur, so no second D pass either."""
+    G, D = nets
+    loss = PoF3DLoss(G, D, _cfg())
+    assert not loss.blurs_twice(0.33) and loss.blurs_twice(0.34)
+    image, pose = loss.score_input(real, resize(real, 32), 0.33)
+    assert image is real and pose is None
+
+
+def test_reals_raw_image_is_a_plain_bilinear_resize(nets, real) -> None:
+    """As the reference's filtered_resizing computes (its antialias flag is commented out), then blurred;
+    ``loss.real_raw_antialias`` gives the antialiased resize."""
+    G, D = nets
+    bilinear = torch.nn.functional.interpolate(real, size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(PoF3DLoss(G, D, _cfg()).real_raw(real, 0.0), bilinear, rtol=0, atol=0)
+    torch.testing.assert_close(PoF3DLoss(G, D, _cfg()).real_raw(real, 1.0), gaussian_blur(bilinear, 1.0))
+    smooth = PoF3DLoss(G, D, _cfg("loss.real_raw_antialias=true")).real_raw(real, 0.0)
+    torch.testing.assert_close(smooth, resize(real, 32, antialias=True), rtol=0, atol=0)
+    assert float((smooth - bilinear).abs().max()) > 0.1
+
+
 def test_training_code_does_not_use_the_reference_schedule() -> None:
     """The reference schedule is for tests and benchmarks: no library module outside it imports it."""
     package = Path(__file__).resolve().parents[1] / "pof3d"
