@@ -123,8 +123,11 @@ class OptimConfig:
     beta1: float = 0.0
     beta2: float = 0.99
     eps: float = 1e-8
+    # Half-life of G's moving average: ema_kimg x train.batch / 32 kimg (effective_ema_kimg), as the
+    # reference's batch * 10 / 32; with ema_scales_with_batch off, ema_kimg itself.
     ema_kimg: float = 10.0
-    ema_rampup: float = 0.05
+    ema_scales_with_batch: bool = True
+    ema_rampup: float = 0.05  # early on the half-life is at most ema_rampup x images seen (0: no ramp-up)
 
 
 @dataclass
@@ -346,8 +349,9 @@ def validate(cfg: Config) -> None:
         )
 
 
-# The batch at which the reference's blur fade length is given (``batch * blur_fade_kimg / 32``).
-BLUR_FADE_REFERENCE_BATCH = 32
+# The batch at which the reference gives its blur fade and EMA half-life (``batch * 200 / 32`` and
+# ``batch * 10 / 32`` kimg).
+REFERENCE_BATCH = 32
 
 
 def effective_blur_fade_kimg(cfg: Config) -> float:
@@ -360,7 +364,20 @@ def effective_blur_fade_kimg(cfg: Config) -> float:
     loss = cfg.loss
     if not loss.blur_fade_scales_with_batch:
         return loss.blur_fade_kimg
-    return loss.blur_fade_kimg * cfg.train.batch / BLUR_FADE_REFERENCE_BATCH
+    return loss.blur_fade_kimg * cfg.train.batch / REFERENCE_BATCH
+
+
+def effective_ema_kimg(cfg: Config) -> float:
+    """Half-life in kimg of the generator's moving average.
+
+    ``optim.ema_kimg`` is the half-life at batch 32 and scales with ``train.batch``, as in the reference
+    (10 kimg at batch 32, 2.5 at batch 8: the same number of steps); with ``optim.ema_scales_with_batch``
+    off it is the half-life itself.
+    """
+    optim = cfg.optim
+    if not optim.ema_scales_with_batch:
+        return optim.ema_kimg
+    return optim.ema_kimg * cfg.train.batch / REFERENCE_BATCH
 
 
 def preset(name: str) -> Config:

@@ -94,7 +94,8 @@ def tiny() -> Config:
     # A 5 kimg fade at any batch (not scaled from batch 32 as the paper presets): 1 kimg runs need it.
     cfg.loss.blur_fade_kimg, cfg.loss.blur_fade_scales_with_batch = 5.0, False
     cfg.loss.blur_init_sigma = 2.0
-    cfg.optim.ema_kimg = 0.5
+    # Likewise a 0.5 kimg EMA half-life at any batch.
+    cfg.optim.ema_kimg, cfg.optim.ema_scales_with_batch = 0.5, False
     t = cfg.train
     t.kimg, t.batch, t.tick_kimg, t.snapshot_kimg = 1.0, 8, 0.2, 0.5
     return cfg
