@@ -4,8 +4,8 @@ Each preset is a plain function returning a fresh :class:`~pof3d.config.Config`;
 defaults are the reference's FFHQ run (``ffhq.sh``: 256 px, trained from the 512 px data resized), so a
 preset lists only what differs. Select one with :func:`pof3d.config.load_config` (or ``--preset``), then
 override fields with ``--set``. The paper presets are ``ffhq256``, ``cats256`` and ``cars128``
-(``ffhq.sh``, ``cat.sh``, ``shapenet_cars.sh``); ``docs/fidelity-rows-g.md`` lists where each value
-comes from.
+(``ffhq.sh``, ``cat.sh``, ``shapenet_cars.sh``); ``docs/fidelity.md`` lists where each value comes
+from.
 """
 
 from __future__ import annotations
