@@ -97,6 +97,8 @@ class LossConfig:
     # the reference's batch * 200 / 32; with blur_fade_scales_with_batch off, over blur_fade_kimg itself.
     blur_fade_kimg: float = 200.0
     blur_fade_scales_with_batch: bool = True
+    # The reference's sigma: taps 2^-(t / sigma)^2 (a Gaussian of std 0.85 sigma) out to floor(3 sigma),
+    # zero padding (pof3d.layers.gaussian_blur).
     blur_init_sigma: float = 10.0
     # Where the density regulariser draws its points: "cube" = U[-1, 1]^3 in world units, as the reference
     # does whatever box_warp is; "box" = inside the tri-plane box (+-box_warp / 2), where every point
@@ -111,6 +113,9 @@ class LossConfig:
     # blurred twice, as the reference does (its pose call and its score call each blur the same image in
     # place). False: one blur and one D pass for both (cheaper until the blur has faded).
     double_blur: bool = True
+    # Reals' raw image (D's second input) is a plain bilinear resize, as the reference computes (the
+    # antialias argument of its filtered_resizing is commented out); true: EG3D's antialiased resize.
+    real_raw_antialias: bool = False
 
 
 @dataclass
@@ -123,8 +128,11 @@ class OptimConfig:
     beta1: float = 0.0
     beta2: float = 0.99
     eps: float = 1e-8
+    # Half-life of G's moving average: ema_kimg x train.batch / 32 kimg (effective_ema_kimg), as the
+    # reference's batch * 10 / 32; with ema_scales_with_batch off, ema_kimg itself.
     ema_kimg: float = 10.0
-    ema_rampup: float = 0.05
+    ema_scales_with_batch: bool = True
+    ema_rampup: float = 0.05  # early on the half-life is at most ema_rampup x images seen (0: no ramp-up)
 
 
 @dataclass
@@ -354,8 +362,9 @@ def validate(cfg: Config) -> None:
         )
 
 
-# The batch at which the reference's blur fade length is given (``batch * blur_fade_kimg / 32``).
-BLUR_FADE_REFERENCE_BATCH = 32
+# The batch at which the reference gives its blur fade and EMA half-life (``batch * 200 / 32`` and
+# ``batch * 10 / 32`` kimg).
+REFERENCE_BATCH = 32
 
 
 def effective_blur_fade_kimg(cfg: Config) -> float:
@@ -368,7 +377,20 @@ def effective_blur_fade_kimg(cfg: Config) -> float:
     loss = cfg.loss
     if not loss.blur_fade_scales_with_batch:
         return loss.blur_fade_kimg
-    return loss.blur_fade_kimg * cfg.train.batch / BLUR_FADE_REFERENCE_BATCH
+    return loss.blur_fade_kimg * cfg.train.batch / REFERENCE_BATCH
+
+
+def effective_ema_kimg(cfg: Config) -> float:
+    """Half-life in kimg of the generator's moving average.
+
+    ``optim.ema_kimg`` is the half-life at batch 32 and scales with ``train.batch``, as in the reference
+    (10 kimg at batch 32, 2.5 at batch 8: the same number of steps); with ``optim.ema_scales_with_batch``
+    off it is the half-life itself.
+    """
+    optim = cfg.optim
+    if not optim.ema_scales_with_batch:
+        return optim.ema_kimg
+    return optim.ema_kimg * cfg.train.batch / REFERENCE_BATCH
 
 
 def preset(name: str) -> Config:

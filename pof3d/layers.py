@@ -101,24 +101,47 @@ def upsample2d(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
-def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Anti-aliased bilinear resize to ``size x size`` (used for dual discrimination of reals)."""
+def resize(x: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
+    """Bilinear resize to ``size x size`` (half-pixel centres).
+
+    Plain bilinear by default, as the reference's ``filtered_resizing`` computes in its ``antialiased``
+    mode (the ``antialias=True`` argument is commented out there). ``antialias`` low-passes first when
+    shrinking; when enlarging both are the same.
+    """
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
+
+
+def blur_radius(sigma: float) -> int:
+    """Half-width of :func:`gaussian_blur`'s kernel: floor(3 sigma), so no blur at all below sigma = 1/3."""
+    return max(int(math.floor(sigma * 3)), 0)
+
+
+def blur_taps(sigma: float) -> torch.Tensor:
+    """The normalised 1-D kernel of :func:`gaussian_blur` (float32, ``2 * blur_radius + 1`` taps).
+
+    Tap t is 2^-(t / sigma)^2, as in the reference's D input blur: a Gaussian whose standard deviation is
+    sigma / sqrt(2 ln 2) (about 0.85 sigma), cut at 3 sigma.
+    """
+    radius = blur_radius(sigma)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp2(-((t / sigma) ** 2))
+    return k / k.sum()
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur; sigma in pixels (0 returns the input)."""
-    if sigma <= 0:
+    """D's input blur: the separable kernel :func:`blur_taps` with zero padding (same size output).
+
+    The reference's blur (``upfirdn2d.filter2d``, whose pixels outside the image are zero). A sigma
+    below 1/3 (radius 0) returns the input itself.
+    """
+    radius = blur_radius(sigma)
+    if radius == 0:
         return x
-    radius = max(1, int(math.ceil(sigma * 3)))
-    radius = min(radius, x.shape[-1] - 1)
-    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    x = depthwise_filter(F.pad(x, (radius, radius, 0, 0), mode="reflect"), k.view(1, -1))
-    return depthwise_filter(F.pad(x, (0, 0, radius, radius), mode="reflect"), k.view(-1, 1))
+    k = blur_taps(sigma)
+    x = depthwise_filter(F.pad(x, (radius, radius, radius, radius)), k.view(1, -1))
+    return depthwise_filter(x, k.view(-1, 1))
 
 
 class Conv2dLayer(nn.Module):

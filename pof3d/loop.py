@@ -21,7 +21,7 @@ from torch import nn
 from pof3d.checkpoint import rng_state, set_rng_state
 from pof3d.config import Config
 from pof3d.discriminator import Discriminator
-from pof3d.ema import ema_beta, update_ema
+from pof3d.ema import training_ema_beta, update_ema
 from pof3d.errors import TrainingError
 from pof3d.generator import Generator
 from pof3d.loss import PAST_POLE, Phase, PoF3DLoss, schedule
@@ -143,9 +143,8 @@ class Trainer:
                 figures.update(self.run_phase(phase, real))
         batch = real.shape[0] * self.world_size
         self._average_buffers(self.G)
+        update_ema(self.G_ema, self.G, training_ema_beta(self.cfg, batch, self.images_seen))
         self.images_seen += batch
-        o = self.cfg.optim
-        update_ema(self.G_ema, self.G, ema_beta(batch, o.ema_kimg, o.ema_rampup, self.images_seen))
         self.step += 1
         out = dict(zip(figures, torch.stack(list(figures.values())).tolist(), strict=True)) if figures else {}
         elapsed = time.perf_counter() - start

@@ -60,7 +60,7 @@ from torch import nn
 
 from pof3d.camera import angular_error, mirror_pose
 from pof3d.config import Config, effective_blur_fade_kimg
-from pof3d.layers import gaussian_blur, resize
+from pof3d.layers import blur_radius, gaussian_blur, resize
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +130,10 @@ class PoF3DLoss:
         return mirror_pose(pose, axis, cars=mode == "flip_both_cars")
 
     def blurs_twice(self, sigma: float) -> bool:
-        """Whether D scores images blurred twice: ``loss.double_blur``, a pose-aware D and the blur on."""
-        return self.cfg.loss.double_blur and self.cfg.model.pose_aware_d and sigma > 0
+        """Whether D scores images blurred twice: ``loss.double_blur``, a pose-aware D and a blur that
+        changes the image (radius floor(3 sigma) > 0; below that both of the reference's calls see the
+        same image)."""
+        return self.cfg.loss.double_blur and self.cfg.model.pose_aware_d and blur_radius(sigma) > 0
 
     def score_input(
         self, image: torch.Tensor, image_raw: torch.Tensor, sigma: float, pose_grad: bool = True
@@ -164,8 +166,9 @@ class PoF3DLoss:
         return logits, pose
 
     def real_raw(self, real: torch.Tensor, sigma: float) -> torch.Tensor:
-        """Raw counterpart of reals: filtered down to the neural resolution, blurred as EG3D does."""
-        return gaussian_blur(resize(real, self.cfg.model.neural_resolution), sigma)
+        """Raw counterpart of reals: resized to the neural resolution (see :func:`real_raw_image`), then
+        blurred as D's input is."""
+        return gaussian_blur(real_raw_image(real, self.cfg), sigma)
 
     def latents(self, batch: int, device: torch.device) -> torch.Tensor:
         return torch.randn(batch, self.cfg.model.z_dim, device=device)
@@ -304,6 +307,12 @@ class PoF3DLoss:
         loss = (penalty * (self.cfg.loss.r1_gamma / 2)).mean()
         loss.mul(gain).backward()
         return {"loss/D_r1": loss.detach(), "r1_penalty": penalty.detach().mean()}
+
+
+def real_raw_image(real: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """A real image at the neural resolution, as D's raw input: plain bilinear, as the reference's
+    ``filtered_resizing`` computes, or antialiased with ``loss.real_raw_antialias``."""
+    return resize(real, cfg.model.neural_resolution, antialias=cfg.loss.real_raw_antialias)
 
 
 def pose_figures(pose: torch.Tensor) -> Figures:

@@ -4,9 +4,9 @@ Each preset is a plain function returning a fresh :class:`~pof3d.config.Config`;
 defaults are the reference's FFHQ run (``ffhq.sh``: 256 px, trained from the 512 px data resized), so a
 preset lists only what differs. Select one with :func:`pof3d.config.load_config` (or ``--preset``), then
 override fields with ``--set``. The paper presets are ``ffhq256``, ``cats256`` and ``cars128``
-(``ffhq.sh``, ``cat.sh``, ``shapenet_cars.sh``); ``docs/fidelity-rows-g.md`` lists where each value
-comes from. ``tiny`` and ``anchor`` are the CPU and benchmark sizes, ``anchor_faces`` the benchmark
-size with the FFHQ settings (the synthetic-poses study's GPU run).
+(``ffhq.sh``, ``cat.sh``, ``shapenet_cars.sh``); ``docs/fidelity.md`` lists where each value comes
+from. ``tiny`` and ``anchor`` are the CPU and benchmark sizes, ``anchor_faces`` the benchmark size with
+the FFHQ settings (the synthetic-poses study's GPU run).
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ def tiny() -> Config:
     # A 5 kimg fade at any batch (not scaled from batch 32 as the paper presets): 1 kimg runs need it.
     cfg.loss.blur_fade_kimg, cfg.loss.blur_fade_scales_with_batch = 5.0, False
     cfg.loss.blur_init_sigma = 2.0
-    cfg.optim.ema_kimg = 0.5
+    # Likewise a 0.5 kimg EMA half-life at any batch.
+    cfg.optim.ema_kimg, cfg.optim.ema_scales_with_batch = 0.5, False
     t = cfg.train
     t.kimg, t.batch, t.tick_kimg, t.snapshot_kimg = 1.0, 8, 0.2, 0.5
     return cfg

@@ -9,7 +9,15 @@ import math
 
 import pytest
 
-from pof3d.config import Config, apply_overrides, effective_blur_fade_kimg, load_config, preset
+from pof3d.config import (
+    Config,
+    apply_overrides,
+    effective_blur_fade_kimg,
+    effective_ema_kimg,
+    load_config,
+    preset,
+)
+from pof3d.ema import training_ema_beta
 from pof3d.errors import ConfigError
 from pof3d.presets import PRESETS
 
@@ -62,6 +70,8 @@ def test_paper_presets_match_the_reference_scripts(name: str) -> None:
     assert (loss.blur_init_sigma, loss.blur_fade_kimg, loss.r1_interval) == (10.0, 200.0, 16)
     assert (loss.density_reg_weight, loss.density_reg_interval, loss.density_reg_sigma) == (0.25, 4, 0.004)
     assert (optim.ema_kimg, optim.ema_rampup, m.mbstd_group) == (10.0, 0.05, 4)
+    assert optim.ema_scales_with_batch and loss.blur_fade_scales_with_batch  # batch * 10 / 32, * 200 / 32
+    assert not loss.real_raw_antialias  # filtered_resizing is plain bilinear
     assert m.focal == pytest.approx(4.26, abs=0.01) if name != "cars128" else m.focal == 1.025390625
 
 
@@ -87,6 +97,24 @@ def test_blur_fade_follows_the_reference_rule() -> None:
     fixed = load_config("ffhq256", ["train.batch=8", "loss.blur_fade_scales_with_batch=false"])
     assert effective_blur_fade_kimg(fixed) == 200.0
     assert effective_blur_fade_kimg(load_config("ffhq256", ["loss.blur_fade_kimg=0"])) == 0.0
+
+
+def test_ema_half_life_follows_the_reference_rule() -> None:
+    """The reference's EMA half-life is batch * 10 / 32 kimg (as many steps at any batch); tiny keeps 0.5."""
+    assert effective_ema_kimg(preset("ffhq256")) == 10.0
+    assert effective_ema_kimg(load_config("ffhq256", ["train.batch=8"])) == 2.5
+    assert effective_ema_kimg(load_config("cats256", ["train.batch=64"])) == 20.0
+    assert effective_ema_kimg(preset("anchor")) == 1.25  # batch 4
+    tiny = preset("tiny")
+    assert tiny.train.batch == 8 and effective_ema_kimg(tiny) == 0.5
+    assert effective_ema_kimg(load_config("tiny", ["train.batch=32"])) == 0.5
+    fixed = load_config("ffhq256", ["train.batch=8", "optim.ema_scales_with_batch=false"])
+    assert effective_ema_kimg(fixed) == 10.0
+    # The trainer's decay per step: half-life 2.5 kimg at batch 8 once the ramp-up (0.05 x images) is past.
+    cfg = load_config("ffhq256", ["train.batch=8"])
+    assert training_ema_beta(cfg, 8, 10**6) == pytest.approx(0.5 ** (8 / 2500))
+    assert training_ema_beta(cfg, 8, 16_000) == pytest.approx(0.5 ** (8 / 800))  # ramp-up: 0.05 x 16000
+    assert training_ema_beta(cfg, 8, 0) == 0.0
 
 
 def test_anchor_preset_is_the_fixed_benchmark_size() -> None:

@@ -1,7 +1,7 @@
 """Generator-side behaviour checked against the reference implementation (VivianSZF/pof3d, on EG3D).
 
 The expected values are written out by hand from the reference's formulas, layer shapes and defaults,
-not computed with our code; docs/fidelity-rows-g.md lists which row each test covers.
+not computed with our code; docs/fidelity.md lists which row each test covers.
 """
 
 from __future__ import annotations

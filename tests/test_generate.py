@@ -312,3 +312,28 @@ def test_evaluate_cli_with_data(checkpoint, sphere_shards, tmp_path, monkeypatch
     assert record["data"] == sphere_shards and record["mlflow_run_id"] is None
     assert evaluate.main(["--checkpoint", str(checkpoint), "--data", str(tmp_path / "nowhere")]) == 2
     assert "no such shard directory" in capsys.readouterr().err
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for G in the FID sampling loop: records how it is called, returns its latents as images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[dict] = []
+
+    def forward(self, z, **kwargs):
+        self.calls.append(kwargs)
+        image = z[:, :3, None, None].expand(-1, 3, 4, 4)
+        return {"image": image, "depth": image[:, :1]}
+
+
+def test_fid_samples_use_constant_backbone_noise_and_no_truncation(tmp_path):
+    """Kept different from the reference's random noise: a checkpoint and seed always give the same set."""
+    from pof3d.metrics import suite
+
+    G = _Recorder()
+    run = suite._Run(G, load_config("tiny"), None, 20, torch.device("cpu"), 7, tmp_path)
+    first, _ = suite._generate(run, {"f": lambda image: image.flatten(1)}, keep=0)
+    assert G.calls == [{"noise_mode": "const"}] * 2  # 20 samples in batches of 16; psi stays 1
+    again, _ = suite._generate(run, {"f": lambda image: image.flatten(1)}, keep=0)
+    np.testing.assert_array_equal(first["f"], again["f"])

@@ -1,13 +1,15 @@
-"""The fixed per-channel filters (blur, Gaussian blur): values, first and second derivatives, and cost."""
+"""The fixed per-channel filters (blur, D's Gaussian blur, resize): values, derivatives and cost."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from pof3d.layers import _blur_kernel, blur, downsample2d, gaussian_blur
+from pof3d.layers import _blur_kernel, blur, blur_radius, blur_taps, downsample2d, gaussian_blur, resize
 
 
 def _grouped_blur(x: torch.Tensor) -> torch.Tensor:
@@ -36,16 +38,57 @@ def test_filters_have_exact_first_and_second_derivatives() -> None:
     assert torch.autograd.gradgradcheck(downsample2d, (x,))
 
 
-def test_gaussian_blur_matches_a_dense_separable_kernel() -> None:
-    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    sigma, radius = 1.0, 3
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    dense = (k[:, None] * k[None, :]).expand(3, 1, 2 * radius + 1, 2 * radius + 1)
-    padded = F.pad(x, (radius,) * 4, mode="reflect")
-    torch.testing.assert_close(gaussian_blur(x, sigma), F.conv2d(padded, dense, groups=3), atol=1e-5, rtol=0)
-    assert gaussian_blur(x, 0.0) is x
+# The reference's D blur (training/loss_pose.py, run_D) written out at sigma = 1: radius floor(3 sigma) = 3,
+# taps 2^-(t / sigma)^2 = 2^-t^2 for t = -3..3, normalised by their sum 1 + 2 (1/2 + 1/16 + 1/512).
+SIGMA1_TAPS = torch.tensor([1 / 512, 1 / 16, 1 / 2, 1, 1 / 2, 1 / 16, 1 / 512]) / 2.12890625
+
+
+def test_gaussian_blur_is_the_reference_kernel() -> None:
+    x = torch.zeros(1, 1, 11, 11)
+    x[0, 0, 5, 5] = 1.0
+    expected = torch.zeros(11, 11)
+    expected[2:9, 2:9] = SIGMA1_TAPS[:, None] * SIGMA1_TAPS[None, :]
+    torch.testing.assert_close(gaussian_blur(x, 1.0)[0, 0], expected, atol=1e-7, rtol=0)
+    torch.testing.assert_close(blur_taps(1.0), SIGMA1_TAPS, atol=1e-8, rtol=0)
+    # Radius floor(3 sigma): sigma 2.5 has 7 (ceil would give 8); below sigma 1/3 there is no blur at all.
+    assert [blur_radius(s) for s in (0.0, 0.33, 0.34, 1.0, 2.5, 10.0)] == [0, 0, 1, 3, 7, 30]
+    assert len(blur_taps(2.5)) == 15
+    assert gaussian_blur(x, 0.0) is x and gaussian_blur(x, 0.33) is x
+    side = 2 ** -((1 / 0.34) ** 2)
+    torch.testing.assert_close(blur_taps(0.34), torch.tensor([side, 1.0, side]) / (1 + 2 * side))
+
+
+def test_gaussian_blur_pads_with_zeros() -> None:
+    """Pixels outside the image are zero (as upfirdn2d.filter2d): a constant image darkens near the edge."""
+    out = gaussian_blur(torch.ones(1, 2, 8, 8), 1.0)[0, 0]
+    inside = (1 + 1 / 2 + 1 / 16 + 1 / 512) / 2.12890625  # the taps that fall inside at an edge pixel
+    torch.testing.assert_close(out[0, 0], torch.tensor(inside**2))
+    torch.testing.assert_close(out[0, 4], torch.tensor(inside))
+    torch.testing.assert_close(out[3:5, 3:5], torch.ones(2, 2))
+    # The radius may exceed the image (sigma 10 on a 4 px image): the size is kept.
+    assert gaussian_blur(torch.ones(1, 1, 4, 4), 10.0).shape == (1, 1, 4, 4)
+
+
+def test_gaussian_blur_standard_deviation_is_085_sigma() -> None:
+    """2^-(t / sigma)^2 is a Gaussian of standard deviation sigma / sqrt(2 ln 2), not sigma."""
+    taps, t = blur_taps(10.0).double(), torch.arange(-30, 31, dtype=torch.float64)
+    std = float((taps * t**2).sum().sqrt())
+    assert std == pytest.approx(10 / math.sqrt(2 * math.log(2)), rel=0.01)
+
+
+def test_resize_is_plain_bilinear_unless_antialiased() -> None:
+    """Shrinking 8 -> 2 px: plain bilinear reads pixels 1 and 2 of each 4 (half-pixel centres at 1.5 and
+    5.5) and misses the spike at pixel 3, as the reference's filtered_resizing does; antialiased sees it."""
+    x = torch.tensor([0.0, 2.0, 4.0, 9.0, 0.0, 0.0, 6.0, 0.0]).expand(1, 1, 8, 8)
+    torch.testing.assert_close(resize(x, 2), torch.tensor([3.0, 3.0]).expand(1, 1, 2, 2))
+    # Antialiased: a triangle 4 px wide each side, weights 1 - |d| / 4 over the pixels inside the image.
+    left = (2 * 0.875 + 4 * 0.875 + 9 * 0.625) / 3.5
+    right = (4 * 0.125 + 9 * 0.375 + 6 * 0.875) / 3.5
+    torch.testing.assert_close(resize(x, 2, antialias=True), torch.tensor([left, right]).expand(1, 1, 2, 2))
+    # Enlarging: both are the same interpolation.
+    y = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(resize(y, 32), resize(y, 32, antialias=True), atol=1e-6, rtol=0)
+    assert resize(y, 8) is y
 
 
 def _convolutions_in_r1_step(channels: int, fn) -> int:

@@ -104,6 +104,25 @@ def test_phases_run_on_their_intervals() -> None:
     assert trainer.images_seen == 16 and trainer.step == 4
 
 
+def test_ema_follows_the_reference_schedule() -> None:
+    """The first step's EMA is a copy of G (the ramp-up caps the half-life at 0.05 x the 0 images seen
+    before it, as the reference counts a step's images after its EMA update); later steps blend with the
+    half-life ema_kimg x batch / 32 (0.1 kimg at batch 4: 12.5 images)."""
+    trainer = Trainer(_cfg("loss.density_reg_weight=0", "loss.r1_gamma=0", "optim.ema_kimg=0.1"), seed=0)
+    trainer.cfg.optim.ema_scales_with_batch = True
+    real = _real()
+    trainer.train_step(real)
+    for name, p in trainer.G.named_parameters():
+        torch.testing.assert_close(dict(trainer.G_ema.named_parameters())[name], p, rtol=0, atol=0)
+    before = {n: p.detach().clone() for n, p in trainer.G_ema.named_parameters()}
+    trainer.cfg.optim.ema_rampup = 0.0
+    trainer.train_step(real)
+    beta = 0.5 ** (4 / 12.5)
+    for name, p in trainer.G.named_parameters():
+        expected = beta * before[name] + (1 - beta) * p.detach()
+        torch.testing.assert_close(dict(trainer.G_ema.named_parameters())[name], expected)
+
+
 def test_lazy_regularisation_correction_of_adam() -> None:
     cfg = _cfg()
     trainer = Trainer(cfg, seed=0)

@@ -173,7 +173,7 @@ def test_r1_penalty_matches_direct_gradient(nets, real) -> None:
     _, D = nets
     f, _, _ = _run(nets, real, "D_r1", "loss.blur_init_sigma=0")
     image = real.clone().requires_grad_(True)
-    raw = torch.nn.functional.interpolate(real, size=32, mode="bilinear", antialias=True).requires_grad_(True)
+    raw = torch.nn.functional.interpolate(real, size=32, mode="bilinear").requires_grad_(True)  # plain
     logits, _ = D(image, raw)
     gi, gr = torch.autograd.grad(logits.sum(), [image, raw])
     expected = (gi.square().sum(dim=(1, 2, 3)) + gr.square().sum(dim=(1, 2, 3))).mean()
@@ -377,6 +377,27 @@ def test_blur_fade_length_scales_with_the_batch(nets) -> None:
     small = PoF3DLoss(G, D, _cfg(on, "loss.blur_fade_kimg=2", "loss.blur_init_sigma=4", "train.batch=8"))
     assert small.blur_sigma(250) == pytest.approx(2.0)  # half of 2 kimg * 8 / 32 = 500 images
     assert small.blur_sigma(500) == 0.0
+
+
+def test_a_blur_below_one_third_sigma_is_off(nets, real) -> None:
+    """The reference's radius floor(3 sigma) is 0 below sigma = 1/3: no blur, so no second D pass either."""
+    G, D = nets
+    loss = PoF3DLoss(G, D, _cfg())
+    assert not loss.blurs_twice(0.33) and loss.blurs_twice(0.34)
+    image, pose = loss.score_input(real, resize(real, 32), 0.33)
+    assert image is real and pose is None
+
+
+def test_reals_raw_image_is_a_plain_bilinear_resize(nets, real) -> None:
+    """As the reference's filtered_resizing computes (its antialias flag is commented out), then blurred;
+    ``loss.real_raw_antialias`` gives the antialiased resize."""
+    G, D = nets
+    bilinear = torch.nn.functional.interpolate(real, size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(PoF3DLoss(G, D, _cfg()).real_raw(real, 0.0), bilinear, rtol=0, atol=0)
+    torch.testing.assert_close(PoF3DLoss(G, D, _cfg()).real_raw(real, 1.0), gaussian_blur(bilinear, 1.0))
+    smooth = PoF3DLoss(G, D, _cfg("loss.real_raw_antialias=true")).real_raw(real, 0.0)
+    torch.testing.assert_close(smooth, resize(real, 32, antialias=True), rtol=0, atol=0)
+    assert float((smooth - bilinear).abs().max()) > 0.1
 
 
 def test_training_code_does_not_use_the_reference_schedule() -> None:

@@ -23,6 +23,7 @@ from pof3d.camera import pose_to_cam2world, to_eg3d
 from pof3d.config import Config
 from pof3d.errors import ConfigError
 from pof3d.layers import resize
+from pof3d.loss import real_raw_image
 from pof3d.metrics import depth as depthlib
 from pof3d.metrics import fid as fidlib
 from pof3d.metrics import random_features
@@ -150,11 +151,11 @@ def _pose_error(D: torch.nn.Module, cfg: Config, real: dict, device) -> dict[str
         log.warning("pose error skipped: the data has no ground-truth poses")
         return None
     images = _to_images(real["image"][keep.numpy()], "cpu")
-    res, r = cfg.model.image_resolution, cfg.model.neural_resolution
+    res = cfg.model.image_resolution
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
-        x = resize(x.to(device), res)
-        return to_eg3d(D.predict_pose(D.features(x, resize(x, r))), cfg.model.pitch_output)
+        x = resize(x.to(device), res, antialias=True)
+        return to_eg3d(D.predict_pose(D.features(x, real_raw_image(x, cfg))), cfg.model.pitch_output)
 
     return {
         "pose_error_deg": pose_error_deg(predict_poses(predictor, images), poses[keep]),
@@ -177,7 +178,7 @@ def _generate(
         for name, fn in feature_fns.items():
             features[name].append(fn(out["image"]).double().cpu().numpy())
         if i * BATCH < keep:
-            kept_images.append(resize(out["image"], r).cpu())
+            kept_images.append(resize(out["image"], r, antialias=True).cpu())
             kept_depth.append(out["depth"].cpu())
     stacked = {name: np.concatenate(parts) for name, parts in features.items() if parts}
     if not kept_images:
