@@ -1,0 +1,100 @@
+"""Which loss terms move the pose learner, and which way? Read from training checkpoints.
+
+    python studies/synthetic_poses/pose_gradients.py runs/long-faithful/checkpoints/checkpoint-kimg*
+
+For each checkpoint (the training G, not the EMA) and ``--batches`` fresh latent batches: the norm of
+the gradient that each G term sends to the pose learner's weights, and the mean gradient on the learned
+pitch and yaw (per degree; negative means a gradient step raises the angle). Terms: the adversarial
+loss, the mirrored-camera loss for each mirror (each weighted by its probability, one half, as the
+coin per batch makes it in expectation) and the pose regulariser. Also D's pose error on those fakes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pof3d.camera import angular_error, mirror_pose
+from pof3d.checkpoint import load_checkpoint
+from pof3d.config import Config
+from pof3d.discriminator import Discriminator
+from pof3d.generator import Generator
+from pof3d.loss import PoF3DLoss
+
+
+def pose_gradients(
+    G: Generator, D: Discriminator, cfg: Config, images_seen: int, batches: int = 8, batch: int = 8
+) -> dict[str, float]:
+    """Mean over ``batches`` of each term's pose-learner gradient norm and pitch/yaw gradients."""
+    loss = PoF3DLoss(G, D, cfg, noise_mode="const")
+    sigma = loss.blur_sigma(images_seen)
+    params = list(G.pose_learner.parameters())
+    sums: dict[str, float] = {}
+    for _ in range(batches):
+        z = loss.latents(batch, next(G.parameters()).device)
+        ws = G.map(z)
+        pose = G.predict_pose(ws)
+        planes = G.synthesize_planes(ws, noise_mode="const")
+        fake = G.render(planes, ws, pose, noise_mode="const")
+        logits, pred = loss.run_D(fake["image"], fake["image_raw"], sigma, pose_grad=False)
+        terms = {"adversarial": (F.softplus(-logits).mean(), pose)}
+        if loss.symmetry_on:
+            axes = ["left_right"] if cfg.loss.symmetry_mode == "left_right" else ["left_right", "up_down"]
+            for axis in axes:
+                mirrored = mirror_pose(pose, axis, cars=cfg.loss.symmetry_mode == "flip_both_cars")
+                flipped = G.render(planes, ws, mirrored, noise_mode="const")
+                flip_logits, _ = loss.run_D(flipped["image"], flipped["image_raw"], sigma, pose_grad=False)
+                weight = cfg.loss.symmetry_weight / len(axes)
+                terms[f"mirror {axis}"] = (weight * F.softplus(-flip_logits).mean(), pose)
+        if loss.pose_gd_on and pred is not None:
+            own = G.predict_pose(ws.detach())
+            # The regulariser acts on the learner's own pass from the detached w: its pitch is ``own``.
+            terms["pose regulariser"] = (cfg.loss.pose_gd_weight * F.mse_loss(own, pred.detach()), own)
+            error = angular_error(pred.detach(), pose.detach(), cfg.model.pitch_output)
+            sums["D pose error on fakes (deg)"] = sums.get("D pose error on fakes (deg)", 0.0) + float(
+                torch.rad2deg(error).mean()
+            )
+        for name, (term, angles) in terms.items():
+            grads = torch.autograd.grad(term, [*params, angles], retain_graph=True, allow_unused=True)
+            norm = torch.sqrt(sum((g.square().sum() for g in grads[:-1] if g is not None), torch.zeros(())))
+            on_pose = grads[-1] if grads[-1] is not None else torch.zeros_like(angles)
+            per_degree = on_pose.mean(dim=0) * math.pi / 180
+            for key, value in (
+                (f"{name}: |grad| on pose learner", float(norm)),
+                (f"{name}: d/d pitch (per deg)", float(per_degree[1])),
+                (f"{name}: d/d yaw (per deg)", float(per_degree[0])),
+            ):
+                sums[key] = sums.get(key, 0.0) + value
+    return {k: v / batches for k, v in sums.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoints", nargs="+", type=Path)
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    for path in args.checkpoints:
+        cfg, state, progress = load_checkpoint(path, map_location="cpu")
+        G, D = Generator(cfg.model).eval(), Discriminator(cfg.model).eval()
+        G.load_state_dict(state["G"])
+        D.load_state_dict(state["D"])
+        torch.manual_seed(args.seed)
+        seen = int(progress.get("images_seen", 0))
+        rows.append((seen / 1000, pose_gradients(G, D, cfg, seen, args.batches)))
+    keys = list(rows[0][1])
+    print("| kimg | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+    for kimg, values in rows:
+        print(f"| {kimg:g} | " + " | ".join(f"{values.get(k, float('nan')):.3g}" for k in keys) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
