@@ -64,7 +64,7 @@ def pose_gradients(
             on_pose = grads[-1] if grads[-1] is not None else torch.zeros_like(angles)
             per_degree = on_pose.mean(dim=0) * math.pi / 180
             for key, value in (
-                (f"{name}: |grad| on pose learner", float(norm)),
+                (f"{name}: ‖grad‖ on pose learner", float(norm)),
                 (f"{name}: d/d pitch (per deg)", float(per_degree[1])),
                 (f"{name}: d/d yaw (per deg)", float(per_degree[0])),
             ):
