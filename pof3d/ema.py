@@ -1,7 +1,7 @@
 """Exponential moving average of generator weights, with EG3D's half-life schedule.
 
 The EMA generator is what gets evaluated and exported: averaging over the last few thousand images
-(:func:`pof3d.config.effective_ema_kimg`) removes the high-frequency jitter of adversarial training.
+(:func:`pof3d.batch_scaling.effective_ema_kimg`) removes the high-frequency jitter of adversarial training.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pof3d.config import Config, effective_ema_kimg
+from pof3d.batch_scaling import effective_ema_kimg
+from pof3d.config import Config
 
 
 def ema_beta(batch: int, ema_kimg: float, ema_rampup: float | None, images_seen: int | float) -> float:
@@ -28,7 +29,7 @@ def training_ema_beta(cfg: Config, batch: int, images_seen: int | float) -> floa
     """The decay after a training step of ``batch`` images taken when ``images_seen`` images had been
     seen before it (the reference's order: the step's own images are counted after its EMA update).
 
-    The half-life is :func:`~pof3d.config.effective_ema_kimg`, the ramp-up ``optim.ema_rampup``.
+    The half-life is :func:`~pof3d.batch_scaling.effective_ema_kimg`, the ramp-up ``optim.ema_rampup``.
     """
     return ema_beta(batch, effective_ema_kimg(cfg), cfg.optim.ema_rampup, images_seen)
 

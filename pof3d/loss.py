@@ -58,8 +58,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pof3d.batch_scaling import effective_blur_fade_kimg
 from pof3d.camera import angular_error, mirror_pose
-from pof3d.config import Config, effective_blur_fade_kimg
+from pof3d.config import Config
 from pof3d.layers import blur_radius, gaussian_blur, resize
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class PoF3DLoss:
 
     def blur_sigma(self, images_seen: int) -> float:
         """Blur of images seen by D, fading linearly to zero (EG3D) over
-        :func:`~pof3d.config.effective_blur_fade_kimg` thousand images."""
+        :func:`~pof3d.batch_scaling.effective_blur_fade_kimg` thousand images."""
         fade_kimg = effective_blur_fade_kimg(self.cfg)
         if fade_kimg <= 0:
             return 0.0

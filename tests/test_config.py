@@ -9,11 +9,10 @@ import math
 
 import pytest
 
+from pof3d.batch_scaling import effective_blur_fade_kimg, effective_ema_kimg
 from pof3d.config import (
     Config,
     apply_overrides,
-    effective_blur_fade_kimg,
-    effective_ema_kimg,
     load_config,
     preset,
 )
