@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 
 import pytest
 
@@ -11,8 +13,57 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A real local Ray, started once per session; tests that need Ray take this fixture."""
+def s3_server():
+    """A real S3-compatible server (moto's standalone server) on 127.0.0.1 for the whole session.
+
+    Its endpoint and dummy credentials go into the standard AWS environment variables, which pyarrow,
+    boto3 and every Ray worker started afterwards read; nothing reaches beyond 127.0.0.1. Yields the
+    endpoint URL.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "pof3d-test",
+        "AWS_SECRET_ACCESS_KEY": "pof3d-test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh, empty bucket on the session's S3 server; yields its name (``s3://<name>/...``)."""
+    import boto3
+
+    name = "pof3d-" + re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{name}-{next(_bucket_ids)}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
+_bucket_ids = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """A real local Ray, started once per session; tests that need Ray take this fixture.
+
+    It starts after the S3 server so that Ray's workers inherit the server's endpoint and credentials.
+    """
     import ray
 
     if not ray.is_initialized():
