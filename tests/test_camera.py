@@ -7,8 +7,6 @@ import math
 import pytest
 import torch
 
-from pof3d.config import load_config
-
 from pof3d.camera import (
     V_EPS,
     angular_error,
@@ -22,6 +20,7 @@ from pof3d.camera import (
     pose_to_cam2world,
     to_label,
 )
+from pof3d.config import load_config
 
 FACE_PIVOT = (0.0, 0.0, 0.2)
 
