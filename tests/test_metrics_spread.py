@@ -94,3 +94,12 @@ def test_two_gloo_ranks_give_the_single_process_result(root: Path):
         gathered = np.load(root / f"arrays-{rank}.npz")
         for name, expected in arrays.items():
             np.testing.assert_array_equal(gathered[name], expected, err_msg=name)
+
+
+@pytest.mark.parametrize("preset", ["ffhq256", "ffhq512", "cats256", "cars128"])
+def test_paper_presets_evaluate_at_every_snapshot(preset: str):
+    from pof3d.metrics import resolve_metrics
+
+    t = load_config(preset).train
+    assert t.eval_kimg == t.snapshot_kimg > 0
+    assert resolve_metrics(t.eval_metrics.split(",")) == ["pose", "js", "re", "fid"]

@@ -128,8 +128,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             metrics["ddp/param_spread"] = _replica_spread(trainer)
         if next_eval is not None and (done or trainer.images_seen >= next_eval):
             next_eval = next_boundary(trainer.images_seen, cfg.train.eval_kimg)
-            if rank == 0:
-                metrics.update(_evaluate(trainer, cfg, config["data_uri"], device))
+            # Every rank renders a share of the samples; rank 0 gets the figures, the others {}.
+            metrics.update(_evaluate(trainer, cfg, config["data_uri"], device))
         metrics.update({"images_seen": trainer.images_seen, "tick": tick, "world_size": world})
         if rank == 0:
             logger.info(progress_line(tick, trainer.images_seen, target, metrics))
@@ -258,11 +258,20 @@ def _replica_spread(trainer: Any) -> float:
 
 def _evaluate(trainer: Any, cfg: Config, data_uri: str, device: torch.device) -> dict[str, float]:
     from pof3d.metrics import evaluate_generator
+    from pof3d.metrics.spread import distributed_spread
 
     names = [m.strip() for m in cfg.train.eval_metrics.split(",") if m.strip()]
     try:
         results = evaluate_generator(
-            trainer.G_ema, trainer.D, cfg, data_uri, names, device=device, seed=cfg.train.seed
+            trainer.G_ema,
+            trainer.D,
+            cfg,
+            data_uri,
+            names,
+            device=device,
+            seed=cfg.train.seed,
+            spread=distributed_spread(device),
+            inception_fallback=True,  # fd_random where the Inception file is missing
         )
     except Exception:  # a broken metric must not cost the run; the next evaluation tries again
         logger.exception("evaluation at kimg %.3f failed; training goes on", trainer.images_seen / 1000)
