@@ -7,6 +7,10 @@ project's library against ``cluster.address`` and writes what it observed to a J
     python tests/ray_cluster_scenarios.py autoscale OUT.json
     python tests/ray_cluster_scenarios.py node-loss WORK_DIR OUT.json
 
+Ray gives a starting node 30 s to register (not configurable); on a loaded machine that can pass, and
+the scenario then exits with ``CLUSTER_DID_NOT_START`` so that the test may run it again (the failed
+node's processes end with this process, through Ray's exit hooks).
+
 Every process this starts is ended by its id at the end (never ``ray stop``, which would end every Ray
 on the machine): the nodes of the cluster, and the nodes the fake autoscaler started, which are children
 of its monitor process.
@@ -32,6 +36,12 @@ os.environ["AUTOSCALER_UPDATE_INTERVAL_S"] = "1"
 import psutil  # noqa: E402
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
+
+CLUSTER_DID_NOT_START = 75  # EX_TEMPFAIL
+
+
+class ClusterDidNotStart(RuntimeError):
+    pass
 
 
 def _free_port() -> int:
@@ -83,7 +93,21 @@ def start_cluster(head_cpus: int, worker_types: dict[str, Any] | None = None) ->
     if worker_types:
         gcs = f"{ray._private.services.get_node_ip_address()}:{port}"
         head["autoscaling_config"] = _fake_autoscaling_config(gcs, head_cpus, worker_types)
-    return Cluster(initialize_head=True, head_node_args=head)
+    try:
+        return Cluster(initialize_head=True, head_node_args=head)
+    except Exception as exc:
+        if "timed out during startup" not in str(exc):
+            raise
+        raise ClusterDidNotStart(str(exc)) from exc
+
+
+def add_node(cluster: Cluster, **args: Any) -> Any:
+    try:
+        return cluster.add_node(**args)
+    except Exception as exc:
+        if "timed out during startup" not in str(exc):
+            raise
+        raise ClusterDidNotStart(str(exc)) from exc
 
 
 def stop_cluster(cluster: Cluster) -> None:
@@ -184,7 +208,7 @@ def node_loss(work: Path, out: Path) -> None:
     run_dir, mlflow_uri = work / "run", f"sqlite:///{work / 'mlflow.db'}"
     started = time.monotonic()
     cluster = start_cluster(head_cpus=2)
-    others = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    others = [add_node(cluster, num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
     result: dict[str, Any] = {
         "cluster_start_s": time.monotonic() - started,
@@ -226,9 +250,13 @@ def node_loss(work: Path, out: Path) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if sys.argv[1] == "autoscale":
-        autoscale(Path(sys.argv[2]))
-    elif sys.argv[1] == "node-loss":
-        node_loss(Path(sys.argv[2]), Path(sys.argv[3]))
-    else:
-        sys.exit(f"unknown scenario {sys.argv[1]!r}")
+    try:
+        if sys.argv[1] == "autoscale":
+            autoscale(Path(sys.argv[2]))
+        elif sys.argv[1] == "node-loss":
+            node_loss(Path(sys.argv[2]), Path(sys.argv[3]))
+        else:
+            sys.exit(f"unknown scenario {sys.argv[1]!r}")
+    except ClusterDidNotStart as exc:
+        print(f"cluster did not start: {exc}", file=sys.stderr)
+        sys.exit(CLUSTER_DID_NOT_START)
