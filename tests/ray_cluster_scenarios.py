@@ -94,7 +94,9 @@ def start_cluster(head_cpus: int, worker_types: dict[str, Any] | None = None) ->
         gcs = f"{ray._private.services.get_node_ip_address()}:{port}"
         head["autoscaling_config"] = _fake_autoscaling_config(gcs, head_cpus, worker_types)
     try:
-        return Cluster(initialize_head=True, head_node_args=head)
+        cluster = Cluster(initialize_head=True, head_node_args=head)
+        cluster.autoscaling_config = head.get("autoscaling_config")  # removed by stop_cluster
+        return cluster
     except Exception as exc:
         if "timed out during startup" not in str(exc):
             raise
@@ -127,6 +129,8 @@ def stop_cluster(cluster: Cluster) -> None:
             process.kill()
         except psutil.NoSuchProcess:
             pass
+    if getattr(cluster, "autoscaling_config", None):
+        os.unlink(cluster.autoscaling_config)
 
 
 class _Lines(logging.Handler):
@@ -154,9 +158,6 @@ def autoscale(out: Path) -> None:
         lines = _Lines()
         logging.getLogger("pof3d.distributed.resources").addHandler(lines)
         logging.getLogger("pof3d.distributed.resources").setLevel(logging.INFO)
-        deadline = time.monotonic() + 60  # the monitor's first status record comes after its first round
-        while not autoscaler_can_add_nodes() and time.monotonic() < deadline:
-            time.sleep(1)
         result["autoscaler_can_add_nodes"] = autoscaler_can_add_nodes()
         result["cpus_before"] = ray.cluster_resources().get("CPU", 0.0)
         fits = ["train.workers=2", "train.batch=4", "train.cpus_per_worker=1", "train.resource_wait_min=5"]

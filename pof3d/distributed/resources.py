@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 CHECK_EVERY_S = 2.0
 REPORT_EVERY_S = 30.0
+FIRST_STATUS_WAIT_S = 15.0  # a new cluster's autoscaler records its first status within a few seconds
 
 # Ray's read-only provider names the node type of a running node after its 28-byte node id (autoscaler
 # monitor.py and v2/utils.py, ``format_readonly_node_type``).
@@ -174,12 +175,17 @@ def autoscaler_can_add_nodes() -> bool:
             for group in config.node_group_configs
             if group.resources and group.max_count != 0
         )
+    deadline = time.monotonic() + FIRST_STATUS_WAIT_S
     types = _autoscaler_node_types()
-    return any(not _READ_ONLY_NODE_TYPE.fullmatch(name) for name in types)
+    while types is None and time.monotonic() < deadline:
+        time.sleep(1.0)
+        types = _autoscaler_node_types()
+    return any(not _READ_ONLY_NODE_TYPE.fullmatch(name) for name in types or [])
 
 
-def _autoscaler_node_types() -> list[str]:
-    """The node types of the running autoscaler's nodes (and pending launches); [] without a status."""
+def _autoscaler_node_types() -> list[str] | None:
+    """The node types of the running autoscaler's nodes (and pending launches); None before its first
+    report."""
     import ray
     from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
     from ray.autoscaler.v2.utils import is_autoscaler_v2
@@ -193,8 +199,11 @@ def _autoscaler_node_types() -> list[str]:
         return [node.ray_node_type_name for node in nodes]
     raw = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
     if not raw:
-        return []
-    report = json.loads(raw).get("autoscaler_report") or {}
+        return None
+    # The first records of a new monitor may come before its first autoscaling round (no report yet).
+    report = json.loads(raw).get("autoscaler_report")
+    if not report:
+        return None
     return list((report.get("node_type_mapping") or {}).values())
 
 
