@@ -104,6 +104,8 @@ def test_resource_check_rejects_requests_that_would_starve_ray_data() -> None:
     gpu = load_config("tiny", ["train.workers=2", "train.gpus_per_worker=1"])
     with pytest.raises(ConfigError, match="2 GPUs, but the Ray cluster has 0"):
         check_resources(gpu, {"CPU": 16.0})
+    with pytest.raises(ConfigError, match=r"train.resource_wait_min=-1.0: expected minutes >= 0"):
+        load_config("tiny", ["train.resource_wait_min=-1"])
 
 
 def test_flags_become_overrides_only_when_given() -> None:
