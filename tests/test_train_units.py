@@ -14,7 +14,6 @@ from mlflow.tracking import MlflowClient
 
 from pof3d.checkpoint import save_checkpoint
 from pof3d.config import load_config
-from pof3d.distributed.launcher import check_resources
 from pof3d.distributed.plan import TrainRequest, flag_overrides, plan_run
 from pof3d.distributed.progress import (
     TickMeter,
@@ -24,6 +23,7 @@ from pof3d.distributed.progress import (
     next_boundary,
     progress_line,
 )
+from pof3d.distributed.resources import check_resources
 from pof3d.errors import ConfigError
 from pof3d.tracking import Tracker, default_tracking_uri, ui_command
 from pof3d.train import main
@@ -104,6 +104,8 @@ def test_resource_check_rejects_requests_that_would_starve_ray_data() -> None:
     gpu = load_config("tiny", ["train.workers=2", "train.gpus_per_worker=1"])
     with pytest.raises(ConfigError, match="2 GPUs, but the Ray cluster has 0"):
         check_resources(gpu, {"CPU": 16.0})
+    with pytest.raises(ConfigError, match=r"train.resource_wait_min=-1.0: expected minutes >= 0"):
+        load_config("tiny", ["train.resource_wait_min=-1"])
 
 
 def test_flags_become_overrides_only_when_given() -> None:

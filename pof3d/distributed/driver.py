@@ -6,8 +6,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pof3d.distributed.launcher import LaunchSpec, check_resources, connect, launch
+from pof3d.distributed.launcher import LaunchSpec, connect, launch
 from pof3d.distributed.plan import RunPlan, TrainRequest, plan_run, write_config
+from pof3d.distributed.resources import ensure_resources
 from pof3d.errors import TrainingError
 from pof3d.tracking import Tracker, ui_command
 
@@ -45,12 +46,11 @@ class RunSummary:
 
 
 def prepare(request: TrainRequest, address: str | None = None) -> RunPlan:
-    """Resolve the request and check it fits the cluster; every user error surfaces here."""
-    import ray
-
+    """Resolve the request and check it fits the cluster (waiting for an autoscaler to add nodes where
+    one can); every user error surfaces here."""
     plan = plan_run(request)
     connect(address)
-    check_resources(plan.cfg, ray.cluster_resources())
+    ensure_resources(plan.cfg)
     return plan
 
 

@@ -1,10 +1,6 @@
-"""Driver side of a training run on Ray Train: connect, check resources, build and fit the TorchTrainer.
+"""Driver side of a training run on Ray Train: connect, build and fit the TorchTrainer.
 
-Resource rule: Ray Data's read and decode tasks need CPU that the Train workers do not hold. Workers
-default to half a CPU each (``train.cpus_per_worker``), and a request that would leave less than one
-decode task's CPU (:data:`pof3d.data.streaming.DECODE_CPUS`) free for the data pipeline, or that asks
-for more than the cluster has, is a ``ConfigError`` before anything starts: otherwise the run waits
-forever ("backpressured") instead of failing.
+Whether the run fits the cluster (and waiting for an autoscaler) is :mod:`pof3d.distributed.resources`.
 """
 
 from __future__ import annotations
@@ -17,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from pof3d.config import Config
-from pof3d.errors import ConfigError, TrainingError
+from pof3d.distributed.resources import check_resources
+from pof3d.errors import TrainingError
 from pof3d.host_memory import retaining_env
 
 logger = logging.getLogger(__name__)
@@ -57,26 +54,6 @@ def connect(address: str | None) -> None:
     target = address or os.environ.get("RAY_ADDRESS") or "local"
     logger.info("connecting to Ray at %s", target)
     ray.init(address=target, log_to_driver=True)
-
-
-def check_resources(cfg: Config, available: dict[str, float]) -> None:
-    """Raise ``ConfigError`` if ``train.workers`` x per-worker resources cannot run on ``available``."""
-    from pof3d.data.streaming import DECODE_CPUS
-
-    t = cfg.train
-    cpus, gpus = t.workers * t.cpus_per_worker, t.workers * t.gpus_per_worker
-    have_cpu, have_gpu = float(available.get("CPU", 0.0)), float(available.get("GPU", 0.0))
-    if gpus > have_gpu:
-        raise ConfigError(
-            f"train.workers={t.workers} x train.gpus_per_worker={t.gpus_per_worker:g} = {gpus:g} GPUs, "
-            f"but the Ray cluster has {have_gpu:g}; lower --workers/--gpus-per-worker"
-        )
-    if cpus + DECODE_CPUS > have_cpu:
-        raise ConfigError(
-            f"train.workers={t.workers} x train.cpus_per_worker={t.cpus_per_worker:g} = {cpus:g} CPUs for "
-            f"training + {DECODE_CPUS:g} for Ray Data exceeds the cluster's {have_cpu:g} CPUs; "
-            "lower --workers or train.cpus_per_worker (fractions such as 0.5 are fine)"
-        )
 
 
 def worker_runtime_env(cfg: Config) -> dict[str, Any] | None:
