@@ -251,8 +251,8 @@ def study_env(tmp_path_factory):
     import os
 
     root = tmp_path_factory.mktemp("study-env")
-    saved = {k: os.environ.get(k) for k in ("POF3D_CACHE", "POF3D_RUNS", "MLFLOW_TRACKING_URI")}
-    os.environ.update(POF3D_CACHE=str(root / "cache"), POF3D_RUNS=str(root / "runs"))
+    saved = {k: os.environ.get(k) for k in ("POF3D_CACHE", "POF3D_STORAGE", "MLFLOW_TRACKING_URI")}
+    os.environ.update(POF3D_CACHE=str(root / "cache"), POF3D_STORAGE=str(root / "runs"))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield root
     for key, value in saved.items():

@@ -266,6 +266,8 @@ def _saved_config(location: Location, what: str) -> Config:
         return Config.from_json(location.read_text())
     except FileNotFoundError as exc:
         raise ConfigError(f"{what}: {location} does not exist") from exc
+    except OSError as exc:
+        raise ConfigError(f"{what}: {location} cannot be read ({exc})") from exc
     except ConfigError as exc:
         raise ConfigError(f"{what}: {location}: {exc}") from exc
 
