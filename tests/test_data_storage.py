@@ -213,3 +213,65 @@ def test_transient_errors_are_retried_with_backoff_and_others_are_not():
     with pytest.raises(OSError, match=r"^s3://b/x: still failing after 3 attempts") as caught:
         read_with_retry("s3://b/x", lambda: (_ for _ in ()).throw(down), attempts=3, max_backoff_s=0.01)
     assert not isinstance(caught.value, DataError)  # the store is down, not the data: Ray Train may retry
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("store, workers", [("local", 1), ("s3", 2)])
+def test_a_damaged_shard_stops_training_with_one_error_and_no_retry(
+    store, workers, ray_local, s3_bucket, tmp_path, capsys, monkeypatch
+):
+    from micro_config import MICRO
+    from mlflow.tracking import MlflowClient
+
+    from pof3d.train import main as train_main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = str(generate(tmp_path / "faces", ROWS, 32, "faces", seed=3))
+    if store == "s3":
+        data = upload(Path(data), s3_bucket)
+    shard = f"{data}/part-00000.parquet"
+    damage(shard)
+    run_dir = tmp_path / "run"
+    pids = PidWatcher(run_dir / "workers")
+    args = ["--data", data, "--kimg", "0.024", "--batch", "4", "--workers", str(workers)]
+    code = train_main([*args, "--run-dir", str(run_dir), *[a for s in MICRO for a in ("--set", s)]])
+    pids.stop()
+    err = capsys.readouterr().err
+    assert code == 1
+    stopped = [line for line in err.splitlines() if line.startswith("training stopped:")]
+    assert len(stopped) == 1, err[-3000:]
+    assert f"training stopped: {shard} row group 0 (rows 0-{ROWS - 1}): unreadable (OSError:" in stopped[0]
+    assert "CRC checksum verification failed" in stopped[0]
+    assert pids.seen == {f"rank-{r}.pid": 1 for r in range(workers)}, "the worker group was restarted"
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("pof3d").experiment_id])
+    assert run.info.status == "FAILED" and shard in run.data.tags["training_error"]
+
+
+class PidWatcher:
+    """Counts the distinct processes that wrote each ``rank-N.pid`` while a run goes on: a restarted
+    worker group writes new ones."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self._pids, self._done = folder, {}, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.05):
+            self._scan()
+
+    def _scan(self) -> None:
+        for path in self.folder.glob("rank-*.pid"):
+            text = path.read_text().strip()
+            if text:
+                self._pids.setdefault(path.name, set()).add(text)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self._scan()
+
+    @property
+    def seen(self) -> dict[str, int]:
+        return {name: len(pids) for name, pids in sorted(self._pids.items())}
