@@ -51,8 +51,11 @@ BUCKET = "pof3d-bench"
 
 
 def _serve(port_out: multiprocessing.Queue) -> None:
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     port_out.put(server.get_host_and_port()[1])
@@ -220,11 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     print(
         f"torch {torch.__version__}, CPU, {args.threads} threads, {os.cpu_count()} cores; "
-        f"{args.repeats} repeat(s) per checkpoint (median); S3: moto on 127.0.0.1 (in memory)"
+        f"{args.repeats} repeat(s) per checkpoint (median); S3: moto on 127.0.0.1 (in memory); "
+        f"niceness {os.nice(0)}, load average (1 min) {load:.1f}: figures include other users' load"
     )
     for line in run(args):
         print(line, flush=True)
-    print(f"machine load average (1 min) at start {load:.1f}, at end {os.getloadavg()[0]:.1f}")
+    print(f"load average (1 min) at the end {os.getloadavg()[0]:.1f}")
     return 0
 
 
