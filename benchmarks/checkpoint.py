@@ -120,18 +120,22 @@ def persist(checkpoint: Path, dest: str, fs: pafs.FileSystem) -> None:
     pafs.copy_files(str(checkpoint), dest, pafs.LocalFileSystem(), fs)
 
 
+def fetch(source: str, dest: Path, fs: pafs.FileSystem) -> Path:
+    """What ``Checkpoint.as_directory`` does for a remote checkpoint: download it into a local folder."""
+    dest.mkdir(parents=True)
+    pafs.copy_files(source, str(dest), fs, pafs.LocalFileSystem())
+    return dest
+
+
 def _one_round(state: dict, cfg, s3: pafs.S3FileSystem, work: Path, remote: str) -> tuple[dict, int]:
-    local_fs = pafs.LocalFileSystem()
     checkpoint, stored, fetched = work / "tmp" / "checkpoint", work / "storage", work / "fetched"
     progress = {"images_seen": 0, "step": 0, "tick": 0, "seed": 0}
     samples = {
         "write": time_once(lambda: save_checkpoint(checkpoint, state, cfg, progress)),
-        "persist local": time_once(lambda: persist(checkpoint, str(stored), local_fs)),
+        "persist local": time_once(lambda: persist(checkpoint, str(stored), pafs.LocalFileSystem())),
         "persist s3": time_once(lambda: persist(checkpoint, remote, s3)),
         "restore local": time_once(lambda: load_checkpoint(stored)),
-        "restore s3": time_once(
-            lambda: (pafs.copy_files(remote, str(fetched), s3, local_fs), load_checkpoint(fetched))
-        ),
+        "restore s3": time_once(lambda: load_checkpoint(fetch(remote, fetched, s3))),
     }
     size = (checkpoint / STATE_FILE).stat().st_size
     s3.delete_dir(remote)

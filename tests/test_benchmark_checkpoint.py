@@ -22,5 +22,5 @@ def test_quick_run_prints_save_restore_and_step_times() -> None:
     ]
     size_mb, *seconds = map(float, row[2:])
     assert size_mb > 0 and all(s > 0 for s in seconds), out
-    step = re.search(r"^tiny\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x$", out, re.MULTILINE)
+    step = re.search(r"^tiny\s+2\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x$", out, re.MULTILINE)
     assert step and float(step.group(1)) > 0 and float(step.group(2)) > 0, out
