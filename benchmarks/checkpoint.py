@@ -2,7 +2,8 @@
 while a checkpoint uploads.
 
     python benchmarks/checkpoint.py [--presets anchor,ffhq512] [--repeats 2]
-                                    [--step-preset tiny] [--steps 6] [--threads 2] [--quick]
+                                    [--step-preset tiny] [--step-batch 8] [--steps 4] [--threads 2]
+                                    [--quick]
 
 Checkpoints are the real thing: G, D, G_ema and both Adam optimisers of a preset (the moments filled by
 one zero-gradient step, so that the optimiser bytes are those of a run) saved with
@@ -143,10 +144,10 @@ def _one_round(state: dict, cfg, s3: pafs.S3FileSystem, work: Path, remote: str)
     return samples, size
 
 
-def step_times(preset: str, steps: int, upload=None) -> list[float]:
+def step_times(preset: str, batch: int, steps: int, upload=None) -> list[float]:
     """Seconds of ``steps`` training steps after one warm-up step, with ``upload`` looping in a thread."""
     trainer = Trainer(load_config(preset), device="cpu", seed=0)
-    batch, res = trainer.cfg.train.batch, trainer.cfg.model.image_resolution
+    res = trainer.cfg.model.image_resolution
     real = torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
     trainer.train_step(real)
     done, uploads = threading.Event(), []
@@ -189,18 +190,20 @@ def run(args: argparse.Namespace) -> list[str]:
             trainer, state = build_state(args.presets.split(",")[0])
             save_checkpoint(source, state, trainer.cfg, {"images_seen": 0})
             del trainer, state
-            alone = step_times(args.step_preset, args.steps)
+            alone = step_times(args.step_preset, args.step_batch, args.steps)
             during = step_times(
                 args.step_preset,
+                args.step_batch,
                 args.steps,
                 lambda: persist(source, f"{BUCKET}/upload", s3),
             )
             a, d = statistics.median(alone), statistics.median(during)
             lines.append("")
             lines.append(
-                f"{'step preset':11} {'step s alone':>13} {'step s during upload':>21} {'slowdown':>9}"
+                f"{'step preset':11} {'batch':>5} {'step s alone':>13} "
+                f"{'step s during upload':>21} {'slowdown':>9}"
             )
-            lines.append(f"{args.step_preset:11} {a:13.3f} {d:21.3f} {d / a:8.2f}x")
+            lines.append(f"{args.step_preset:11} {args.step_batch:5d} {a:13.3f} {d:21.3f} {d / a:8.2f}x")
     finally:
         server.terminate()
     return lines
@@ -211,14 +214,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--presets", default="anchor,ffhq512", help="comma-separated checkpoint presets")
     parser.add_argument("--repeats", type=int, default=2, help="timed saves/restores per preset (median)")
     parser.add_argument("--step-preset", default="tiny", help="preset of the timed training steps")
-    parser.add_argument("--steps", type=int, default=6, help="timed training steps (median)")
+    parser.add_argument("--step-batch", type=int, default=8, help="batch of the timed training steps")
+    parser.add_argument("--steps", type=int, default=4, help="timed training steps (median)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny checkpoints, 2 steps")
     args = parser.parse_args(argv)
     if args.quick:
-        args.presets, args.repeats, args.step_preset, args.steps = "tiny", 1, "tiny", 2
-    if args.repeats < 1 or args.steps < 1:
-        parser.error(f"--repeats and --steps must be >= 1, got {args.repeats} and {args.steps}")
+        args.presets, args.repeats, args.step_preset, args.step_batch, args.steps = "tiny", 1, "tiny", 2, 2
+    if min(args.repeats, args.steps, args.step_batch) < 1:
+        parser.error(
+            f"--repeats, --steps, --step-batch must be >= 1: {args.repeats}, {args.steps}, {args.step_batch}"
+        )
     return args
 
 
