@@ -24,7 +24,7 @@ from pof3d.checkpoint import load_checkpoint, read_progress, save_checkpoint
 from pof3d.config import Config
 from pof3d.distributed.plan import RunPlan
 from pof3d.distributed.progress import TickMeter, TimeLimit, next_boundary, progress_line
-from pof3d.errors import CheckpointError, TrainingError
+from pof3d.errors import CheckpointError, DataError, TrainingError
 from pof3d.run_files import RunFiles
 from pof3d.storage import Location, as_local_dir
 from pof3d.tracking import Tracker
@@ -42,9 +42,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     Returns (rank 0's value reaches the driver) the counters reached; ``stop_reason`` when the run ended
     before its kimg target at ``train.time_limit_min`` (cleanly, as at the target), and, if training had
-    to stop, ``training_error``: a non-finite loss ends the workers cleanly instead of raising, because a
-    raised error would be retried from the last checkpoint by Ray's FailureConfig and fail the same way
-    again.
+    to stop, ``training_error``: a non-finite loss or damaged data ends the workers cleanly instead of
+    raising, because a raised error would be retried from the last checkpoint by Ray's FailureConfig and
+    fail the same way again.
     """
     import ray.train
 
@@ -86,7 +86,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     while stop_reason is None and trainer.images_seen < target:
         started = time.perf_counter()
-        batch = next(batches)
+        try:
+            batch, data_error = next(batches), None
+        except DataError as exc:  # damaged data: retrying the worker would fail the same way again
+            batch, data_error = None, str(exc)
+        data_error = _first_data_error(data_error, world, device)
+        if data_error is not None:
+            if rank == 0:
+                logger.error("training stopped: %s", data_error)
+            return {"images_seen": trainer.images_seen, "tick": tick, "training_error": data_error}
         real = batch["image"].to(device, non_blocking=True)
         fetched = time.perf_counter()
         if rank == 0 and "pose" in batch and sum(len(p) for p in true_poses) < TRUE_POSE_LIMIT:
@@ -208,6 +216,22 @@ def _endless_batches(shard: Any, batch_size: int) -> Iterator[dict[str, torch.Te
             yield batch
         if empty:
             raise TrainingError(f"the training data yields no full batch of {batch_size} images per worker")
+
+
+def _first_data_error(message: str | None, world: int, device: torch.device) -> str | None:
+    """The data error of any rank at this step, the same on every rank (a collective when data
+    parallel): a rank that stopped alone would leave the others waiting in the gradient all-reduce."""
+    if world == 1:
+        return message
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(message is not None)], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return None
+    messages: list[str | None] = [None] * world
+    dist.all_gather_object(messages, message)
+    return next(m for m in messages if m is not None)
 
 
 # ---------------------------------------------------------------------------------------------
