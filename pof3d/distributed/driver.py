@@ -9,7 +9,7 @@ from pathlib import Path
 from pof3d.distributed.launcher import LaunchSpec, check_resources, connect, launch
 from pof3d.distributed.plan import RunPlan, TrainRequest, plan_run, write_config
 from pof3d.errors import TrainingError
-from pof3d.tracking import Tracker, ui_command
+from pof3d.tracking import Tracker, run_name, ui_command
 
 logger = logging.getLogger(__name__)
 
@@ -63,9 +63,8 @@ def run_training(plan: RunPlan) -> RunSummary:
     """Train as planned; raises ``TrainingError`` if training had to stop (e.g. a NaN loss)."""
     write_config(plan.run_dir, plan.cfg)
     params = dict(plan.cfg.flat(), **{"run.data_uri": plan.data_uri, "run.run_dir": str(plan.run_dir)})
-    tracker = Tracker.open(
-        plan.mlflow_uri, plan.experiment, run_name=plan.run_dir.name, params=params, run_id=plan.mlflow_run_id
-    )
+    name = run_name(plan.cfg.preset, plan.cfg.train.seed)
+    tracker = Tracker.open(plan.mlflow_uri, plan.experiment, name, params=params, run_id=plan.mlflow_run_id)
     tracker.log_artifact(plan.run_dir / "config.json")
     logger.info("run directory %s; data %s; MLflow %s", plan.run_dir, plan.data_uri, plan.mlflow_uri)
     spec = LaunchSpec(

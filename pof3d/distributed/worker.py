@@ -62,7 +62,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     trainer = Trainer(cfg, device=device, seed=cfg.train.seed)
     progress = _resume(trainer, ray.train.get_checkpoint(), run_dir, config.get("resume_from"), device)
     tick = int(progress.get("tick", 0))
-    tracker = Tracker(config["mlflow_uri"], config.get("mlflow_run_id")) if rank == 0 else None
     if rank == 0:
         _truncate_metrics(run_dir / METRICS_FILE, trainer.images_seen)
         logger.info(
@@ -73,6 +72,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             tick,
             cfg.train.kimg,
         )
+    tracker = Tracker.for_worker(
+        config["mlflow_uri"], config.get("mlflow_run_id"), run_dir, context, trainer.images_seen
+    )
 
     target = int(round(cfg.train.kimg * 1000))
     per_worker = cfg.train.batch // world
@@ -98,6 +100,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         except TrainingError as exc:
             if rank == 0:
                 logger.error("training stopped: %s", exc)
+            tracker.close()
             return {"images_seen": trainer.images_seen, "tick": tick, "training_error": str(exc)}
         meter.update(
             figures,
@@ -139,6 +142,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if rank == 0:
         ended = f"stopped: {stop_reason}" if stop_reason else f"reached kimg {trainer.images_seen / 1000:.3f}"
         logger.info("training %s after %d ticks", ended, tick)
+    tracker.close()
     return {
         "images_seen": trainer.images_seen,
         "tick": tick,
@@ -283,7 +287,7 @@ def _report(
     snapshot: bool,
     done: bool,
     rank: int,
-    tracker: Tracker | None,
+    tracker: Tracker,
     run_dir: Path,
     true_poses: list[np.ndarray],
 ) -> None:
@@ -300,8 +304,8 @@ def _report(
     samples = run_dir / "samples"
     grid = _sample_grid(trainer, samples / f"fakes-{kimg}.png")
     poses = _pose_plot(trainer, samples / f"poses-{kimg}.png", true_poses)
-    tracker.log_artifact(grid, "samples")
-    tracker.log_artifact(poses, "poses")
+    tracker.log_image("samples", grid, step=trainer.images_seen)
+    tracker.log_image("poses", poses, step=trainer.images_seen)
     progress = {
         "images_seen": trainer.images_seen,
         "step": trainer.step,
@@ -314,6 +318,7 @@ def _report(
         path = save_checkpoint(Path(tmp) / "checkpoint", trainer.state_dict(), cfg, progress)
         if done:
             tracker.log_artifacts(path, "checkpoint")
+            tracker.log_generator(trainer.G_ema, cfg, step=trainer.images_seen)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(str(path)),

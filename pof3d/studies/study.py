@@ -21,7 +21,7 @@ from pof3d.config import Config, load_config
 from pof3d.errors import ConfigError
 from pof3d.studies import mlflow_wiring
 from pof3d.studies.resources import TRIAL_DRIVER_CPU, TrialFootprint, plan_concurrency
-from pof3d.studies.results import Table, TrialRecord, build_table, paper_figures
+from pof3d.studies.results import Table, TrialRecord, build_table, variant_metrics
 from pof3d.studies.space import SearchSpace, load_space
 from pof3d.studies.trainable import SEARCH_VARIANT, StudySetup, run_trial
 from pof3d.studies.variants import VARIANTS, parse_variants, variant_overrides
@@ -212,9 +212,7 @@ def run_study(
     if not cfg.data.path:
         base.append(f"data.path={_prepare_data(request, base, study_dir)}")
 
-    from pof3d.tracking import default_tracking_uri
-
-    mlflow_uri = request.mlflow_uri or saved.get("mlflow_uri") or default_tracking_uri(study_dir)
+    mlflow_uri = mlflow_wiring.tracking_uri(request.mlflow_uri, saved.get("mlflow_uri"), study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
     parent = mlflow_wiring.open_parent(
         mlflow_uri,
@@ -248,7 +246,7 @@ def run_study(
     if finished:
         _close_stopped_children(mlflow_uri, request.experiment, parent)
     mlflow_wiring.close_parent(
-        mlflow_uri, parent, files, _summary(table, request.mode), status="FINISHED" if finished else "KILLED"
+        mlflow_uri, parent, table, files, variant_metrics(table), status="FINISHED" if finished else "KILLED"
     )
     return StudySummary(study_dir, table, files, mlflow_uri, parent, finished)
 
@@ -338,19 +336,6 @@ def _records(grid: Any, cfg: Config) -> list[TrialRecord]:
             )
         )
     return records
-
-
-def _summary(table: Table, mode: str) -> dict[str, float]:
-    """Per-variant figures for the parent run, e.g. ``full/JS``, so the UI shows them at a glance."""
-    out: dict[str, float] = {}
-    if mode != "ablation":
-        return out
-    for row in table.rows:
-        for column in paper_figures({}):
-            value = row.get(column)
-            if isinstance(value, float) and math.isfinite(value):
-                out[f"{row['variant']}/{column}"] = value
-    return out
 
 
 def _close_stopped_children(uri: str, experiment: str, parent: str) -> None:

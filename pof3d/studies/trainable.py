@@ -74,7 +74,7 @@ def run_trial(config: dict[str, Any], setup: StudySetup) -> None:
 
     from pof3d.distributed.launcher import LaunchSpec, launch
     from pof3d.distributed.plan import TrainRequest, plan_run, write_config
-    from pof3d.tracking import Tracker
+    from pof3d.tracking import Tracker, run_name
 
     trial_id = ray.tune.get_context().get_trial_id()
     variant = config.get("variant", SEARCH_VARIANT)
@@ -94,12 +94,15 @@ def run_trial(config: dict[str, Any], setup: StudySetup) -> None:
     known_run = id_file.read_text().strip() if id_file.exists() else None
     params = dict(plan.cfg.flat(), **{"run.data_uri": plan.data_uri, "run.run_dir": str(plan.run_dir)})
     tracker = Tracker.open(
-        plan.mlflow_uri, plan.experiment, run_name=f"{variant}-{trial_id}", params=params, run_id=known_run
+        plan.mlflow_uri,
+        plan.experiment,
+        run_name(plan.cfg.preset, plan.cfg.train.seed, variant),
+        params=params,
+        run_id=known_run,
+        tags=child_tags(setup.parent_run_id, setup.name, variant, trial_id),
     )
     if tracker.run_id:
         id_file.write_text(tracker.run_id + "\n")
-    for key, value in child_tags(setup.parent_run_id, setup.name, variant, trial_id).items():
-        tracker.set_tag(key, value)
     tracker.log_artifact(plan.run_dir / "config.json")
     spec = LaunchSpec(
         cfg=plan.cfg,
