@@ -29,7 +29,7 @@ from typing import Any
 
 from pof3d import system_metrics
 from pof3d.tracking_backfill import METRICS_FILE, backfill, metric_entities, send_metrics
-from pof3d.tracking_sender import Call, Sender
+from pof3d.tracking_sender import MAX_PENDING, Call, Sender
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ class Tracker:
         backfill_up_to: int | None = None,
         primary: bool = True,
         node_id: str | None = None,
+        max_pending: int = MAX_PENDING,
     ) -> None:
         """Attach to run ``run_id``. With ``metrics_path``, the ticks there (at or before step
         ``backfill_up_to``) that MLflow lacks are sent first; with ``node_id``, this node's system
@@ -134,7 +135,7 @@ class Tracker:
         if run_id is None:
             return
         self._client = client_for(tracking_uri)
-        self._sender = Sender(tracking_uri, on_recovered=self._backfill_dropped)
+        self._sender = Sender(tracking_uri, on_recovered=self._backfill_dropped, max_pending=max_pending)
         if metrics_path is not None and primary:
             self._submit(
                 "backfill", lambda: backfill(self._client, run_id, metrics_path, up_to=backfill_up_to)
