@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 _PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
 _PROBE_TIMEOUT_S = 3.0
-FLUSH_TIMEOUT_S = 60.0  # how long the end of a run waits for unsent calls
+FLUSH_TIMEOUT_S = 120.0  # how long the end of a run waits for unsent calls (a server restarting)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's UI opens such experiments in its training view
 # MLflow's own HTTP retries would hold a call for minutes; the sender retries instead (user values win).
@@ -87,7 +87,19 @@ def client_for(tracking_uri: str) -> Any:
     if tracking_uri.startswith(("http://", "https://")):
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
+        pool_logger = logging.getLogger("urllib3.connectionpool")
+        if not any(isinstance(f, _QuietMlflowRetries) for f in pool_logger.filters):
+            pool_logger.addFilter(_QuietMlflowRetries())
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+class _QuietMlflowRetries(logging.Filter):
+    """urllib3 warns at each retry of each call; while a server is away that is a line every few
+    seconds. The sender says once that the server is away and once that it is back instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Retrying") and "/api/2.0/mlflow/" in message)
 
 
 def _probe(tracking_uri: str) -> str | None:

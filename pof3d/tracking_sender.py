@@ -8,10 +8,10 @@ a warning, so one bad call cannot hold back the rest. While the server is away t
 (and again every few minutes), and says once when it is back.
 
 The queue is bounded so that a server that stays away for days cannot fill the memory of a training
-process: when it is full the oldest system-metrics sample makes room, or else the newest call is
-dropped and counted. A dropped call that carries metrics is not lost: the run's ``metrics.jsonl``
-holds every tick, and :mod:`pof3d.tracking` back-fills the ticks MLflow lacks when the server is back
-and whenever a run (re)starts.
+process: when it is full the oldest system-metrics sample makes room, or else the oldest metrics call
+(see :func:`_victim`); what was dropped is counted and reported. A dropped call that carries metrics
+is not lost: the run's ``metrics.jsonl`` holds every tick, and :mod:`pof3d.tracking` back-fills the
+ticks MLflow lacks when the server is back and whenever a run (re)starts.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class Sender:
             if self._closing:
                 return False
             if len(self._queue) >= self._max_pending:
-                victim = next((c for c in list(self._queue)[1:] if c.kind == "system"), call)
+                victim = _victim(list(self._queue)[1:], call)  # the head may be in flight
                 self._drop(victim)
                 if victim is call:
                     return False
@@ -240,6 +240,19 @@ class Sender:
             self._on_recovered(up_to)  # type: ignore[misc]
         except Exception as exc:  # noqa: BLE001 - a failed back-fill is retried at the next (re)start
             logger.warning("MLflow tracking at %s: back-fill failed: %s", self.where, _first_line(exc))
+
+
+def _victim(queued: list[Call], new: Call) -> Call:
+    """What makes room in a full queue: the oldest system-metrics sample, else the oldest metrics call
+    (``metrics.jsonl`` back-fills it), else the new call itself; a run's status, tags, images and
+    model are kept over figures that can be had again."""
+    for kind in ("system", "metrics"):
+        if new.kind == kind:
+            return next((c for c in queued if c.kind == kind), new)
+        found = next((c for c in queued if c.kind == kind), None)
+        if found is not None:
+            return found
+    return new
 
 
 def _first_line(exc: BaseException) -> str:
