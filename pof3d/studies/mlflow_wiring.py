@@ -31,9 +31,9 @@ TABLE_FILE = "results_table.json"
 
 
 def tracking_uri(flag: str | None, saved: str | None, study_dir: Path) -> str:
-    """The study's tracking URI, in the order training resolves its own: ``--mlflow-uri``, then
-    ``$MLFLOW_TRACKING_URI``, then the URI a resumed study used, then a SQLite store in the study folder."""
-    return flag or os.environ.get("MLFLOW_TRACKING_URI") or saved or default_tracking_uri(study_dir)
+    """The study's tracking URI: ``--mlflow-uri``, else the URI a resumed study used (its parent run
+    lives there), else ``$MLFLOW_TRACKING_URI``, else a SQLite store in the study folder."""
+    return flag or saved or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(study_dir)
 
 
 def open_parent(
