@@ -42,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, help="trials at once (default: what the cluster fits)")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"folder of study folders ({DEFAULT_STORAGE})")
     p.add_argument("--name", help="study name (default <mode>-<time>; with --resume: the latest study)")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a SQLite store in the study folder)")
+    p.add_argument(
+        "--mlflow-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a SQLite store in the study folder)",
+    )
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study (Tuner.restore)")
     p.add_argument("--space", help="search space file, YAML or JSON (search mode)")
