@@ -169,6 +169,9 @@ class TrainConfig:
     # target: final checkpoint and evaluation, reported finished ("time limit after X kimg"). A later
     # --resume gets a new bound of its own.
     time_limit_min: float = 0.0
+    # How long the driver waits, in minutes, for an autoscaler to add the nodes a run needs before it gives
+    # up (pof3d/distributed/resources.py); 0 = do not wait. A cluster without an autoscaler fails at once.
+    resource_wait_min: float = 30.0
     compile: bool = False
     retain_cpu_memory: bool = True  # CPU workers keep freed memory (pof3d/host_memory.py)
 
@@ -354,6 +357,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.{name}={getattr(t, name)}: expected a positive number")
     if t.time_limit_min < 0:
         raise ConfigError(f"train.time_limit_min={t.time_limit_min}: expected minutes >= 0 (0 = no limit)")
+    if t.resource_wait_min < 0:
+        raise ConfigError(f"train.resource_wait_min={t.resource_wait_min}: expected minutes >= 0 (0 = none)")
     if t.cpus_per_worker <= 0 and t.gpus_per_worker <= 0:
         raise ConfigError("train.cpus_per_worker and train.gpus_per_worker cannot both be 0")
     if cfg.data.resolution != m.image_resolution:

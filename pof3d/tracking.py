@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from pof3d import system_metrics
-from pof3d.tracking_backfill import METRICS_FILE, backfill, metric_entities, send_metrics
+from pof3d.run_files import RunFiles
+from pof3d.storage import Location
+from pof3d.tracking_backfill import backfill, metric_entities, send_metrics
 from pof3d.tracking_sender import MAX_PENDING, Call, Sender
 
 logger = logging.getLogger(__name__)
@@ -127,19 +129,19 @@ class Tracker:
         self,
         tracking_uri: str,
         run_id: str | None,
-        metrics_path: Path | None = None,
+        metrics_file: Location | None = None,
         backfill_up_to: int | None = None,
         primary: bool = True,
         node_id: str | None = None,
         max_pending: int = MAX_PENDING,
     ) -> None:
-        """Attach to run ``run_id``. With ``metrics_path``, the ticks there (at or before step
-        ``backfill_up_to``) that MLflow lacks are sent first; with ``node_id``, this node's system
-        metrics are sampled until :meth:`close`."""
+        """Attach to run ``run_id``. With ``metrics_file`` (the run's ``metrics.jsonl``, local or on an
+        object store), the ticks there (at or before step ``backfill_up_to``) that MLflow lacks are sent
+        first; with ``node_id``, this node's system metrics are sampled until :meth:`close`."""
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.primary = primary
-        self._metrics_path = metrics_path
+        self._metrics_file = metrics_file
         self._client: Any = None
         self._sender: Sender | None = None
         self._monitor: system_metrics.NodeMonitor | None = None
@@ -148,9 +150,9 @@ class Tracker:
             return
         self._client = client_for(tracking_uri)
         self._sender = Sender(tracking_uri, on_recovered=self._backfill_dropped, max_pending=max_pending)
-        if metrics_path is not None and primary:
+        if metrics_file is not None and primary:
             self._submit(
-                "backfill", lambda: backfill(self._client, run_id, metrics_path, up_to=backfill_up_to)
+                "backfill", lambda: backfill(self._client, run_id, metrics_file, up_to=backfill_up_to)
             )
         if node_id is not None and system_metrics.enabled():
             self._monitor = self._start_monitor(node_id)
@@ -200,7 +202,7 @@ class Tracker:
 
     @classmethod
     def for_worker(
-        cls, tracking_uri: str, run_id: str | None, run_dir: Path, context: Any, images_seen: int
+        cls, tracking_uri: str, run_id: str | None, files: RunFiles, context: Any, images_seen: int
     ) -> Tracker:
         """The tracker of a Ray Train worker: rank 0 logs the run's figures (first back-filling the
         ticks of ``metrics.jsonl`` up to ``images_seen`` that MLflow lacks); local rank 0 of each node
@@ -212,7 +214,7 @@ class Tracker:
         return cls(
             tracking_uri,
             run_id,
-            metrics_path=run_dir / METRICS_FILE if primary else None,
+            metrics_file=files.metrics if primary else None,
             backfill_up_to=images_seen,
             primary=primary,
             node_id=node,
@@ -328,8 +330,8 @@ class Tracker:
         return target
 
     def _backfill_dropped(self, up_to: int) -> None:
-        if self._metrics_path is not None and self.run_id is not None:
-            backfill(self._client, self.run_id, self._metrics_path, up_to=up_to)
+        if self._metrics_file is not None and self.run_id is not None:
+            backfill(self._client, self.run_id, self._metrics_file, up_to=up_to)
 
     def _start_monitor(self, node_id: str) -> system_metrics.NodeMonitor | None:
         offset: list[int] = []  # where this node's steps continue; read on the sender thread

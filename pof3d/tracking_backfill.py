@@ -1,7 +1,9 @@
 """``metrics.jsonl`` as the source of truth of a run's figures, and the back-fill of MLflow from it.
 
-Rank 0 appends one JSON object per tick to ``<run root>/metrics.jsonl`` before handing the same figures
-to MLflow, so the file holds every tick even when the tracking server was away. Back-filling compares
+Rank 0 writes one JSON object per tick to the run's ``metrics.jsonl`` (:class:`pof3d.run_files.MetricsLog`,
+on a local disk or an object store) before handing the same figures to MLflow, so the file holds every
+tick even when the tracking server was away. Back-filling reads it with
+:func:`pof3d.run_files.read_metrics_log`, compares
 the steps MLflow has for ``images_seen`` (logged with every tick, step = images seen) with the file's
 lines and sends the ticks that are missing, each as one batch (a tick's figures arrive whole or not at
 all, so a step that is present is complete).
@@ -9,39 +11,19 @@ all, so a step that is present is complete).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
+
+from pof3d.run_files import TICK_KEY, read_metrics_log
+from pof3d.storage import Location
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-PRESENCE_KEY = "images_seen"  # a figure every tick has; its steps say which ticks MLflow holds
+PRESENCE_KEY = TICK_KEY  # a figure every tick has; its steps say which ticks MLflow holds
 METRIC_BATCH = 1000  # MLflow's limit of metrics per log_batch call
-
-
-def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
-    """The ticks of a ``metrics.jsonl`` (all complete lines; none if the file is absent).
-
-    The one place that reads the file, so that where it lives (a local folder, object storage) is
-    decided here alone. A last line cut short by a crash is skipped.
-    """
-    path = Path(path)
-    if not path.exists():
-        return []
-    ticks = []
-    for line in path.read_text().splitlines():
-        try:
-            tick = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(tick, dict) and isinstance(tick.get(PRESENCE_KEY), (int, float)):
-            ticks.append(tick)
-    return ticks
 
 
 def metric_entities(values: Mapping[str, Any], step: int, timestamp_ms: int | None = None) -> list[Any]:
@@ -65,11 +47,11 @@ def steps_in_mlflow(client: Any, run_id: str) -> set[int]:
     return {m.step for m in client.get_metric_history(run_id, PRESENCE_KEY)}
 
 
-def backfill(client: Any, run_id: str, metrics_path: str | Path, up_to: int | None = None) -> int:
-    """Send the ticks of ``metrics_path`` (those at or before step ``up_to``, if given) that run
+def backfill(client: Any, run_id: str, metrics_file: Location, up_to: int | None = None) -> int:
+    """Send the ticks of ``metrics_file`` (those at or before step ``up_to``, if given) that run
     ``run_id`` lacks; returns how many were sent. ``up_to`` keeps the back-fill off ticks that are
     queued for sending anyway."""
-    ticks = [t for t in read_metrics_log(metrics_path) if up_to is None or t[PRESENCE_KEY] <= up_to]
+    ticks = [t for t in read_metrics_log(metrics_file) if up_to is None or t[PRESENCE_KEY] <= up_to]
     if not ticks:
         return 0
     have = steps_in_mlflow(client, run_id)
@@ -82,6 +64,6 @@ def backfill(client: Any, run_id: str, metrics_path: str | Path, up_to: int | No
             run_id,
             len(missing),
             len(ticks),
-            metrics_path,
+            metrics_file,
         )
     return len(missing)

@@ -8,11 +8,11 @@ MLflow store inside the run directory. Exit codes: 0 done, 2 usage/config error 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
-from pathlib import Path
 
-from pof3d.distributed.plan import DEFAULT_EXPERIMENT, TrainRequest
+from pof3d.distributed.plan import DEFAULT_EXPERIMENT, DEFAULT_PRESET, TrainRequest, plan_run
 from pof3d.errors import Pof3dError, TrainingError
 from pof3d.presets import PRESETS
 
@@ -21,14 +21,26 @@ logger = logging.getLogger("pof3d.train")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pof3d.train", description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="configuration preset (tiny)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help=f"configuration preset ({DEFAULT_PRESET})")
+    p.add_argument(
+        "--config", metavar="PATH|URI",
+        help="start a new run from a saved config.json (the file, a run dir or a checkpoint dir)",
+    )  # fmt: skip
     p.add_argument("--data", help="shard directory or URI (default: built-in synthetic set)")
     p.add_argument("--kimg", type=float, help="training length in thousands of real images")
     p.add_argument("--batch", type=int, help="global batch over all workers")
     p.add_argument("--workers", type=int, help="Ray Train workers")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0 = CPU)")
-    p.add_argument("--run-dir", type=Path, help="run directory (default runs/<preset>-<time>)")
-    p.add_argument("--resume", metavar="PATH|latest", help="continue from a checkpoint or run directory")
+    p.add_argument(
+        "--run-dir", metavar="DIR|URI",
+        help="run directory, a path or URI such as s3://bucket/runs/a "
+        "(default $POF3D_STORAGE/<preset>-<time>, else runs/<preset>-<time>)",
+    )  # fmt: skip
+    p.add_argument(
+        "--resume", metavar="PATH|URI|latest|auto",
+        help="continue from a checkpoint or run directory; auto: --run-dir's newest checkpoint if it has "
+        "one, else start there",
+    )  # fmt: skip
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or run dir)")
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
     p.add_argument("--address", help="Ray cluster address (default $RAY_ADDRESS, else a new local Ray)")
@@ -36,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
         help="override any config field, e.g. --set loss.symmetry_weight=0 (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--print-config", action="store_true",
+        help="resolve preset, resume point and overrides, print the plan as JSON and exit",
     )  # fmt: skip
     return p
 
@@ -51,6 +67,7 @@ def request_from_args(args: argparse.Namespace) -> TrainRequest:
         seed=args.seed,
         run_dir=args.run_dir,
         resume=args.resume,
+        config=args.config,
         mlflow_uri=args.mlflow_uri,
         experiment=args.experiment,
         overrides=list(args.overrides),
@@ -60,6 +77,14 @@ def request_from_args(args: argparse.Namespace) -> TrainRequest:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.print_config:  # before any data or Ray work
+        try:
+            plan = plan_run(request_from_args(args))
+        except Pof3dError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(plan.describe(), indent=2, sort_keys=True))
+        return 0
     from pof3d.distributed.driver import prepare, run_training
 
     try:

@@ -17,8 +17,10 @@ from micro_config import MICRO
 from mlflow.tracking import MlflowClient
 from mlflow_server import MlflowServer
 
+from pof3d.run_files import RunFiles, read_metrics_log
+from pof3d.storage import Location
 from pof3d.tracking import Tracker, experiment_id
-from pof3d.tracking_backfill import backfill, metric_entities, read_metrics_log, send_metrics
+from pof3d.tracking_backfill import backfill, metric_entities, send_metrics
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +36,12 @@ def _new_run(uri: str, experiment: str = "tracking") -> str:
     return client.create_run(experiment_id(client, experiment, uri)).info.run_id
 
 
+def _tick(step: int) -> dict:
+    return {"images_seen": step, "tick": step // 4, "loss/G_adv": 0.5 + step / 100, "eval/fid": float("nan")}
+
+
 def _append_tick(path: Path, step: int) -> dict:
-    tick = {"images_seen": step, "tick": step // 4, "loss/G_adv": 0.5 + step / 100, "eval/fid": None}
+    tick = _tick(step)
     with path.open("a") as f:
         f.write(json.dumps(tick) + "\n")
     return tick
@@ -52,23 +58,34 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def test_backfill_sends_exactly_the_ticks_mlflow_lacks(tmp_path: Path) -> None:
+@pytest.fixture(params=["local", "s3"])
+def run_root(request, tmp_path) -> Location:
+    """A run's storage root on the local disk, or on the session's S3 server."""
+    if request.param == "local":
+        return Location.parse(tmp_path / "run")
+    return Location.parse(f"s3://{request.getfixturevalue('s3_bucket')}/runs/a")
+
+
+def test_backfill_sends_exactly_the_ticks_mlflow_lacks(tmp_path: Path, run_root: Location) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = _new_run(uri)
-    path = tmp_path / "metrics.jsonl"
-    ticks = [_append_tick(path, step) for step in (4, 8, 12, 16, 20)]
-    with path.open("a") as f:
-        f.write('{"images_seen": 24, "loss/G_ad')  # a line cut short by a crash
-    assert [t["images_seen"] for t in read_metrics_log(path)] == [4, 8, 12, 16, 20]
+    files = RunFiles(run_root)
+    log = files.metrics_log(images_seen=0)
+    ticks = [_tick(step) for step in (4, 8, 12, 16, 20)]
+    for tick in ticks:
+        log.append(tick)
+    # A line cut short by a crash.
+    files.metrics.write_text(files.metrics.read_text() + '{"images_seen": 24, "loss/G_ad')
+    assert [t["images_seen"] for t in read_metrics_log(files.metrics)] == [4, 8, 12, 16, 20]
     client = MlflowClient(uri)
     for tick in (ticks[0], ticks[2]):
         send_metrics(client, run_id, metric_entities(tick, step=tick["images_seen"]))
-    assert backfill(client, run_id, path, up_to=16) == 2  # 8 and 16; 20 is left to its queued call
+    assert backfill(client, run_id, files.metrics, up_to=16) == 2  # 8 and 16; 20 is left to its queued call
     assert _steps(uri, run_id) == [4, 8, 12, 16]
-    assert backfill(client, run_id, path) == 1
-    assert backfill(client, run_id, path) == 0
+    assert backfill(client, run_id, files.metrics) == 1
+    assert backfill(client, run_id, files.metrics) == 0
     assert _steps(uri, run_id) == [4, 8, 12, 16, 20]
-    assert _steps(uri, run_id, "eval/fid") == []  # None (not measured) is not sent as a number
+    assert _steps(uri, run_id, "eval/fid") == []  # not measured (NaN, null in the file): not sent
 
 
 def test_a_refused_call_is_dropped_and_later_calls_still_go_through(tmp_path: Path, caplog) -> None:
@@ -91,7 +108,7 @@ def test_calls_made_while_the_server_is_away_are_kept_or_back_filled(server, tmp
     caplog.set_level(logging.INFO, logger="pof3d")
     run_id = _new_run(server.uri)
     path = tmp_path / "metrics.jsonl"
-    tracker = Tracker(server.uri, run_id, metrics_path=path, backfill_up_to=0, max_pending=4)
+    tracker = Tracker(server.uri, run_id, metrics_file=Location.parse(path), backfill_up_to=0, max_pending=4)
     _wait_for(lambda: tracker._sender.pending == 0, 60, "the start-up back-fill")
     server.stop()
     started = time.monotonic()
@@ -118,8 +135,8 @@ def test_calls_made_while_the_server_is_away_are_kept_or_back_filled(server, tmp
 
 @pytest.fixture
 def train_env(tmp_path):
-    saved = {k: os.environ.get(k) for k in ("POF3D_CACHE", "POF3D_RUNS", "MLFLOW_TRACKING_URI")}
-    os.environ.update(POF3D_CACHE=str(tmp_path / "cache"), POF3D_RUNS=str(tmp_path / "runs"))
+    saved = {k: os.environ.get(k) for k in ("POF3D_CACHE", "POF3D_STORAGE", "MLFLOW_TRACKING_URI")}
+    os.environ.update(POF3D_CACHE=str(tmp_path / "cache"), POF3D_STORAGE=str(tmp_path / "runs"))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield tmp_path
     for key, value in saved.items():
@@ -164,6 +181,6 @@ def test_training_survives_its_tracking_server_going_away_and_every_tick_arrives
     (run,) = client.search_runs([client.get_experiment_by_name("pof3d").experiment_id])
     assert run.info.status == "FINISHED"
     expected = [4 * i for i in range(1, 9)]
-    assert [t["images_seen"] for t in read_metrics_log(run_dir / "metrics.jsonl")] == expected
+    assert [t["images_seen"] for t in read_metrics_log(Location.parse(run_dir / "metrics.jsonl"))] == expected
     assert _steps(server.uri, run.info.run_id) == expected
     assert _steps(server.uri, run.info.run_id, "perf/images_per_sec") == expected

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,6 @@ from mlflow.tracking import MlflowClient
 
 from pof3d.checkpoint import save_checkpoint
 from pof3d.config import load_config
-from pof3d.distributed.launcher import check_resources
 from pof3d.distributed.plan import TrainRequest, flag_overrides, plan_run
 from pof3d.distributed.progress import (
     TickMeter,
@@ -24,7 +24,9 @@ from pof3d.distributed.progress import (
     next_boundary,
     progress_line,
 )
+from pof3d.distributed.resources import check_resources
 from pof3d.errors import ConfigError
+from pof3d.storage import Location
 from pof3d.tracking import Tracker, default_tracking_uri, ui_command
 from pof3d.train import main
 
@@ -104,6 +106,8 @@ def test_resource_check_rejects_requests_that_would_starve_ray_data() -> None:
     gpu = load_config("tiny", ["train.workers=2", "train.gpus_per_worker=1"])
     with pytest.raises(ConfigError, match="2 GPUs, but the Ray cluster has 0"):
         check_resources(gpu, {"CPU": 16.0})
+    with pytest.raises(ConfigError, match=r"train.resource_wait_min=-1.0: expected minutes >= 0"):
+        load_config("tiny", ["train.resource_wait_min=-1"])
 
 
 def test_flags_become_overrides_only_when_given() -> None:
@@ -114,10 +118,10 @@ def test_flags_become_overrides_only_when_given() -> None:
 
 def test_bad_requests_are_config_errors_before_anything_runs(tmp_path) -> None:
     with pytest.raises(ConfigError, match="valid fields of train"):
-        plan_run(TrainRequest(overrides=["train.nope=1"], run_dir=tmp_path))
+        plan_run(TrainRequest(overrides=["train.nope=1"], run_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match="train.eval_metrics='pose,nope': unknown metric 'nope'"):
         evaluating = ["train.eval_kimg=1", "train.eval_metrics=pose,nope"]
-        plan_run(TrainRequest(overrides=evaluating, run_dir=tmp_path))
+        plan_run(TrainRequest(overrides=evaluating, run_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match="no such path"):
         plan_run(TrainRequest(resume=str(tmp_path / "missing")))
     with pytest.raises(ConfigError, match="no complete checkpoint"):
@@ -144,6 +148,7 @@ def test_tracker_logs_params_metrics_and_continues_a_run(tmp_path) -> None:
     again = Tracker.open(uri, "exp", "run-a", {"train.kimg": 2.0, "extra": 1}, run_id=tracker.run_id)
     assert again.run_id == tracker.run_id
     again.log_metrics({"loss/G_adv": 0.25}, step=16)
+    again.finish()  # calls are sent in the background; finishing waits for them
     client = MlflowClient(uri)
     run = client.get_run(tracker.run_id)
     assert run.data.params["train.kimg"] == "1.0" and run.data.params["model.pivot"] == "0.0,0.0,0.2"
@@ -161,18 +166,33 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_unreachable_tracking_server_warns_once_and_never_raises(caplog) -> None:
+def test_unreachable_tracking_server_warns_once_and_never_raises(caplog, monkeypatch) -> None:
+    """A run that cannot be opened goes untracked with one warning; a tracker attached to a run keeps its
+    calls while the server is away, returns at once, says so once, and at the end says what it could not
+    send."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the tracker's own retries are under test
     uri = f"http://127.0.0.1:{_closed_port()}"
-    with caplog.at_level(logging.WARNING, logger="pof3d.tracking"):
+    with caplog.at_level(logging.WARNING, logger="pof3d"):
         tracker = Tracker.open(uri, "exp", "run", {"a": 1})
         tracker.log_metrics({"x": 1.0}, step=1)
         tracker.log_artifact(__file__)
         tracker.finish()
         attached = Tracker(uri, "some-run-id")
-        attached.log_metrics({"x": 1.0}, step=1)
-    assert not tracker.active and tracker.run_id is None and not attached.active
-    warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
-    assert len(warnings) == 2  # one per tracker, not one per call
+        started = time.monotonic()
+        for step in (1, 2, 3):
+            attached.log_metrics({"x": 1.0}, step=step)
+        logging_took = time.monotonic() - started
+        deadline = time.monotonic() + 60
+        while not any("is not answering" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "no warning that the server is away"
+            time.sleep(0.1)
+        attached.finish(timeout_s=1)
+    assert not tracker.active and tracker.run_id is None
+    assert logging_took < 1.0, "logging waited for the server"
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("unavailable" in m for m in messages) == 1  # the run that could not be opened
+    assert sum("is not answering" in m for m in messages) == 1  # once, not once per call or retry
+    assert sum("could not be sent before the end" in m for m in messages) == 1
 
 
 def _saved_run(root, images_seen: int):
@@ -193,15 +213,15 @@ def _saved_run(root, images_seen: int):
 
 
 def test_resume_latest_finds_the_newest_run_and_keeps_its_tracking(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("POF3D_RUNS", str(tmp_path))
+    monkeypatch.setenv("POF3D_STORAGE", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ConfigError, match="no run directory with config.json"):
         plan_run(TrainRequest(resume="latest"))
     run_dir, ckpt = _saved_run(tmp_path, images_seen=24)
     plan = plan_run(TrainRequest(resume="latest", kimg=0.05, overrides=["train.tick_kimg=0.01"]))
-    assert (plan.resume_from, plan.run_dir) == (ckpt, run_dir)
+    assert (plan.resume_from, plan.root) == (Location.parse(ckpt), Location.parse(run_dir))
     assert plan.cfg.train.kimg == 0.05 and plan.cfg.train.tick_kimg == 0.01 and plan.cfg.preset == "tiny"
-    assert (plan.mlflow_run_id, plan.mlflow_uri, plan.data_uri) == ("abc", "x", "/data/shards")
-    assert plan_run(TrainRequest(resume=str(ckpt), kimg=0.05)).run_dir == run_dir
+    assert (plan.tracking.run_id, plan.tracking.uri, plan.data_uri) == ("abc", "x", "/data/shards")
+    assert plan_run(TrainRequest(resume=str(ckpt), kimg=0.05)).root == Location.parse(run_dir)
     with pytest.raises(ConfigError, match="already at kimg 0.024; expected a longer --kimg"):
         plan_run(TrainRequest(resume=str(run_dir), kimg=0.02))

@@ -18,8 +18,10 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
+from pof3d.distributed.plan import default_tracking_uri_for
+from pof3d.storage import Location
 from pof3d.studies.results import Table
-from pof3d.tracking import default_tracking_uri, experiment_id
+from pof3d.tracking import experiment_id
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +32,11 @@ ROLE_TAG = "pof3d.role"
 TABLE_FILE = "results_table.json"
 
 
-def tracking_uri(flag: str | None, saved: str | None, study_dir: Path) -> str:
+def tracking_uri(flag: str | None, saved: str | None, study_dir: Location) -> str:
     """The study's tracking URI: ``--mlflow-uri``, else the URI a resumed study used (its parent run
-    lives there), else ``$MLFLOW_TRACKING_URI``, else a SQLite store in the study folder."""
-    return flag or saved or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(study_dir)
+    lives there), else ``$MLFLOW_TRACKING_URI``, else a SQLite store in the study folder (in the local
+    cache when the study folder is on an object store)."""
+    return flag or saved or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri_for(study_dir)
 
 
 def open_parent(
