@@ -30,6 +30,7 @@ TRACKING_FILE = "tracking.json"
 CHECKPOINTS_DIR = "checkpoints"
 SAMPLES_DIR = "samples"
 WORKERS_DIR = "workers"
+TICK_KEY = "images_seen"  # in every line of metrics.jsonl: the tick's step
 
 
 @dataclass(frozen=True)
@@ -117,9 +118,28 @@ class MetricsLog:
         self.location.write_text("".join(line + "\n" for line in self._lines))
 
 
+def read_metrics_log(location: Location) -> list[dict[str, Any]]:
+    """The ticks of a ``metrics.jsonl`` (its complete lines; none while there is no file).
+
+    The one reader of the file, wherever the run's root is (a local folder, an object store). A last line
+    cut short by a crash is skipped.
+    """
+    if not location.is_file():
+        return []
+    ticks = []
+    for line in location.read_text().splitlines():
+        try:
+            tick = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(tick, dict) and isinstance(tick.get(TICK_KEY), (int, float)):
+            ticks.append(tick)
+    return ticks
+
+
 def _tick_images(line: str) -> float:
     """Images seen of a ``metrics.jsonl`` line; a line cut short by a crash sorts after everything."""
     try:
-        return float(json.loads(line)["images_seen"])
+        return float(json.loads(line)[TICK_KEY])
     except (ValueError, KeyError, TypeError):
         return float("inf")

@@ -1,15 +1,25 @@
-"""MLflow tracking of a training run: params once, per-tick metrics, artifacts.
+"""MLflow tracking of a training run: params, per-tick metrics, images with steps, system metrics, the
+final generator as an MLflow model.
 
 The driver opens (or re-opens, on resume) the run and logs the resolved config as params; rank 0 of
-the training workers attaches to the same run id for metrics and artifacts. Tracking must never cost
-training: if the tracking server cannot be reached, or stops answering mid-run, the tracker says so
-once and every later call is a no-op.
+the training workers attaches to the same run id for metrics, images and the model, and one worker per
+node samples that node's system metrics. Tracking must never cost training and must never go dark:
+every call after the run is opened goes through a background :class:`~pof3d.tracking_sender.Sender`
+that retries with backoff while the server is away and sends what it kept when it is back, and
+``metrics.jsonl`` (the source of truth) back-fills into MLflow whatever ticks the run lacks, when a run
+(re)starts and when the server comes back after calls were dropped.
+
+Only a run that cannot be opened at all (the server is away when training starts) goes untracked; a
+later ``--resume`` of that run opens one and back-fills every tick.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
+import os
+import shutil
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -17,11 +27,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pof3d import system_metrics
+from pof3d.run_files import RunFiles
+from pof3d.storage import Location
+from pof3d.tracking_backfill import backfill, metric_entities, send_metrics
+from pof3d.tracking_sender import MAX_PENDING, Call, Sender
+
 logger = logging.getLogger(__name__)
 
 _PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
-_METRIC_BATCH = 1000
 _PROBE_TIMEOUT_S = 3.0
+FLUSH_TIMEOUT_S = 120.0  # how long the end of a run waits for unsent calls (a server restarting)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's UI opens such experiments in its training view
+# MLflow's own HTTP retries would hold a call for minutes; the sender retries instead (user values win).
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def default_tracking_uri(run_dir: Path) -> str:
@@ -36,12 +56,52 @@ def ui_command(tracking_uri: str) -> str:
     return f"mlflow ui --backend-store-uri {tracking_uri}"
 
 
-def _local_artifact_root(tracking_uri: str) -> str | None:
-    """Artifacts of a local SQLite store live next to the database, not in the current directory."""
+def run_name(preset: str, seed: int, variant: str | None = None, started: float | None = None) -> str:
+    """A run's name in the MLflow UI: preset, variant, seed and start time, e.g.
+    ``tiny-no_symmetry-s3-20260101-1200``."""
+    stamp = time.strftime("%Y%m%d-%H%M", time.localtime(started))
+    return "-".join([preset, *([variant] if variant else []), f"s{seed}", stamp])
+
+
+def experiment_id(client: Any, name: str, tracking_uri: str) -> str:
+    """The id of experiment ``name``, created on first use as a model-training experiment.
+
+    With a local SQLite store, artifacts go next to the database, not into whatever directory the
+    command happened to start in.
+    """
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # an older experiment; a user's choice is kept
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return experiment.experiment_id
+    location = None
     if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri[len("sqlite:///") :])
-        return (db.parent / "mlartifacts").resolve().as_uri()
-    return None
+        location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(
+        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
+
+
+def client_for(tracking_uri: str) -> Any:
+    """An ``MlflowClient`` whose HTTP calls fail fast (the sender does the retrying)."""
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith(("http://", "https://")):
+        for key, value in _HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        pool_logger = logging.getLogger("urllib3.connectionpool")
+        if not any(isinstance(f, _QuietMlflowRetries) for f in pool_logger.filters):
+            pool_logger.addFilter(_QuietMlflowRetries())
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+class _QuietMlflowRetries(logging.Filter):
+    """urllib3 warns at each retry of each call; while a server is away that is a line every few
+    seconds. The sender says once that the server is away and once that it is back instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Retrying") and "/api/2.0/mlflow/" in message)
 
 
 def _probe(tracking_uri: str) -> str | None:
@@ -59,25 +119,47 @@ def _probe(tracking_uri: str) -> str | None:
 
 
 class Tracker:
-    """One MLflow run; all methods are safe to call when tracking is disabled or has failed."""
+    """One MLflow run seen from one process; every method returns at once and never raises.
 
-    def __init__(self, tracking_uri: str, run_id: str | None) -> None:
+    ``primary`` processes (the driver, rank 0) log the run's figures; others only sample their node's
+    system metrics. With no run id, every method is a no-op.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        run_id: str | None,
+        metrics_file: Location | None = None,
+        backfill_up_to: int | None = None,
+        primary: bool = True,
+        node_id: str | None = None,
+        max_pending: int = MAX_PENDING,
+    ) -> None:
+        """Attach to run ``run_id``. With ``metrics_file`` (the run's ``metrics.jsonl``, local or on an
+        object store), the ticks there (at or before step ``backfill_up_to``) that MLflow lacks are sent
+        first; with ``node_id``, this node's system metrics are sampled until :meth:`close`."""
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.primary = primary
+        self._metrics_file = metrics_file
         self._client: Any = None
-        self._warned = False
-        if run_id is not None:
-            reason = _probe(tracking_uri)
-            if reason is not None:
-                self._disable(reason)
-            else:
-                from mlflow.tracking import MlflowClient
-
-                self._client = MlflowClient(tracking_uri=tracking_uri)
+        self._sender: Sender | None = None
+        self._monitor: system_metrics.NodeMonitor | None = None
+        self._staging = Path(tempfile.mkdtemp(prefix="pof3d-tracking-")) if run_id and primary else None
+        if run_id is None:
+            return
+        self._client = client_for(tracking_uri)
+        self._sender = Sender(tracking_uri, on_recovered=self._backfill_dropped, max_pending=max_pending)
+        if metrics_file is not None and primary:
+            self._submit(
+                "backfill", lambda: backfill(self._client, run_id, metrics_file, up_to=backfill_up_to)
+            )
+        if node_id is not None and system_metrics.enabled():
+            self._monitor = self._start_monitor(node_id)
 
     @property
     def active(self) -> bool:
-        return self._client is not None and self.run_id is not None
+        return self._sender is not None
 
     # -- opening ----------------------------------------------------------------------------------
 
@@ -89,101 +171,191 @@ class Tracker:
         run_name: str,
         params: Mapping[str, Any],
         run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> Tracker:
-        """Create a run (or continue ``run_id``) and log ``params``; a disabled tracker if unreachable."""
+        """Create a run (or continue ``run_id``) and log ``params`` and ``tags``; the opening itself
+        waits for the server (the run id is needed to go on); a tracker with no run if it is away."""
         reason = _probe(tracking_uri)
+        if reason is None:
+            try:
+                client = client_for(tracking_uri)
+                if run_id is None or not _run_exists(client, run_id):
+                    exp = experiment_id(client, experiment, tracking_uri)
+                    run_id = client.create_run(exp, run_name=run_name, tags=dict(tags or {})).info.run_id
+                    existing: dict[str, str] = {}
+                else:
+                    client.update_run(run_id, status="RUNNING")
+                    existing = client.get_run(run_id).data.params
+            except Exception as exc:  # noqa: BLE001 - any tracking failure must leave training running
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         if reason is not None:
-            tracker = cls(tracking_uri, None)
-            tracker._disable(reason)
-            return tracker
-        try:
-            from mlflow.tracking import MlflowClient
+            logger.warning(
+                "MLflow tracking at %s is unavailable (%s); this run goes on untracked, and resuming it "
+                "later with the server up back-fills its metrics from metrics.jsonl",
+                tracking_uri,
+                reason,
+            )
+            return cls(tracking_uri, None)
+        tracker = cls(tracking_uri, run_id)
+        tracker._log_params(params, existing, dict(tags or {}))
+        return tracker
 
-            client = MlflowClient(tracking_uri=tracking_uri)
-            if run_id is None or not _run_exists(client, run_id):
-                experiment_id = _experiment_id(client, experiment, tracking_uri)
-                run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
-            else:
-                client.update_run(run_id, status="RUNNING")
-            tracker = cls(tracking_uri, run_id)
-            tracker._log_params(params)
-            return tracker
-        except Exception as exc:  # any tracking failure must leave training running
-            tracker = cls(tracking_uri, None)
-            tracker._disable(f"{type(exc).__name__}: {exc}")
-            return tracker
+    @classmethod
+    def for_worker(
+        cls, tracking_uri: str, run_id: str | None, files: RunFiles, context: Any, images_seen: int
+    ) -> Tracker:
+        """The tracker of a Ray Train worker: rank 0 logs the run's figures (first back-filling the
+        ticks of ``metrics.jsonl`` up to ``images_seen`` that MLflow lacks); local rank 0 of each node
+        samples the node's system metrics."""
+        primary = context.get_world_rank() == 0
+        node = f"node_{context.get_node_rank()}" if context.get_local_rank() == 0 else None
+        if not primary and node is None:
+            return cls(tracking_uri, None)
+        return cls(
+            tracking_uri,
+            run_id,
+            metrics_file=files.metrics if primary else None,
+            backfill_up_to=images_seen,
+            primary=primary,
+            node_id=node,
+        )
 
-    def _log_params(self, params: Mapping[str, Any]) -> None:
+    def _log_params(self, params: Mapping[str, Any], existing: Mapping[str, str], tags: dict) -> None:
         """Log params; on a continued run, values that changed (e.g. a longer kimg) become tags."""
         from mlflow.entities import Param, RunTag
 
-        existing = self._client.get_run(self.run_id).data.params
         new = [Param(k, _param_text(v)) for k, v in params.items() if k not in existing]
         changed = [
             RunTag(f"resumed.{k}", _param_text(v))
             for k, v in params.items()
             if k in existing and existing[k] != _param_text(v)
         ]
+        run_tags = changed + [RunTag(k, str(v)) for k, v in tags.items()]
         for start in range(0, len(new), _PARAM_BATCH):
-            self._client.log_batch(self.run_id, params=new[start : start + _PARAM_BATCH])
-        if changed:
-            self._client.log_batch(self.run_id, tags=changed)
+            chunk = new[start : start + _PARAM_BATCH]
+            self._submit("params", lambda c=chunk: self._client.log_batch(self.run_id, params=c))
+        if run_tags:
+            self._submit("tags", lambda: self._client.log_batch(self.run_id, tags=run_tags))
 
     # -- logging ----------------------------------------------------------------------------------
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """Finite metrics at ``step`` (images seen)."""
-        if not self.active:
+    def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Finite metrics at ``step`` (images seen), sent as one batch."""
+        if not (self.active and self.primary):
             return
-        from mlflow.entities import Metric
+        batch = metric_entities(metrics, step)
+        self._submit("metrics", lambda: send_metrics(self._client, self.run_id, batch), step=int(step))
 
-        now = int(time.time() * 1000)
-        batch = [
-            Metric(key=k, value=float(v), timestamp=now, step=int(step))
-            for k, v in metrics.items()
-            if isinstance(v, (int, float)) and math.isfinite(float(v))
-        ]
-        self._call(
-            lambda: [
-                self._client.log_batch(self.run_id, metrics=batch[i : i + _METRIC_BATCH])
-                for i in range(0, len(batch), _METRIC_BATCH)
-            ]
-        )
+    def log_image(self, key: str, path: str | Path, step: int) -> None:
+        """An image file as step ``step`` of the image series ``key`` (the UI's step slider)."""
+        if not (self.active and self.primary):
+            return
+        staged = self._stage(Path(path))
+
+        def send() -> None:
+            from PIL import Image
+
+            with Image.open(staged) as image:
+                self._client.log_image(self.run_id, image.convert("RGB"), key=key, step=int(step))
+
+        self._submit("image", send, cleanup=lambda: staged.unlink(missing_ok=True))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self.active:
-            self._call(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
+        if self.active and self.primary:
+            staged = self._stage(Path(path))
+            self._submit(
+                "artifact",
+                lambda: self._client.log_artifact(self.run_id, str(staged), artifact_path),
+                cleanup=lambda: staged.unlink(missing_ok=True),
+            )
 
     def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
-        if self.active:
-            self._call(lambda: self._client.log_artifacts(self.run_id, str(directory), artifact_path))
+        """A directory's files (copied first: the caller may delete it before the upload)."""
+        if self.active and self.primary:
+            staged = self._stage(Path(directory))
+            self._submit(
+                "artifact",
+                lambda: self._client.log_artifacts(self.run_id, str(staged), artifact_path),
+                cleanup=lambda: shutil.rmtree(staged, ignore_errors=True),
+            )
+
+    def log_generator(self, generator: Any, cfg: Any, step: int) -> None:
+        """``generator`` (G_ema) as the run's MLflow model, loadable with ``mlflow.pyfunc.load_model``."""
+        if not (self.active and self.primary):
+            return
+        from pof3d import logged_model
+
+        artifacts = logged_model.stage_generator(generator, cfg, Path(tempfile.mkdtemp(dir=self._staging)))
+        self._submit(
+            "model",
+            lambda: logged_model.log_generator(self.tracking_uri, self.run_id, artifacts, step),
+            cleanup=lambda: logged_model.remove_staged(artifacts),
+        )
 
     def set_tag(self, key: str, value: str) -> None:
-        if self.active:
-            self._call(lambda: self._client.set_tag(self.run_id, key, value))
+        if self.active and self.primary:
+            self._submit("tags", lambda: self._client.set_tag(self.run_id, key, value))
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """Mark the run ``FINISHED``/``FAILED``/``KILLED``."""
-        if self.active:
-            self._call(lambda: self._client.set_terminated(self.run_id, status=status))
+    def finish(self, status: str = "FINISHED", timeout_s: float = FLUSH_TIMEOUT_S) -> None:
+        """Mark the run ``FINISHED``/``FAILED``/``KILLED`` and send what is left (bounded wait)."""
+        if self.active and self.primary:
+            self._submit("status", lambda: self._client.set_terminated(self.run_id, status=status))
+        self.close(timeout_s)
 
-    # -- failure handling -------------------------------------------------------------------------
+    def close(self, timeout_s: float = FLUSH_TIMEOUT_S) -> None:
+        """Stop sampling and send what is queued, waiting at most ``timeout_s`` seconds."""
+        if self._monitor is not None:
+            self._monitor.stop()
+            self._monitor = None
+        if self._sender is not None:
+            self._sender.close(timeout_s)
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
-    def _call(self, fn: Any) -> None:
+    # -- internals --------------------------------------------------------------------------------
+
+    def _submit(self, kind: str, fn: Any, cleanup: Any = None, step: int | None = None) -> bool:
+        assert self._sender is not None
+        return self._sender.submit(Call(kind, fn, cleanup, step))
+
+    def _stage(self, path: Path) -> Path:
+        """A private copy (hard links where possible) that lives until its call is sent."""
+        assert self._staging is not None
+        target = Path(tempfile.mkdtemp(dir=self._staging)) / path.name
+        if path.is_dir():
+            shutil.copytree(path, target, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(path), str(target))
+        return target
+
+    def _backfill_dropped(self, up_to: int) -> None:
+        if self._metrics_file is not None and self.run_id is not None:
+            backfill(self._client, self.run_id, self._metrics_file, up_to=up_to)
+
+    def _start_monitor(self, node_id: str) -> system_metrics.NodeMonitor | None:
+        offset: list[int] = []  # where this node's steps continue; read on the sender thread
+
+        def log(figures: dict[str, float], index: int) -> None:
+            def send() -> None:
+                if not offset:
+                    offset.append(system_metrics.next_step(self._client, self.run_id, f"system/{node_id}/"))
+                send_metrics(self._client, self.run_id, metric_entities(figures, offset[0] + index))
+
+            self._submit("system", send)
+
         try:
-            fn()
-        except Exception as exc:  # the tracking backend failing must not stop training
-            self._disable(f"{type(exc).__name__}: {exc}")
+            return system_metrics.NodeMonitor(node_id, log)
+        except Exception as exc:  # noqa: BLE001 - e.g. psutil missing: the run goes on without them
+            logger.warning("system metrics of %s are not logged: %s", node_id, exc)
+            return None
 
-    def _disable(self, reason: str) -> None:
-        self._client = None
-        if not self._warned:
-            self._warned = True
-            logger.warning(
-                "MLflow tracking at %s is unavailable (%s); training goes on without tracking",
-                self.tracking_uri,
-                reason.splitlines()[0][:300],
-            )
+
+def _link_or_copy(src: str, dst: str) -> str:
+    with contextlib.suppress(OSError):
+        os.link(src, dst)
+        return dst
+    return shutil.copy2(src, dst)
 
 
 def _run_exists(client: Any, run_id: str) -> bool:
@@ -191,16 +363,11 @@ def _run_exists(client: Any, run_id: str) -> bool:
 
     try:
         client.get_run(run_id)
-    except MlflowException:
-        return False
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise  # the server is away: not a reason to open a second run
     return True
-
-
-def _experiment_id(client: Any, name: str, tracking_uri: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=_local_artifact_root(tracking_uri))
 
 
 def _param_text(value: Any) -> str:

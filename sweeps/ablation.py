@@ -46,7 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(default $POF3D_STORAGE/studies, else runs/studies)",
     )  # fmt: skip
     p.add_argument("--name", help="study name (default <mode>-<time>; with --resume: the latest study)")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: a SQLite store in the study folder)")
+    p.add_argument(
+        "--mlflow-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a SQLite store in the study folder)",
+    )
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study (Tuner.restore)")
     p.add_argument("--space", help="search space file, YAML or JSON (search mode)")

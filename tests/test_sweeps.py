@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 from pathlib import Path
 
@@ -15,9 +16,10 @@ from mlflow.tracking import MlflowClient
 
 from pof3d.config import apply_overrides, preset
 from pof3d.errors import ConfigError
+from pof3d.storage import Location
 from pof3d.studies import mlflow_wiring
 from pof3d.studies.resources import TrialFootprint, plan_concurrency
-from pof3d.studies.results import TrialRecord, build_table
+from pof3d.studies.results import Table, TrialRecord, build_table, variant_metrics
 from pof3d.studies.space import load_space
 from pof3d.studies.variants import VARIANTS, parse_variants, variant_overrides
 
@@ -226,16 +228,44 @@ def test_parent_and_child_runs(tmp_path: Path) -> None:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("studies").experiment_id
     child = client.create_run(exp, tags=mlflow_wiring.child_tags(parent, "abl-1", "full", "t0"))
-    table = tmp_path / "results.md"
-    table.write_text("| variant |\n")
-    mlflow_wiring.close_parent(uri, parent, [table], {"full/JS": 0.25})
+    table = Table(["variant", "JS"], [{"variant": "full", "JS": 0.25}, {"variant": "no_symmetry", "JS": 0.5}])
+    files = list(table.write(tmp_path))
+    mlflow_wiring.close_parent(uri, parent, table, files, variant_metrics(table))
     runs = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     assert [r.info.run_id for r in runs] == [child.info.run_id]
     assert runs[0].data.tags["pof3d.variant"] == "full"
     done = client.get_run(parent)
     assert done.info.status == "FINISHED" and done.data.params["mode"] == "ablation"
-    assert done.data.metrics["full/JS"] == 0.25
-    assert [a.path for a in client.list_artifacts(parent)] == ["results.md"]
+    assert done.data.metrics == {"JS/full": 0.25, "JS/no_symmetry": 0.5}  # one chart lines variants up
+    assert {a.path for a in client.list_artifacts(parent)} == {
+        "results.csv",
+        "results.md",
+        "results_table.json",
+    }
+    # A resumed study closes the parent again: its table replaces the first, rows are not doubled.
+    table.rows[0]["JS"] = 0.2
+    mlflow_wiring.close_parent(uri, parent, table, files, variant_metrics(table))
+    saved = json.loads(
+        Path(client.download_artifacts(parent, "results_table.json", str(tmp_path))).read_text()
+    )
+    assert saved["columns"] == ["variant", "JS"]
+    assert saved["data"] == [["full", 0.2], ["no_symmetry", 0.5]]
+
+
+def test_studies_honour_mlflow_tracking_uri(tmp_path: Path, monkeypatch) -> None:
+    study = Location.parse(tmp_path / "study")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
+    assert mlflow_wiring.tracking_uri(None, None, study) == "http://tracking.example:5000"
+    assert mlflow_wiring.tracking_uri("sqlite:///x.db", None, study) == "sqlite:///x.db"
+    # A resumed study stays with the store that holds its parent run.
+    assert mlflow_wiring.tracking_uri(None, "sqlite:///first.db", study) == "sqlite:///first.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert mlflow_wiring.tracking_uri(None, None, study) == f"sqlite:///{study.local_path}/mlflow.db"
+    # SQLite needs a local file: a study on an object store keeps its store in the local cache.
+    monkeypatch.setenv("POF3D_CACHE", str(tmp_path / "cache"))
+    remote = mlflow_wiring.tracking_uri(None, None, Location.parse("s3://bucket/studies/abl-1"))
+    cache = (tmp_path / "cache").resolve()
+    assert remote.startswith(f"sqlite:///{cache}/mlflow/") and remote.endswith("/mlflow.db")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,8 +324,14 @@ def test_two_variant_ablation_tracks_parent_children_and_table(ray_local, study_
     client = MlflowClient(summary.mlflow_uri)
     parent = client.get_run(summary.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["pof3d.study"] == "abl"
-    assert {a.path for a in client.list_artifacts(summary.parent_run_id)} == {"results.csv", "results.md"}
-    assert "full/JS" in parent.data.metrics
+    assert {a.path for a in client.list_artifacts(summary.parent_run_id)} == {
+        "results.csv",
+        "results.md",
+        "results_table.json",
+    }
+    table = client.download_artifacts(summary.parent_run_id, "results_table.json", str(study_env))
+    assert [row[0] for row in json.loads(Path(table).read_text())["data"]] == ["full", "no_symmetry"]
+    assert {"JS/full", "JS/no_symmetry"} <= set(parent.data.metrics)
     children = _children(summary.mlflow_uri, "pof3d-studies", summary.parent_run_id)
     assert sorted(c.data.tags["pof3d.variant"] for c in children) == ["full", "no_symmetry"]
     for child in children:

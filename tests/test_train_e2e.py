@@ -38,6 +38,13 @@ def _ticks(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def _image_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    """The steps of MLflow image series ``key`` (files ``images/<key>+step+<N>+...png``)."""
+    paths = [a.path for a in client.list_artifacts(run_id, "images")]
+    series = [p for p in paths if p.startswith(f"images/{key}+") and p.endswith(".png")]
+    return sorted(int(p.split("+")[2]) for p in series)
+
+
 def _assert_continuous(ticks: list[dict], per_tick: int) -> None:
     """Ticks numbered 1..N, each exactly ``per_tick`` images after the previous: nothing twice, no gap."""
     assert [t["tick"] for t in ticks] == list(range(1, len(ticks) + 1))
@@ -82,14 +89,47 @@ def test_embedded_default_tracks_params_metrics_and_artifacts(finished_run, caps
     assert [m.step for m in history] == [4, 8, 12, 16]  # step = images seen
     assert "perf/images_per_sec" in run.data.metrics and "perf/data_wait_share" in run.data.metrics
     assert 0.0 <= run.data.metrics["eval/js"] <= 1.0  # evaluated on rank 0 at kimg 0.016
-    grids = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
-    poses = [a.path for a in client.list_artifacts(run.info.run_id, "poses")]
-    assert grids == ["samples/fakes-000.008.png", "samples/fakes-000.016.png"]
-    assert poses == ["poses/poses-000.008.png", "poses/poses-000.016.png"]
+    # Sample grids and pose plots as MLflow image series with a step per snapshot (the UI's slider).
+    for key in ("samples", "poses"):
+        assert _image_steps(client, run.info.run_id, key) == [8, 16], key
     final = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
     assert {"checkpoint/state.pt", "checkpoint/config.json", "checkpoint/progress.json"} <= final
     _, _, progress = load_checkpoint(latest_checkpoint(run_dir))
     assert progress["images_seen"] == 16 and progress["mlflow_run_id"] == run.info.run_id
+    # A descriptive run name; an experiment MLflow opens in its model-training view.
+    assert re.fullmatch(r"tiny-s0-\d{8}-\d{4}", run.info.run_name), run.info.run_name
+    experiment = client.get_experiment_by_name("pof3d")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    # System metrics of the (only) node: CPU and memory at least.
+    assert {"system/node_0/cpu_utilization_percentage", "system/node_0/system_memory_usage_megabytes"} <= set(
+        run.data.metrics
+    )
+
+
+def test_the_final_generator_is_an_mlflow_model_that_generates(finished_run) -> None:
+    """The logged model, loaded back with MLflow, turns latents into the images the checkpoint's G_ema
+    makes of them."""
+    import mlflow
+    import numpy as np
+    import torch
+
+    from pof3d.evaluate import load_models
+    from pof3d.plots import to_uint8
+
+    run_dir, uri = finished_run
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("pof3d").experiment_id])
+    (output,) = run.outputs.model_outputs
+    assert output.step == 16
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
+    cfg, G, _, _ = load_models(latest_checkpoint(run_dir))
+    z = np.random.default_rng(0).standard_normal((2, cfg.model.z_dim)).astype(np.float32)
+    images = model.predict(z, params={"truncation_psi": 0.7})
+    with torch.no_grad():
+        expected = to_uint8(G(torch.from_numpy(z), truncation_psi=0.7, noise_mode="const")["image"])
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, expected)
 
 
 def test_resume_continues_a_finished_run_and_its_mlflow_run(finished_run) -> None:
@@ -236,3 +276,6 @@ def test_two_workers_train_into_s3_and_resume_auto_continues_the_run(
     (run,) = client.search_runs([client.get_experiment_by_name("pof3d").experiment_id])
     assert run.info.run_id == tracked["run_id"] == progress["mlflow_run_id"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/G_adv")] == [4, 8, 12, 16]
+    # The figures written to the object store are also the run's image series, one step per snapshot.
+    for key in ("samples", "poses"):
+        assert _image_steps(client, run.info.run_id, key) == [8, 16], key

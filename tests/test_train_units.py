@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,7 @@ def test_tracker_logs_params_metrics_and_continues_a_run(tmp_path) -> None:
     again = Tracker.open(uri, "exp", "run-a", {"train.kimg": 2.0, "extra": 1}, run_id=tracker.run_id)
     assert again.run_id == tracker.run_id
     again.log_metrics({"loss/G_adv": 0.25}, step=16)
+    again.finish()  # calls are sent in the background; finishing waits for them
     client = MlflowClient(uri)
     run = client.get_run(tracker.run_id)
     assert run.data.params["train.kimg"] == "1.0" and run.data.params["model.pivot"] == "0.0,0.0,0.2"
@@ -164,18 +166,33 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_unreachable_tracking_server_warns_once_and_never_raises(caplog) -> None:
+def test_unreachable_tracking_server_warns_once_and_never_raises(caplog, monkeypatch) -> None:
+    """A run that cannot be opened goes untracked with one warning; a tracker attached to a run keeps its
+    calls while the server is away, returns at once, says so once, and at the end says what it could not
+    send."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the tracker's own retries are under test
     uri = f"http://127.0.0.1:{_closed_port()}"
-    with caplog.at_level(logging.WARNING, logger="pof3d.tracking"):
+    with caplog.at_level(logging.WARNING, logger="pof3d"):
         tracker = Tracker.open(uri, "exp", "run", {"a": 1})
         tracker.log_metrics({"x": 1.0}, step=1)
         tracker.log_artifact(__file__)
         tracker.finish()
         attached = Tracker(uri, "some-run-id")
-        attached.log_metrics({"x": 1.0}, step=1)
-    assert not tracker.active and tracker.run_id is None and not attached.active
-    warnings = [r for r in caplog.records if "unavailable" in r.getMessage()]
-    assert len(warnings) == 2  # one per tracker, not one per call
+        started = time.monotonic()
+        for step in (1, 2, 3):
+            attached.log_metrics({"x": 1.0}, step=step)
+        logging_took = time.monotonic() - started
+        deadline = time.monotonic() + 60
+        while not any("is not answering" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, "no warning that the server is away"
+            time.sleep(0.1)
+        attached.finish(timeout_s=1)
+    assert not tracker.active and tracker.run_id is None
+    assert logging_took < 1.0, "logging waited for the server"
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("unavailable" in m for m in messages) == 1  # the run that could not be opened
+    assert sum("is not answering" in m for m in messages) == 1  # once, not once per call or retry
+    assert sum("could not be sent before the end" in m for m in messages) == 1
 
 
 def _saved_run(root, images_seen: int):

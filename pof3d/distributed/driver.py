@@ -115,11 +115,9 @@ def _open_tracker(plan: RunPlan) -> Tracker:
     t = plan.tracking
     prepare_tracking_store(t.uri)
     params = dict(plan.cfg.flat(), **{"run.data_uri": plan.data_uri, "run.run_dir": plan.root.uri})
-    tracker = Tracker.open(t.uri, t.experiment, run_name=t.run_name, params=params, run_id=t.run_id)
+    tracker = Tracker.open(t.uri, t.experiment, t.run_name, params=params, run_id=t.run_id, tags=dict(t.tags))
     if tracker.run_id:
         plan.files.write_tracking(t.uri, t.experiment, tracker.run_id)
-    for key, value in t.tags:
-        tracker.set_tag(key, value)
     with tempfile.TemporaryDirectory(prefix="pof3d-config-") as tmp:
         local = Path(tmp) / "config.json"
         local.write_text(plan.cfg.to_json())

@@ -25,7 +25,7 @@ from pof3d.config import Config, apply_overrides, load_config
 from pof3d.errors import CheckpointError, ConfigError
 from pof3d.run_files import CONFIG_FILE, RunFiles
 from pof3d.storage import Location, check_reachable
-from pof3d.tracking import default_tracking_uri
+from pof3d.tracking import default_tracking_uri, run_name
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class TrainRequest:
     mlflow_uri: str | None = None
     experiment: str = DEFAULT_EXPERIMENT
     overrides: list[str] = field(default_factory=list)
-    run_name: str | None = None  # MLflow run name (default: the run directory's name)
+    run_name: str | None = None  # MLflow run name (default: preset, seed and start time)
     tags: dict[str, str] = field(default_factory=dict)  # MLflow tags, e.g. a study's parent run
 
 
@@ -174,7 +174,7 @@ def plan_run(request: TrainRequest) -> RunPlan:
     tracking = Tracking(
         uri=mlflow_uri,
         experiment=request.experiment,
-        run_name=request.run_name or root.name,
+        run_name=request.run_name or run_name(cfg.preset, cfg.train.seed),
         run_id=tracked.get("run_id") or progress.get("mlflow_run_id"),
         tags=tuple(sorted(request.tags.items())),
     )

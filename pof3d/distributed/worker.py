@@ -61,7 +61,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     trainer = Trainer(cfg, device=device, seed=cfg.train.seed)
     progress = _resume(trainer, files, plan.resume_from, device)
     tick = int(progress.get("tick", 0))
-    tracker = Tracker(plan.tracking.uri, plan.tracking.run_id) if rank == 0 else None
     metrics_log = files.metrics_log(trainer.images_seen) if rank == 0 else None
     if rank == 0:
         logger.info(
@@ -72,6 +71,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             tick,
             cfg.train.kimg,
         )
+    # After the metrics log dropped the ticks past the checkpoint: the back-fill reads what is left.
+    tracker = Tracker.for_worker(plan.tracking.uri, plan.tracking.run_id, files, context, trainer.images_seen)
 
     target = int(round(cfg.train.kimg * 1000))
     per_worker = cfg.train.batch // world
@@ -94,6 +95,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if data_error is not None:
             if rank == 0:
                 logger.error("training stopped: %s", data_error)
+            tracker.close()
             return {"images_seen": trainer.images_seen, "tick": tick, "training_error": data_error}
         real = batch["image"].to(device, non_blocking=True)
         fetched = time.perf_counter()
@@ -105,6 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         except TrainingError as exc:
             if rank == 0:
                 logger.error("training stopped: %s", exc)
+            tracker.close()
             return {"images_seen": trainer.images_seen, "tick": tick, "training_error": str(exc)}
         meter.update(
             figures,
@@ -146,6 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if rank == 0:
         ended = f"stopped: {stop_reason}" if stop_reason else f"reached kimg {trainer.images_seen / 1000:.3f}"
         logger.info("training %s after %d ticks", ended, tick)
+    tracker.close()
     return {
         "images_seen": trainer.images_seen,
         "tick": tick,
@@ -300,7 +304,7 @@ def _report(
     snapshot: bool,
     done: bool,
     rank: int,
-    tracker: Tracker | None,
+    tracker: Tracker,
     true_poses: list[np.ndarray],
 ) -> None:
     """Every rank reports (a barrier); at snapshots rank 0 attaches a checkpoint and figures."""
@@ -326,12 +330,14 @@ def _report(
         # Figures are drawn locally, then copied to the run's storage and logged to MLflow.
         grid = _sample_grid(trainer, Path(tmp) / f"fakes-{kimg}.png")
         poses = _pose_plot(trainer, Path(tmp) / f"poses-{kimg}.png", true_poses)
-        for figure, artifact_dir in ((grid, "samples"), (poses, "poses")):
+        # Images, not artifacts: the UI lines a series up by step (images seen) with a slider.
+        for figure, key in ((grid, "samples"), (poses, "poses")):
             (plan.files.samples / figure.name).upload(figure)
-            tracker.log_artifact(figure, artifact_dir)
+            tracker.log_image(key, figure, step=trainer.images_seen)
         path = save_checkpoint(Path(tmp) / "checkpoint", trainer.state_dict(), cfg, progress)
         if done:
             tracker.log_artifacts(path, "checkpoint")
+            tracker.log_generator(trainer.G_ema, cfg, step=trainer.images_seen)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(str(path)),

@@ -10,11 +10,18 @@ nothing here depends on a process-global active run.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from pof3d.distributed.plan import default_tracking_uri_for
+from pof3d.storage import Location
+from pof3d.studies.results import Table
+from pof3d.tracking import experiment_id
 
 logger = logging.getLogger(__name__)
 
@@ -22,21 +29,14 @@ STUDY_TAG = "pof3d.study"
 VARIANT_TAG = "pof3d.variant"
 TRIAL_TAG = "pof3d.trial"
 ROLE_TAG = "pof3d.role"
+TABLE_FILE = "results_table.json"
 
 
-def experiment_id(client: MlflowClient, name: str, tracking_uri: str) -> str:
-    """The id of experiment ``name``, created on first use.
-
-    With a local SQLite store, artifacts go next to the database (as for training runs), not into
-    whatever directory the command happened to start in.
-    """
-    found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:///"):
-        location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=location)
+def tracking_uri(flag: str | None, saved: str | None, study_dir: Location) -> str:
+    """The study's tracking URI: ``--mlflow-uri``, else the URI a resumed study used (its parent run
+    lives there), else ``$MLFLOW_TRACKING_URI``, else a SQLite store in the study folder (in the local
+    cache when the study folder is on an object store)."""
+    return flag or saved or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri_for(study_dir)
 
 
 def open_parent(
@@ -77,14 +77,37 @@ def child_tags(parent_run_id: str, study: str, variant: str, trial_id: str) -> d
 def close_parent(
     tracking_uri: str,
     run_id: str,
-    artifacts: list[Path],
+    table: Table,
+    files: list[Path],
     summary: dict[str, float],
     status: str = "FINISHED",
 ) -> None:
-    """Log the results table files and summary figures to the parent and mark it ended."""
+    """Log the results table (its files, and as an MLflow table), the per-variant figures, and mark the
+    parent run ended."""
     client = MlflowClient(tracking_uri)
-    for path in artifacts:
+    for path in files:
         client.log_artifact(run_id, str(path))
+    _log_table(client, run_id, table)
     for key, value in summary.items():
         client.log_metric(run_id, key, value)
     client.set_terminated(run_id, status=status)
+
+
+def _log_table(client: MlflowClient, run_id: str, table: Table) -> None:
+    """``results_table.json``, which the UI shows as a table (and can line up across runs).
+
+    MLflow's ``log_table`` appends to an existing table; a resumed study's table replaces the first
+    one's instead (same file, same format), so its rows are not listed twice.
+    """
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        [{c: row.get(c) for c in table.columns} for row in table.rows], columns=table.columns
+    )
+    if TABLE_FILE not in {a.path for a in client.list_artifacts(run_id)}:
+        client.log_table(run_id, frame, TABLE_FILE)
+        return
+    with tempfile.TemporaryDirectory(prefix="pof3d-table-") as tmp:
+        path = Path(tmp) / TABLE_FILE
+        frame.to_json(path, orient="split", index=False)
+        client.log_artifact(run_id, str(path))

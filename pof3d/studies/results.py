@@ -147,3 +147,18 @@ def build_table(records: list[TrialRecord], by_variant: bool = True) -> Table:
 def _mean(values: Iterable[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.fmean(present) if present else None
+
+
+def variant_metrics(table: Table) -> dict[str, float]:
+    """The poster's figures of an ablation table as one metric per variant and column, named
+    ``<column>/<variant>`` (``JS/full``, ``JS/no_symmetry``): MLflow groups a run's charts by the part
+    before the slash, so each column's chart lines the variants up."""
+    out: dict[str, float] = {}
+    if "variant" not in table.columns:
+        return out
+    for row in table.rows:
+        for column in PAPER_COLUMNS:
+            value = row.get(column)
+            if isinstance(value, float) and math.isfinite(value):
+                out[f"{column}/{row['variant']}"] = value
+    return out

@@ -21,17 +21,12 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pof3d.config import Config, load_config
-from pof3d.distributed.plan import (
-    default_tracking_uri_for,
-    prepare_tracking_store,
-    storage_base,
-    synthetic_data,
-)
+from pof3d.distributed.plan import prepare_tracking_store, storage_base, synthetic_data
 from pof3d.errors import ConfigError
 from pof3d.storage import Location, check_reachable
 from pof3d.studies import mlflow_wiring
 from pof3d.studies.resources import TRIAL_DRIVER_CPU, TrialFootprint, plan_concurrency
-from pof3d.studies.results import Table, TrialRecord, build_table, paper_figures
+from pof3d.studies.results import Table, TrialRecord, build_table, variant_metrics
 from pof3d.studies.space import SearchSpace, load_space
 from pof3d.studies.trainable import SEARCH_VARIANT, StudySetup, run_trial
 from pof3d.studies.variants import VARIANTS, parse_variants, variant_overrides
@@ -230,7 +225,7 @@ def run_study(
     if not cfg.data.path:  # generated once, before trials start (they would race for it)
         base.append(f"data.path={synthetic_data(cfg)}")
 
-    mlflow_uri = request.mlflow_uri or saved.get("mlflow_uri") or default_tracking_uri_for(study_dir)
+    mlflow_uri = mlflow_wiring.tracking_uri(request.mlflow_uri, saved.get("mlflow_uri"), study_dir)
     prepare_tracking_store(mlflow_uri)
     parent = mlflow_wiring.open_parent(
         mlflow_uri,
@@ -271,8 +266,9 @@ def run_study(
         mlflow_wiring.close_parent(
             mlflow_uri,
             parent,
+            table,
             local,
-            _summary(table, request.mode),
+            variant_metrics(table),
             status="FINISHED" if finished else "KILLED",
         )
     return StudySummary(study_dir, table, files, mlflow_uri, parent, finished)
@@ -368,19 +364,6 @@ def _records(grid: Any, cfg: Config) -> list[TrialRecord]:
             )
         )
     return records
-
-
-def _summary(table: Table, mode: str) -> dict[str, float]:
-    """Per-variant figures for the parent run, e.g. ``full/JS``, so the UI shows them at a glance."""
-    out: dict[str, float] = {}
-    if mode != "ablation":
-        return out
-    for row in table.rows:
-        for column in paper_figures({}):
-            value = row.get(column)
-            if isinstance(value, float) and math.isfinite(value):
-                out[f"{row['variant']}/{column}"] = value
-    return out
 
 
 def _close_stopped_children(uri: str, experiment: str, parent: str) -> None:

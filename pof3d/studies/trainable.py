@@ -11,6 +11,7 @@ and MLflow run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -75,6 +76,7 @@ def run_trial(config: dict[str, Any], setup: StudySetup) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pof3d.distributed.driver import run_training
+    from pof3d.tracking import run_name
 
     trial_id = ray.tune.get_context().get_trial_id()
     variant = config.get("variant", SEARCH_VARIANT)
@@ -86,10 +88,12 @@ def run_trial(config: dict[str, Any], setup: StudySetup) -> None:
         mlflow_uri=setup.mlflow_uri,
         experiment=setup.experiment,
         overrides=trial_overrides(config, setup),
-        run_name=f"{variant}-{trial_id}",
         tags=child_tags(setup.parent_run_id, setup.name, variant, trial_id),
     )
     plan = plan_run(request)
+    # Named like a training run plus the variant; the seed is known once the overrides are resolved.
+    name = run_name(plan.cfg.preset, plan.cfg.train.seed, variant)
+    plan = dataclasses.replace(plan, tracking=dataclasses.replace(plan.tracking, run_name=name))
     _record_attempt(run_dir, trial_id, request.overrides)
     logger.info("trial %s (%s): training in %s (%s)", trial_id, variant, run_dir, plan.start_line())
     try:
