@@ -85,6 +85,21 @@ def test_a_missing_bucket_shard_or_resized_shard_is_named_before_reading(shard_s
         check_shards(str(copy))
 
 
+def test_training_on_a_truncated_shard_is_a_usage_error_before_ray_starts(shard_set, tmp_path, capsys):
+    import ray
+
+    from pof3d.train import main as train_main
+
+    copy = Path(shutil.copytree(shard_set, tmp_path / "faces"))
+    shard = copy / "part-00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    was_running = ray.is_initialized()
+    assert train_main(["--data", str(copy), "--kimg", "0.004", "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{shard}:" in err and "truncated" in err
+    assert ray.is_initialized() == was_running  # the check ran before connecting to any Ray
+
+
 def test_damaged_bytes_are_one_error_naming_shard_row_group_and_rows(shard_set, tmp_path, capsys):
     copy = Path(shutil.copytree(shard_set, tmp_path / "faces"))
     damage(str(copy / "part-00000.parquet"))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pof3d.data.shards import check_shards
 from pof3d.distributed.launcher import connect, launch
 from pof3d.distributed.plan import RunPlan, TrainRequest, plan_run, prepare_tracking_store, synthetic_data
 from pof3d.distributed.resources import ensure_resources
@@ -59,6 +60,8 @@ def prepare(request: TrainRequest, address: str | None = None) -> RunPlan:
     """Resolve the request and check it fits the cluster (waiting for an autoscaler to add nodes where
     one can); every user error surfaces here."""
     plan = plan_run(request)
+    if plan.data_uri:  # a missing or truncated shard is a usage error (exit 2), found before Ray starts
+        check_shards(plan.data_uri)
     connect(address)
     ensure_resources(plan.cfg)
     return plan
