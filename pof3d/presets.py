@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pof3d.config import CARS_FOCAL, Config
 
@@ -121,12 +122,26 @@ def tiny() -> Config:
     return cfg
 
 
-PRESETS: dict[str, Callable[[], Config]] = {
-    "tiny": tiny,
-    "anchor": anchor,
-    "ffhq256": ffhq256,
-    "cats256": cats256,
-    "cars128": cars128,
-    "ffhq512": ffhq512,
-    "anchor_faces": anchor_faces,
+@dataclass(frozen=True)
+class Preset:
+    """A named preset: the function that builds it and the line ``--help`` shows for it."""
+
+    build: Callable[[], Config]
+    summary: str
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(tiny, "CPU smoke and learning runs: 64 px from 32 px renders, about 1 kimg in minutes"),
+    "anchor": Preset(anchor, "the benchmark's fixed size: cars settings, 128 px from 64 px renders, fp32"),
+    "ffhq256": Preset(ffhq256, "the paper's FFHQ run (ffhq.sh): 256 px, 4x super-resolution from 64 px"),
+    "cats256": Preset(cats256, "the paper's cats run (cat.sh): 256 px, stronger R1 and pose terms"),
+    "cars128": Preset(cars128, "the paper's ShapeNet-cars run (shapenet_cars.sh): 128 px, cars camera"),
+    "ffhq512": Preset(ffhq512, "512 px FFHQ with 8x super-resolution; not a run of the paper"),
+    "anchor_faces": Preset(anchor_faces, "the anchor network with the paper's FFHQ settings (faces, 128 px)"),
 }
+
+
+def presets_help() -> str:
+    """The presets, one per line with their summary, for the ``--help`` of the commands that take one."""
+    width = max(map(len, PRESETS))
+    return "presets:\n" + "\n".join(f"  {name:<{width}}  {p.summary}" for name, p in PRESETS.items())

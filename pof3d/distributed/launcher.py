@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pof3d.config import Config
+from pof3d.console import quiet_dataset, train_logging_config
 from pof3d.errors import ConfigError, TrainingError
 from pof3d.host_memory import retaining_env
 
@@ -106,7 +107,7 @@ def launch(spec: LaunchSpec) -> LaunchResult:
     dataset = make_dataset(
         spec.data_uri, xflip=cfg.data.xflip, seed=cfg.data.shuffle_seed, shuffle=True, epochs=None
     )
-    dataset.context.enable_progress_bars = False  # keep the per-tick lines readable in job logs
+    quiet_dataset(dataset)  # keep the per-tick lines readable in job logs
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -131,6 +132,7 @@ def launch(spec: LaunchSpec) -> LaunchResult:
             failure_config=FailureConfig(max_failures=t.max_failures),
             callbacks=spec.callbacks,
             worker_runtime_env=worker_runtime_env(cfg),
+            logging_config=train_logging_config(),
         ),
     )
     logger.info(
