@@ -12,15 +12,23 @@ import logging
 import sys
 from pathlib import Path
 
+from pof3d.config import load_config
+from pof3d.config_fields import config_fields, format_fields
+from pof3d.console import configure_console
 from pof3d.distributed.plan import DEFAULT_EXPERIMENT, TrainRequest
 from pof3d.errors import Pof3dError, TrainingError
-from pof3d.presets import PRESETS
+from pof3d.presets import PRESETS, presets_help
 
 logger = logging.getLogger("pof3d.train")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pof3d.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m pof3d.train",
+        description=__doc__.splitlines()[0],
+        epilog=presets_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="configuration preset (tiny)")
     p.add_argument("--data", help="shard directory or URI (default: built-in synthetic set)")
     p.add_argument("--kimg", type=float, help="training length in thousands of real images")
@@ -37,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
         help="override any config field, e.g. --set loss.symmetry_weight=0 (repeatable)",
     )  # fmt: skip
+    p.add_argument(
+        "--list-fields", nargs="?", const="", metavar="SECTION",
+        help="list the config fields (of one section) with type, the preset's value and doc, and exit",
+    )  # fmt: skip
+    p.add_argument("--verbose", action="store_true", help="also show Ray's and MLflow's informational lines")
     return p
 
 
@@ -59,7 +72,9 @@ def request_from_args(args: argparse.Namespace) -> TrainRequest:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.list_fields is not None:
+        return list_fields(args.preset, args.overrides, args.list_fields or None)
+    configure_console(args.verbose)
     from pof3d.distributed.driver import prepare, run_training
 
     try:
@@ -77,6 +92,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(summary.line())
     print(f"MLflow UI: {summary.ui_command}")
+    return 0
+
+
+def list_fields(preset_name: str, overrides: list[str], section: str | None) -> int:
+    """``--list-fields [SECTION]``: print the fields with the values of the preset (and ``--set``)."""
+    try:
+        fields = config_fields(load_config(preset_name, overrides), section)
+    except Pof3dError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"config fields with the values of preset {preset_name!r}; change one with --set PATH=VALUE")
+    print(format_fields(fields))
     return 0
 
 

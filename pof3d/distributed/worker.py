@@ -25,7 +25,7 @@ import torch
 from pof3d.checkpoint import PROGRESS_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
 from pof3d.config import Config
 from pof3d.distributed.launcher import CHECKPOINTS_DIR
-from pof3d.distributed.progress import TickMeter, TimeLimit, next_boundary, progress_line
+from pof3d.distributed.progress import TickMeter, TimeLimit, device_memory, next_boundary, progress_line
 from pof3d.errors import TrainingError
 from pof3d.tracking import Tracker
 
@@ -120,7 +120,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             continue
         tick += 1
         next_tick = next_boundary(trainer.images_seen, cfg.train.tick_kimg)
-        metrics = meter.close(trainer.images_seen)
+        metrics = meter.close(trainer.images_seen) | device_memory(device)
         metrics["perf/eta_sec"] = min(metrics["perf/eta_sec"], time_limit.remaining())
         snapshot = done or trainer.images_seen >= next_snapshot
         if snapshot:
