@@ -64,3 +64,9 @@ def quiet_dataset(dataset: Any) -> None:
     verbose, no per-execution announcement of the plan."""
     dataset.context.enable_progress_bars = False
     dataset.context.print_on_execution_start = verbose()
+
+
+def listing(title: str, rows: dict[str, str]) -> str:
+    """A ``--help`` epilog block: ``title:`` then one aligned ``name  text`` line per row."""
+    width = max(map(len, rows), default=0)
+    return f"{title}:\n" + "\n".join(f"  {name:<{width}}  {text}" for name, text in rows.items())

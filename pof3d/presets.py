@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pof3d.config import CARS_FOCAL, Config
+from pof3d.console import listing
 
 
 def _cars(cfg: Config) -> Config:
@@ -143,5 +144,4 @@ PRESETS: dict[str, Preset] = {
 
 def presets_help() -> str:
     """The presets, one per line with their summary, for the ``--help`` of the commands that take one."""
-    width = max(map(len, PRESETS))
-    return "presets:\n" + "\n".join(f"  {name:<{width}}  {p.summary}" for name, p in PRESETS.items())
+    return listing("presets", {name: p.summary for name, p in PRESETS.items()})

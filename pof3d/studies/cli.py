@@ -13,13 +13,18 @@ import logging
 import sys
 
 from pof3d.errors import ConfigError, Pof3dError
-from pof3d.presets import PRESETS
+from pof3d.presets import PRESETS, presets_help
 from pof3d.studies.study import DEFAULT_EXPERIMENT, DEFAULT_STORAGE, StudyRequest, run_study
-from pof3d.studies.variants import VARIANTS, parse_variants
+from pof3d.studies.variants import VARIANTS, parse_variants, variants_help
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pof3d-sweep", description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = argparse.ArgumentParser(
+        prog="pof3d-sweep",
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+        epilog=f"{variants_help()}\n\n{presets_help()}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--mode", choices=("ablation", "search"), default="ablation", help="study kind (ablation)")
     p.add_argument(
         "--variants",
