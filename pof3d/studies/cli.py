@@ -9,9 +9,9 @@ one variant's overrides; MLflow gets one parent run per study and one child run 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from pof3d.console import configure_console
 from pof3d.errors import ConfigError, Pof3dError
 from pof3d.presets import PRESETS, presets_help
 from pof3d.studies.study import DEFAULT_EXPERIMENT, DEFAULT_STORAGE, StudyRequest, run_study
@@ -94,7 +94,7 @@ def request_from_args(args: argparse.Namespace) -> StudyRequest:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_console(verbose_flag=False)  # POF3D_VERBOSE=1 shows Ray's and MLflow's notices
     try:
         summary = run_study(request_from_args(args), resume=args.resume)
     except ConfigError as exc:
