@@ -23,16 +23,13 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pof3d.config import Config, load_config  # noqa: E402
-from pof3d.host_memory import is_retaining, retaining_env  # noqa: E402
-from pof3d.loop import Trainer  # noqa: E402
-from pof3d.testing.reference_schedule import ReferenceSchedule  # noqa: E402
+from pof3d.config import Config, load_config
+from pof3d.host_memory import is_retaining, retaining_env
+from pof3d.loop import Trainer
+from pof3d.testing.reference_schedule import ReferenceSchedule
 
 PHASE_ORDER = ("G_main", "G_density", "D_main", "D_r1")
 
