@@ -18,6 +18,7 @@ from typing import Any
 
 from pof3d.config import Config
 from pof3d.console import quiet_dataset, train_logging_config
+from pof3d.distributed.progress import deadline
 from pof3d.errors import ConfigError, TrainingError
 from pof3d.host_memory import retaining_env
 
@@ -94,7 +95,6 @@ def launch(spec: LaunchSpec) -> LaunchResult:
     from ray.train.torch import TorchTrainer
 
     from pof3d.data.streaming import ingest_options, make_dataset
-    from pof3d.distributed.progress import deadline
     from pof3d.distributed.worker import train_loop_per_worker
 
     cfg = spec.cfg

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from pof3d.checkpoint import latest_checkpoint, load_checkpoint
 from pof3d.config import Config, apply_overrides, load_config
+from pof3d.data.synthetic import ensure_synthetic
 from pof3d.errors import CheckpointError, ConfigError
+from pof3d.metrics.suite import resolve_metrics
 from pof3d.tracking import default_tracking_uri
 
 logger = logging.getLogger(__name__)
@@ -165,8 +167,6 @@ def _check_eval_metrics(cfg: Config) -> None:
     """Unknown metric names would otherwise fail on rank 0 at the first evaluation, mid-run."""
     if cfg.train.eval_kimg <= 0:
         return
-    from pof3d.metrics.suite import resolve_metrics
-
     try:
         resolve_metrics([m for m in cfg.train.eval_metrics.split(",") if m.strip()])
     except ConfigError as exc:
@@ -175,8 +175,6 @@ def _check_eval_metrics(cfg: Config) -> None:
 
 def _synthetic_data(cfg: Config) -> str:
     """The built-in synthetic set, generated into the cache on first use."""
-    from pof3d.data.synthetic import ensure_synthetic
-
     d = cfg.data
     path = ensure_synthetic(
         default_cache_dir(),

@@ -24,9 +24,13 @@ import torch
 
 from pof3d.checkpoint import PROGRESS_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
 from pof3d.config import Config
+from pof3d.data.streaming import iter_train_batches
 from pof3d.distributed.launcher import CHECKPOINTS_DIR
 from pof3d.distributed.progress import TickMeter, TimeLimit, device_memory, next_boundary, progress_line
 from pof3d.errors import TrainingError
+from pof3d.loop import Trainer
+from pof3d.metrics import evaluate_generator
+from pof3d.plots import plot_pose_distribution, save_image_grid
 from pof3d.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -56,8 +60,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = _device(cfg)
     _write_pid(run_dir, rank)
-
-    from pof3d.loop import Trainer
 
     trainer = Trainer(cfg, device=device, seed=cfg.train.seed)
     progress = _resume(trainer, ray.train.get_checkpoint(), run_dir, config.get("resume_from"), device)
@@ -214,8 +216,6 @@ def _images_seen(checkpoint: Path) -> int:
 def _endless_batches(shard: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     """Epoch after epoch of full batches from this worker's shard of the streaming dataset (one pass of
     the loop is one execution, which holds several epochs on small sets); images float32 in [-1, 1]."""
-    from pof3d.data.streaming import iter_train_batches
-
     while True:
         empty = True
         for batch in iter_train_batches(shard, batch_size, drop_last=True):
@@ -257,8 +257,6 @@ def _replica_spread(trainer: Any) -> float:
 
 
 def _evaluate(trainer: Any, cfg: Config, data_uri: str, device: torch.device) -> dict[str, float]:
-    from pof3d.metrics import evaluate_generator
-
     names = [m.strip() for m in cfg.train.eval_metrics.split(",") if m.strip()]
     try:
         results = evaluate_generator(
@@ -322,8 +320,6 @@ def _report(
 
 
 def _sample_grid(trainer: Any, path: Path) -> Path:
-    from pof3d.plots import save_image_grid
-
     g = trainer.G_ema
     z = _fixed_latents(g, SAMPLE_COUNT)
     with torch.no_grad():
@@ -332,8 +328,6 @@ def _sample_grid(trainer: Any, path: Path) -> Path:
 
 
 def _pose_plot(trainer: Any, path: Path, true_poses: list[np.ndarray]) -> Path:
-    from pof3d.plots import plot_pose_distribution
-
     truth = np.concatenate(true_poses) if true_poses else None
     if truth is not None:
         truth = truth[np.isfinite(truth).all(axis=1)]

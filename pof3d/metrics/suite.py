@@ -21,6 +21,8 @@ import torch
 
 from pof3d.camera import pose_to_cam2world, to_eg3d
 from pof3d.config import Config
+from pof3d.data.shards import iter_rows, load_arrays, read_manifest
+from pof3d.data.synthetic import sample_poses
 from pof3d.errors import ConfigError
 from pof3d.layers import resize
 from pof3d.loss import real_raw_image
@@ -107,8 +109,6 @@ def _to_images(pixels: np.ndarray, device: torch.device | str) -> torch.Tensor:
 
 def _data_key(data_uri: str, *parts: object) -> str:
     """Cache key of a shard set: its manifest (with checksums) plus what else the cached item depends on."""
-    from pof3d.data.shards import read_manifest
-
     text = json.dumps(read_manifest(data_uri), sort_keys=True, default=str) + "|".join(map(str, parts))
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -129,14 +129,10 @@ def _true_poses(cfg: Config, data_uri: str | None, n: int, seed: int) -> np.ndar
     """Every ground-truth pose of the shard set (pose column only), or ``n`` draws of the synthetic
     setting's sampler when there is no data; None when the data has no poses."""
     if data_uri:
-        from pof3d.data.shards import iter_rows
-
         rows = [row["pose"] for row in iter_rows(data_uri, ["pose"]) if row["pose"] is not None]
         poses = np.asarray(rows, dtype=np.float64).reshape(-1, 2)
         poses = poses[np.isfinite(poses).all(axis=1)]
         return poses if len(poses) else None
-    from pof3d.data.synthetic import sample_poses
-
     return np.asarray(
         sample_poses(cfg.data.synthetic_poses, n, np.random.default_rng(seed)), dtype=np.float64
     )
@@ -248,8 +244,6 @@ def evaluate_generator(
     try:
         real = None
         if data_uri and set(groups) & {"pose", "depth", "fid", "kid"}:
-            from pof3d.data.shards import load_arrays
-
             real = load_arrays(data_uri, limit=num_samples)
         if "js" in groups:
             n_js = max(num_samples, JS_SAMPLES)

@@ -18,13 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from pof3d.config import Config, load_config
+from pof3d.distributed.launcher import connect
+from pof3d.distributed.plan import TrainRequest, plan_run
 from pof3d.errors import ConfigError
+from pof3d.metrics.suite import resolve_metrics
 from pof3d.studies import mlflow_wiring
 from pof3d.studies.resources import TRIAL_DRIVER_CPU, TrialFootprint, plan_concurrency
 from pof3d.studies.results import Table, TrialRecord, build_table, paper_figures
 from pof3d.studies.space import SearchSpace, load_space
 from pof3d.studies.trainable import SEARCH_VARIANT, StudySetup, run_trial
 from pof3d.studies.variants import VARIANTS, parse_variants, variant_overrides
+from pof3d.tracking import default_tracking_uri, ui_command
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +80,6 @@ class StudySummary:
     finished: bool
 
     def line(self) -> str:
-        from pof3d.tracking import ui_command
-
         state = "finished" if self.finished else "interrupted (continue with --resume)"
         return (
             f"study {self.study_dir.name} {state}: {len(self.table.rows)} row(s) in "
@@ -118,8 +120,6 @@ def evaluation_overrides(request: StudyRequest, cfg: Config, space: SearchSpace 
     if not _user_set(request, "train.eval_metrics"):
         groups = [g.strip() for g in DEFAULT_EVAL_METRICS.split(",")]
     wanted = [m.split("/", 1)[1] for m in (space.metrics if space else ()) if m.startswith("eval/")]
-    from pof3d.metrics.suite import resolve_metrics
-
     try:
         wanted_groups = resolve_metrics(wanted) if wanted else []
     except Exception as exc:  # the metrics module names what it knows
@@ -203,16 +203,12 @@ def run_study(
     base += evaluation_overrides(request, cfg, space)
     cfg = load_config(request.preset, base)
 
-    from pof3d.distributed.launcher import connect
-
     connect(None)
     concurrency = plan_concurrency(
         TrialFootprint.of(cfg), ray.cluster_resources(), request.concurrency, trials
     )
     if not cfg.data.path:
         base.append(f"data.path={_prepare_data(request, base, study_dir)}")
-
-    from pof3d.tracking import default_tracking_uri
 
     mlflow_uri = request.mlflow_uri or saved.get("mlflow_uri") or default_tracking_uri(study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -255,8 +251,6 @@ def run_study(
 
 def _prepare_data(request: StudyRequest, base: list[str], study_dir: Path) -> str:
     """Generate the built-in synthetic set once, before trials start (they would race for it)."""
-    from pof3d.distributed.plan import TrainRequest, plan_run
-
     return plan_run(TrainRequest(preset=request.preset, run_dir=study_dir, overrides=list(base))).data_uri
 
 

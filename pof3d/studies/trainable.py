@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from pof3d.config import load_config
+from pof3d.distributed.launcher import LaunchSpec, launch
+from pof3d.distributed.plan import TrainRequest, plan_run, write_config
 from pof3d.errors import TrainingError
 from pof3d.studies.mlflow_wiring import child_tags
 from pof3d.studies.variants import variant_overrides
+from pof3d.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +74,6 @@ def run_trial(config: dict[str, Any], setup: StudySetup) -> None:
     """Tune entry point (bind ``setup`` with ``functools.partial``)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from pof3d.distributed.launcher import LaunchSpec, launch
-    from pof3d.distributed.plan import TrainRequest, plan_run, write_config
-    from pof3d.tracking import Tracker
 
     trial_id = ray.tune.get_context().get_trial_id()
     variant = config.get("variant", SEARCH_VARIANT)
