@@ -267,7 +267,12 @@ def test_evaluate_generator_all_metrics_on_shards(checkpoint, sphere_shards, tmp
     }
     assert expected | moments | {"reprojection_error", "fid", "kid"} == set(results)
     assert all(np.isfinite(v) for v in results.values()), results
-    assert 0 <= results["js"] <= np.log(2) and 0 <= results["pose_error_deg"] <= 180
+    # The true poses are the shards' (yaw 90 +- 17 deg, pitch 90 +- 6 deg), not the synthetic sampler's;
+    # the joint JS is at least each marginal's (a marginal loses information) and an untrained pose
+    # learner is off the data's distribution.
+    assert results["true_yaw_mean_deg"] == pytest.approx(90, abs=10)
+    assert results["true_pitch_std_deg"] < results["true_yaw_std_deg"]
+    assert results["js"] >= max(results["js_yaw"], results["js_pitch"]) - 1e-12 and results["js"] > 0
     assert results["fid"] > 0 and results["depth_error"] >= 0
     assert len(list((tmp_path / "depth").glob("depth-estimator-*.pt"))) == 1
     # Same seed, same figures (the estimator now comes from the cache).
