@@ -8,7 +8,7 @@
 Each iteration runs every phase once (G_main, G_density, D_main, D_r1), timed on its own; the table
 gives medians over ``--iters`` iterations after ``--warmup`` ones. "iteration, every phase once" is
 the sum of the phase medians; "iteration, amortised" weights the lazy regularisers by 1/interval as
-training runs them. ``--schedule reference`` times the reference implementation's schedule (a generator
+training runs them. ``--schedule reference`` times the official code's schedule (a generator
 pass, D calls and a backward per term: pof3d/testing/reference_schedule.py) instead of the shared
 passes; ``--compare`` runs both interleaved in one process, so that both see the same machine load.
 

@@ -41,7 +41,8 @@ class ModelConfig:
     triplane_resolution: int = 256  #: side of each tri-plane, in feature cells
     triplane_channels: int = 32  #: feature channels per tri-plane
     use_noise: bool = True  #: per-pixel noise inputs in the backbone (StyleGAN2's)
-    #: super-resolution noise: none (the reference's), random, const, or caller (the mode G is called with)
+    #: super-resolution noise: none (the official code's), random, const, or caller (the mode G is
+    #: called with)
     sr_noise_mode: str = "none"
     # Tri-plane decoder and volume rendering.
     decoder_hidden: int = 64  #: hidden width of the tri-plane feature decoder
@@ -55,7 +56,7 @@ class ModelConfig:
     ray_end: float = 3.3  #: far bound of each ray, in world units from the camera
     box_warp: float = 1.0  #: side of the cube the tri-planes span, in world units
     white_background: bool = False  #: composite renders over white (cars) instead of black
-    triplane_quirk: bool = True  #: EG3D's plane projection, third plane (z, x); the reference's `wrong`
+    triplane_quirk: bool = True  #: EG3D's plane projection, third plane (z, x); the official code's `wrong`
     # Camera: look-at from (yaw h, pitch v) on a sphere around the world origin.
     camera_radius: float = 2.7  #: distance of the camera from the world origin
     pivot: tuple[float, float, float] = (0.0, 0.0, 0.2)  #: point the camera looks at
@@ -64,12 +65,14 @@ class ModelConfig:
     yaw_center: float = math.pi / 2  #: yaw h the pose learner's output is centred on (radians)
     pitch_center: float = math.pi / 2  #: pitch v the pose learner's output is centred on (radians)
     pose_clamp: bool = False  #: clamp learned poses (cars): h in [0, 2pi], v in [0, pi]
-    #: pass the gradient through the clamp; False: the reference's hard clamp (no gradient outside)
+    #: pass the gradient through the clamp; False: the official code's hard clamp (no gradient outside)
     pose_clamp_straight_through: bool = False
     pose_hidden: int = 512  #: hidden width of the pose learner
-    pose_from_truncated_w: bool = False  #: pose from the truncated w; False: the untruncated w (reference)
-    pose_init_scale: float = 1.0  #: output layer's initial scale; 1.0 = the reference's (~45 deg spread)
-    pitch_output: str = "eg3d"  #: the model's pitch coordinate: eg3d's v (the reference) or the polar angle
+    #: take the pose from the truncated w; False: from the untruncated w, as the official code
+    pose_from_truncated_w: bool = False
+    pose_init_scale: float = 1.0  #: output layer's initial scale; 1.0 = the official code's (~45 deg spread)
+    #: the model's pitch coordinate: eg3d's v (the official code) or polar (the camera's polar angle)
+    pitch_output: str = "eg3d"
     # Discriminator.
     disc_channel_base: int = 32768  #: D's width budget: a block's channels are min(base / res, max)
     disc_channel_max: int = 512  #: widest D block
@@ -97,27 +100,27 @@ class LossConfig:
     pose_gd_weight: float = 1.0  #: pulls the pose learner toward D's pose prediction
     dis_cam_weight: float = 2.0  #: trains D's pose head on generated images
     #: D's input blur fades out over blur_fade_kimg x train.batch / 32 kimg (effective_blur_fade_kimg),
-    #: as the reference's batch * 200 / 32
+    #: as the official code's batch * 200 / 32
     blur_fade_kimg: float = 200.0
     #: scale the blur fade with the batch; off: it lasts blur_fade_kimg itself
     blur_fade_scales_with_batch: bool = True
-    #: the reference's sigma: taps 2^-(t / sigma)^2 (a Gaussian of std 0.85 sigma) out to floor(3 sigma),
+    #: the official code's sigma: taps 2^-(t / sigma)^2 (a Gaussian of std 0.85 sigma) out to floor(3 sigma),
     #: zero padding (pof3d.layers.gaussian_blur)
     blur_init_sigma: float = 10.0
-    #: where the density regulariser draws its points: "cube" = U[-1, 1]^3 in world units, as the reference
-    #: does whatever box_warp is; "box" = inside the tri-plane box (+-box_warp / 2), where every point
+    #: where the density regulariser draws its points: "cube" = U[-1, 1]^3 in world units, as the official
+    #: code does whatever box_warp is; "box" = inside the tri-plane box (+-box_warp / 2), where every point
     #: reaches the tri-planes (with box_warp=1 seven in eight "cube" points lie outside it and add nothing)
     density_reg_region: str = "cube"
     #: drop a G_main or D_main update (zero gradient, the optimiser still steps) when any latent of the
-    #: global batch has its learned pitch at or beyond a pole: the reference's faces camera is NaN there
+    #: global batch has its learned pitch at or beyond a pole: the official code's faces camera is NaN there
     #: and its loop zeroes NaN gradients, so the update is lost. Off: such poses render at the pole.
-    #: Never applies with model.pose_clamp (the reference clamps cars' poses instead)
+    #: Never applies with model.pose_clamp (the official code clamps cars' poses instead)
     skip_past_pole: bool = True
     #: while the blur fades, a pose-aware D predicts the pose from the image blurred once and scores the
-    #: image blurred twice, as the reference does (its pose call and its score call each blur the same
+    #: image blurred twice, as the official code does (its pose call and its score call each blur the same
     #: image in place). False: one blur and one D pass for both (cheaper until the blur has faded)
     double_blur: bool = True
-    #: reals' raw image (D's second input) is a plain bilinear resize, as the reference computes (the
+    #: reals' raw image (D's second input) is a plain bilinear resize, as the official code computes (the
     #: antialias argument of its filtered_resizing is commented out); true: EG3D's antialiased resize
     real_raw_antialias: bool = False
 
@@ -234,7 +237,7 @@ SECTIONS = ("model", "loss", "optim", "data", "train")
 # Fields that earlier versions saved in config.json and that no longer exist, with the reason. A saved
 # config that holds one still loads (the field is ignored, with a warning); an override naming one fails.
 REMOVED_FIELDS = {
-    "loss.share_passes": "the shared passes are the only training schedule; the reference's independent "
+    "loss.share_passes": "the shared passes are the only training schedule; the official code's independent "
     "passes live in pof3d/testing/reference_schedule.py (tests and benchmarks/step.py --compare)",
 }
 

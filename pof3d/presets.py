@@ -1,7 +1,7 @@
 """Named presets: every value the paper scripts (and the fixed benchmark size) set, in one place.
 
 Each preset is a plain function returning a fresh :class:`~pof3d.config.Config`; the dataclass
-defaults are the reference's FFHQ run (``ffhq.sh``: 256 px, trained from the 512 px data resized), so a
+defaults are the official code's FFHQ run (``ffhq.sh``: 256 px, trained from the 512 px data resized), so a
 preset lists only what differs. Select one with :func:`pof3d.config.load_config` (or ``--preset``), then
 override fields with ``--set``. The paper presets are ``ffhq256``, ``cats256`` and ``cars128``
 (``ffhq.sh``, ``cat.sh``, ``shapenet_cars.sh``); ``docs/fidelity.md`` lists where each value comes
@@ -76,7 +76,7 @@ def _anchor_size(cfg: Config) -> Config:
 
 
 def anchor() -> Config:
-    """Fixed benchmark size; must not drift (the reference is timed at exactly this size)."""
+    """Fixed benchmark size; must not drift (the official code is timed at exactly this size)."""
     cfg = _anchor_size(_cars(Config(preset="anchor")))
     cfg.train.batch = 4
     return cfg

@@ -333,7 +333,7 @@ class _Recorder(torch.nn.Module):
 
 
 def test_fid_samples_use_constant_backbone_noise_and_no_truncation(tmp_path):
-    """Kept different from the reference's random noise: a checkpoint and seed always give the same set."""
+    """Kept different from the official code's random noise: a checkpoint and seed give the same set."""
     from pof3d.metrics import suite
 
     G = _Recorder()

@@ -113,7 +113,7 @@ def test_phases_run_on_their_intervals() -> None:
 
 def test_ema_follows_the_reference_schedule() -> None:
     """The first step's EMA is a copy of G (the ramp-up caps the half-life at 0.05 x the 0 images seen
-    before it, as the reference counts a step's images after its EMA update); later steps blend with the
+    before it, as the official code counts a step's images after its EMA update); later steps blend with the
     half-life ema_kimg x batch / 32 (0.1 kimg at batch 4: 12.5 images)."""
     trainer = Trainer(_cfg("loss.density_reg_weight=0", "loss.r1_gamma=0", "optim.ema_kimg=0.1"), seed=0)
     trainer.cfg.optim.ema_scales_with_batch = True
@@ -217,7 +217,7 @@ def _pitch_past_pole(trainer: Trainer, offset: float) -> None:
 @pytest.mark.parametrize("skip", [True, False])
 def test_a_pitch_past_a_pole_drops_the_update_as_the_reference(skip: bool) -> None:
     """With ``loss.skip_past_pole`` a G_main or D_main step whose batch holds a latent with its pitch
-    beyond a pole leaves the weights as they were (the reference's NaN camera and nan_to_num), while
+    beyond a pole leaves the weights as they were (the official code's NaN camera and nan_to_num), while
     the same step without it trains; a batch inside (0, pi) trains either way."""
     torch.manual_seed(0)
     cfg = _cfg("loss.density_reg_weight=0", "loss.r1_gamma=0", f"loss.skip_past_pole={str(skip).lower()}")
