@@ -8,7 +8,8 @@ and nothing at WARNING or above is hidden:
 
 - Ray Train's ``ray.train`` loggers (controller and workers) print to the console at ``WARNING`` instead
   of ``INFO`` (``RunConfig(logging_config=LoggingConfig(log_level=...))``); Ray Train's log files under
-  the Ray session directory (``logs/train/``) still get everything.
+  the Ray session directory (``logs/train/``) still get everything. The per-report line needs one more
+  setting on the workers (:func:`quiet_train_worker`).
 - Ray Data does not announce each execution and its plan (``DataContext.print_on_execution_start``);
   its ``ray-data.log`` file keeps the rest.
 - MLflow's notices on creating a run's SQLite store tables are dropped.
@@ -57,6 +58,18 @@ def train_logging_config() -> Any:
     from ray.train import LoggingConfig
 
     return LoggingConfig(log_level="INFO" if verbose() else "WARNING")
+
+
+def quiet_train_worker(verbose_flag: bool) -> None:
+    """In a Ray Train worker: drop Ray's ``Reporting training result ...`` line per report unless verbose.
+
+    Ray 2.60 logs it from a logger named after its source file (``logging.getLogger(__file__)`` in
+    ``ray/train/v2/_internal/execution/context.py``), not under ``ray.train``, so the ``LoggingConfig``
+    level does not reach it; the level is set on that logger itself (INFO lines only, warnings stay).
+    """
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.INFO if verbose_flag else logging.WARNING)
 
 
 def quiet_dataset(dataset: Any) -> None:

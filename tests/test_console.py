@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -68,3 +69,13 @@ def test_default_command_prints_tick_lines_and_no_ray_chatter(ray_local, tmp_pat
     for chatter in ("Reporting training result", "TrainingReport(", "Execution plan of Dataset", "Deprecat"):
         assert chatter not in out, f"{chatter!r} in the output:\n{out[-5000:]}"
     assert "trained to kimg 0.008 in 2 ticks" in out
+
+
+def test_ray_trains_per_report_line_is_dropped_unless_verbose() -> None:
+    from ray.train.v2._internal.execution import context
+
+    report_logger = logging.getLogger(context.__file__)  # where Ray 2.60 logs "Reporting training result"
+    console.quiet_train_worker(False)
+    assert not report_logger.isEnabledFor(logging.INFO) and report_logger.isEnabledFor(logging.WARNING)
+    console.quiet_train_worker(True)
+    assert report_logger.isEnabledFor(logging.INFO)

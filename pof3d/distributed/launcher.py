@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pof3d.config import Config
-from pof3d.console import quiet_dataset, train_logging_config
+from pof3d.console import quiet_dataset, train_logging_config, verbose
 from pof3d.distributed.progress import deadline
 from pof3d.errors import ConfigError, TrainingError
 from pof3d.host_memory import retaining_env
@@ -119,6 +119,7 @@ def launch(spec: LaunchSpec) -> LaunchResult:
             "resume_from": str(spec.resume_from) if spec.resume_from else None,
             # Fixed here, so that workers restarted after a failure keep the launch's deadline.
             "deadline": deadline(t.time_limit_min, time.time()),
+            "verbose": verbose(),
         },
         scaling_config=ScalingConfig(
             num_workers=t.workers, use_gpu=t.gpus_per_worker > 0, resources_per_worker=resources

@@ -24,6 +24,7 @@ import torch
 
 from pof3d.checkpoint import PROGRESS_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
 from pof3d.config import Config
+from pof3d.console import quiet_train_worker
 from pof3d.data.streaming import iter_train_batches
 from pof3d.distributed.launcher import CHECKPOINTS_DIR
 from pof3d.distributed.progress import TickMeter, TimeLimit, device_memory, next_boundary, progress_line
@@ -54,6 +55,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
 
     _configure_logging()
+    quiet_train_worker(config.get("verbose", False))
     cfg = Config.from_dict(config["cfg"])
     run_dir = Path(config["run_dir"])
     context = ray.train.get_context()
