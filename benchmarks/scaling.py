@@ -30,7 +30,7 @@ def measure(preset: str, workers: int, kimg: float, batch: int, tick_kimg: float
             kimg=kimg,
             batch=batch,
             workers=workers,
-            run_dir=run_dir,
+            run_dir=str(run_dir),
             overrides=[f"train.tick_kimg={tick_kimg}", f"train.snapshot_kimg={kimg}", *sets],
         )
         train(request)

@@ -14,6 +14,8 @@ import torch
 
 WORLD_UP = (0.0, 1.0, 0.0)
 V_EPS = 1e-5  # the pitch is kept inside (eps, pi - eps) so that the camera stays off the poles
+RIGID_TOLERANCE = 1e-3  # how far a label's rotation may be from orthonormal (float32 text is ~1e-7 off)
+MIN_CAMERA_DISTANCE = 1e-6  # a camera centre closer than this to the origin has no direction
 # What a pose's pitch coordinate means inside a model (``model.pitch_output``): ``eg3d`` is EG3D's v
 # (polar angle arccos(1 - 2 v / pi)); ``polar`` is the polar angle itself. Data, labels and metrics
 # always use EG3D's v; :func:`to_eg3d` converts a model's poses for them.
@@ -81,14 +83,56 @@ def pose_to_cam2world(
 
 
 def pose_from_cam2world(cam2world: torch.Tensor) -> torch.Tensor:
-    """Recover (h, v) from the camera position (inverse of :func:`camera_direction`)."""
+    """Recover (h, v) from the camera position (inverse of :func:`camera_direction`).
+
+    Only the direction of the camera centre about the world origin counts (not where it looks). The
+    polar angle comes from atan2 and v from pi sin^2(phi/2), so both keep their precision next to the
+    poles, where arccos and 1 - cos lose it. h is in [0, 2 pi).
+    """
     origin = cam2world[..., :3, 3]
-    d = torch.nn.functional.normalize(origin, dim=-1)
-    phi = torch.arccos(d[..., 1].clamp(-1.0, 1.0))
-    v = (1 - torch.cos(phi)) * math.pi / 2
-    h = math.pi - torch.atan2(d[..., 2], d[..., 0])
-    h = torch.remainder(h, 2 * math.pi)
+    x, y, z = origin[..., 0], origin[..., 1], origin[..., 2]
+    phi = torch.atan2(torch.hypot(x, z), y)
+    v = math.pi * torch.sin(phi / 2).square()
+    h = torch.remainder(math.pi - torch.atan2(z, x), 2 * math.pi)
     return torch.stack((h, v), dim=-1)
+
+
+def label_problem(label: torch.Tensor, tolerance: float = RIGID_TOLERANCE) -> str | None:
+    """Why one 25-float camera label is not a rigid camera with a pose, or None when it is.
+
+    Rigid: finite, rotation part orthonormal with determinant +1 and last row (0, 0, 0, 1), each within
+    ``tolerance`` (labels are stored as float32 text, so exact equality cannot be asked for), and a
+    camera centre away from the world origin (else it has no direction).
+    """
+    label = torch.as_tensor(label, dtype=torch.float64)
+    if label.shape != (25,):
+        return f"has {label.numel()} values; expected 25"
+    if not torch.isfinite(label).all():
+        return "has NaN or infinite values; expected 25 finite numbers"
+    cam2world, _ = from_label(label)
+    rotation = cam2world[:3, :3]
+    off = (rotation.T @ rotation - torch.eye(3, dtype=torch.float64)).abs().max().item()
+    if off > tolerance:
+        return f"its rotation is not orthonormal (max |R^T R - I| = {off:.3g}, tolerance {tolerance:g})"
+    det = torch.linalg.det(rotation).item()
+    if abs(det - 1) > tolerance:
+        return f"its rotation has determinant {det:.3g}; expected +1 (a reflection is not a camera)"
+    last = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    if (cam2world[3] - last).abs().max().item() > tolerance:
+        return f"its last row is {cam2world[3].tolist()}; expected [0, 0, 0, 1]"
+    if cam2world[:3, 3].norm().item() < MIN_CAMERA_DISTANCE:
+        return "its camera sits at the world origin, so it has no direction (no pose)"
+    return None
+
+
+def pose_from_label(label: torch.Tensor) -> torch.Tensor:
+    """(h, v) of one 25-float camera label (float64); ``ValueError`` naming what is wrong with a label
+    that is not a rigid camera (:func:`label_problem`)."""
+    label = torch.as_tensor(label, dtype=torch.float64)
+    problem = label_problem(label)
+    if problem is not None:
+        raise ValueError(problem)
+    return pose_from_cam2world(from_label(label)[0])
 
 
 def fov_to_focal(fov_degrees: float) -> float:

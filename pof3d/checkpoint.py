@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import random
 import shutil
 import uuid
@@ -25,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import torch
 
 from pof3d.config import Config
 from pof3d.errors import CheckpointError, ConfigError
+from pof3d.storage import Location
 
 logger = logging.getLogger(__name__)
 
@@ -232,41 +235,72 @@ def _read_manifest(root: Path) -> dict:
 
 def is_complete(path: str | os.PathLike) -> bool:
     """Cheap completeness check (manifest present, every file of the listed size); no hashing."""
-    root = Path(path)
-    try:
-        manifest = _read_manifest(root)
-    except CheckpointError:
-        return False
-    for name in _DATA_FILES:
-        file, entry = root / name, manifest["files"].get(name)
-        if entry is None or not file.is_file() or file.stat().st_size != entry.get("bytes"):
-            return False
-    return True
+    root = Location.parse(path)
+    return _complete_progress(root, {i.path: i for i in root.walk()}) is not None
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The most advanced complete checkpoint anywhere under ``run_dir`` (e.g. Ray's ``checkpoint_*``).
+    """The most advanced complete checkpoint under the local folder ``run_dir``; see :func:`find_latest`."""
+    found = find_latest(Location.parse(run_dir))
+    return found.local_path if found is not None else None
+
+
+def find_latest(root: Location) -> Location | None:
+    """The most advanced complete checkpoint anywhere under ``root`` (e.g. Ray's ``checkpoint-*``), local
+    or on an object store (one listing, then two small reads per candidate).
 
     Ordered by ``images_seen`` then ``step`` from ``progress.json``, ties broken by name (Ray's names
-    sort by time). Hidden directories (our temporary and replaced saves) and incomplete copies are skipped.
+    sort by time). Hidden directories (our temporary and replaced saves) and incomplete copies, i.e. a
+    manifest whose files are missing or of another size (an upload cut short), are skipped.
     """
-    root = Path(run_dir)
-    if not root.is_dir():
-        return None
-    best: tuple[tuple, Path] | None = None
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        if MANIFEST_FILE not in filenames or not is_complete(dirpath):
+    listing = {info.path: info for info in root.walk()}
+    _, base = root.fs()
+    best: tuple[tuple, Location] | None = None
+    for path, info in listing.items():
+        if info.base_name != MANIFEST_FILE or _hidden(path, base):
             continue
-        try:
-            progress = json.loads((Path(dirpath) / PROGRESS_FILE).read_text())
-        except (OSError, json.JSONDecodeError):
+        candidate = root.child(posixpath.dirname(path))
+        progress = _complete_progress(candidate, listing)
+        if progress is None:
             continue
-        key = (_number(progress.get("images_seen")), _number(progress.get("step")), Path(dirpath).name)
+        key = (_number(progress.get("images_seen")), _number(progress.get("step")), candidate.name)
         if best is None or key > best[0]:
-            best = (key, Path(dirpath))
-        dirnames[:] = []  # a checkpoint does not contain other checkpoints
+            best = (key, candidate)
     return best[1] if best else None
+
+
+def read_progress(checkpoint: Location) -> dict:
+    """``progress.json`` of a checkpoint (local or remote) without reading its state."""
+    try:
+        data = json.loads((checkpoint / PROGRESS_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{checkpoint / PROGRESS_FILE}: cannot be read ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{checkpoint / PROGRESS_FILE}: expected a JSON object")
+    return data
+
+
+def _complete_progress(root: Location, listing: dict) -> dict | None:
+    """The progress of the checkpoint at ``root`` if its manifest lists files that are all there at
+    their recorded sizes (``listing``: file infos by filesystem path), else None."""
+    _, base = root.fs()
+    try:
+        manifest = json.loads((root / MANIFEST_FILE).read_text())
+        files = manifest["files"]
+        if manifest.get("format") != FORMAT or not isinstance(files, dict):
+            return None
+        for name in _DATA_FILES:
+            info = listing.get(posixpath.join(base, name)) or (root / name).info()
+            if info.type != pafs.FileType.File or info.size != files.get(name, {}).get("bytes"):
+                return None
+        return read_progress(root)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, CheckpointError):
+        return None
+
+
+def _hidden(path: str, base: str) -> bool:
+    rel = posixpath.relpath(path, base)
+    return any(part.startswith(".") for part in rel.split("/")[:-1])
 
 
 def _number(value: Any) -> float:

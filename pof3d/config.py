@@ -83,7 +83,7 @@ class ModelConfig:
     #: mixed precision (GPU only): D's num_fp16_res highest-resolution blocks and, when > 0, the
     #: super-resolution blocks in fp16
     num_fp16_res: int = 4
-    backbone_num_fp16_res: int = 0  #: fp16 blocks of the tri-plane backbone, counted apart (reference: 0)
+    backbone_num_fp16_res: int = 0  #: fp16 blocks of the tri-plane backbone, counted apart (official code: 0)
 
 
 @dataclass
@@ -136,7 +136,7 @@ class OptimConfig:
     beta2: float = 0.99  #: Adam's beta2, all networks
     eps: float = 1e-8  #: Adam's epsilon, all networks
     #: half-life of G's moving average: ema_kimg x train.batch / 32 kimg (effective_ema_kimg), as the
-    #: reference's batch * 10 / 32
+    #: official code's batch * 10 / 32
     ema_kimg: float = 10.0
     #: scale the EMA half-life with the batch; off: it is ema_kimg itself
     ema_scales_with_batch: bool = True
@@ -177,6 +177,10 @@ class TrainConfig:
     #: at its kimg target: final checkpoint and evaluation, reported finished ("time limit after X
     #: kimg"). A later --resume gets a new bound of its own
     time_limit_min: float = 0.0
+    #: how long the driver waits, in minutes, for an autoscaler to add the nodes a run needs before it
+    #: gives up (pof3d/distributed/resources.py); 0 = do not wait. A cluster without an autoscaler fails
+    #: at once
+    resource_wait_min: float = 30.0
     compile: bool = False  #: torch.compile the training step
     retain_cpu_memory: bool = True  #: CPU workers keep freed memory (pof3d/host_memory.py)
 
@@ -361,6 +365,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.{name}={getattr(t, name)}: expected a positive number")
     if t.time_limit_min < 0:
         raise ConfigError(f"train.time_limit_min={t.time_limit_min}: expected minutes >= 0 (0 = no limit)")
+    if t.resource_wait_min < 0:
+        raise ConfigError(f"train.resource_wait_min={t.resource_wait_min}: expected minutes >= 0 (0 = none)")
     if t.cpus_per_worker <= 0 and t.gpus_per_worker <= 0:
         raise ConfigError("train.cpus_per_worker and train.gpus_per_worker cannot both be 0")
     if cfg.data.resolution != m.image_resolution:

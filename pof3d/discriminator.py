@@ -203,7 +203,7 @@ class Discriminator(nn.Module):
             raise CheckpointError(
                 "discriminator weights of the older layout (pose head on the fc output, cos/sin pose "
                 "embedding); this version's pose head reads the 4x4 features and its conditioning is the "
-                "reference's mapping network, so such a checkpoint cannot be loaded: train a new one"
+                "official code's mapping network, so such a checkpoint cannot be loaded: train a new one"
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

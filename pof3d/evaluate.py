@@ -2,6 +2,11 @@
 
     python -m pof3d.evaluate --checkpoint PATH [--data DIR] [--metrics pose,js,depth,re,fid,kid,fd_random,...]
                              [--out DIR] [--num-samples N] [--seed S] [--inception FILE] [--device D]
+    python -m pof3d.evaluate --fetch-weights [--url URL]
+
+The default metrics are pose, js, depth, re and fid, or fd_random in place of fid (with a line saying
+so) when the Inception file is not there; ``--fetch-weights`` downloads it into the cache and verifies
+its checksum.
 
 When the checkpoint's ``progress.json`` names an MLflow run (``mlflow_run_id`` and
 ``mlflow_tracking_uri``, written by training), the figures are also logged to that run as
@@ -25,12 +30,10 @@ from pof3d.config import Config
 from pof3d.discriminator import Discriminator
 from pof3d.errors import CheckpointError, Pof3dError
 from pof3d.generator import Generator
-from pof3d.metrics import GROUPS, evaluate_generator, resolve_metrics
-from pof3d.metrics.fid import find_inception
+from pof3d.metrics import GROUPS, default_metrics, evaluate_generator, resolve_metrics
+from pof3d.metrics.fid import INCEPTION_URL, URL_ENV, fetch_inception, find_inception
 
 log = logging.getLogger(__name__)
-
-DEFAULT_METRICS = "pose,js,depth,re"
 
 
 def load_models(
@@ -74,8 +77,10 @@ def format_table(results: dict[str, float]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate and write the outputs; returns the metrics.json content."""
-    metrics = [m for m in args.metrics.split(",") if m.strip()]
-    groups = resolve_metrics(metrics)
+    if args.metrics is None:
+        groups = default_metrics(args.inception)
+    else:
+        groups = resolve_metrics([m for m in args.metrics.split(",") if m.strip()])
     if args.num_samples < 2:
         raise Pof3dError(f"--num-samples={args.num_samples}: expected at least 2")
     if set(groups) & {"fid", "kid"}:
@@ -113,25 +118,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pof3d.evaluate", description="Evaluate a PoF3D checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory (state.pt, config.json, ...)")
+    p.add_argument("--checkpoint", help="checkpoint directory (state.pt, config.json, ...)")
     p.add_argument("--data", default=None, help="shard directory/URI of real images (poses/depth if known)")
     p.add_argument(
         "--metrics",
-        default=DEFAULT_METRICS,
-        help=f"comma-separated, of {','.join(GROUPS)} (default %(default)s)",
+        default=None,
+        help=f"comma-separated, of {','.join(GROUPS)} (default pose,js,depth,re and fid, or fd_random"
+        " when the Inception file is missing)",
     )
     p.add_argument("--out", default=None, help="output folder (default eval/<checkpoint name>)")
     p.add_argument("--num-samples", type=int, default=1000, help="generated (and at most real) images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--inception", default=None, help="path of inception-2015-12-05.pt (FID/KID)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--fetch-weights",
+        action="store_true",
+        help="download the Inception file (FID/KID) into the cache, verify its sha256, and exit",
+    )
+    p.add_argument(
+        "--url", default=None, help=f"where to fetch it (default ${URL_ENV}, else {INCEPTION_URL})"
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.fetch_weights and not args.checkpoint:
+        parser.error("--checkpoint is required (or --fetch-weights to download the Inception file)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        if args.fetch_weights:
+            print(f"Inception weights (sha256 verified) at {fetch_inception(args.url)}")
+            return 0
         record = run(args)
     except Pof3dError as exc:
         print(f"error: {exc}", file=sys.stderr)

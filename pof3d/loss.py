@@ -34,7 +34,7 @@ every term computes in expectation (it only changes which random draws are reuse
 3. In ``D_main`` the pose loss and the fake logits use the same rendered fakes and the same D pass
    (the discriminator computes its pose head and its score from one backbone pass; while the blur
    is on and ``double_blur`` makes the score see a second blur, the same two D passes as the
-   reference's).
+   official code's).
 4. All ``G_main`` terms are backpropagated together (one backward instead of three).
 
 The official code's schedule (a generator pass, D calls and a backward per term) is not part of training:

@@ -48,7 +48,7 @@ class PoseLearner(nn.Module):
 
     The layers are plain equalised-learning-rate layers (lr multiplier 1): the pose learner's learning
     rate is its own optimiser parameter group (``optim.pose_lr``, 2.5e-5 in the paper, which equals the
-    reference's G rate 0.0025 times its pose multiplier 0.01). Both layers start with the standard
+    official code's G rate 0.0025 times its pose multiplier 0.01). Both layers start with the standard
     initialisation (effective weights N(0, 1/fan_in), zero bias), as the official code's: on the mapping
     network's w the initial poses spread about 45 degrees per axis around a random centre.
     ``init_scale`` multiplies the output layer's initial weights (0.1 starts within a few degrees).

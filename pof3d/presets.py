@@ -32,9 +32,18 @@ def _cars(cfg: Config) -> Config:
     return cfg
 
 
+def _paper_evaluation(cfg: Config) -> Config:
+    """Metrics at every snapshot, as EG3D's runs compute FID at each one: pose error and JS (data with
+    poses, e.g. converted from labelled zips), the reprojection error, and FID (fd_random where the
+    Inception file is missing). The rendering is shared by all workers."""
+    cfg.train.eval_kimg = cfg.train.snapshot_kimg
+    cfg.train.eval_metrics = "pose,js,re,fid"
+    return cfg
+
+
 def ffhq256() -> Config:
     """The paper's FFHQ run (``ffhq.sh``): 256 px output, 4x super-resolution from 64 px renders."""
-    return Config(preset="ffhq256")
+    return _paper_evaluation(Config(preset="ffhq256"))
 
 
 def ffhq512() -> Config:
@@ -48,7 +57,7 @@ def ffhq512() -> Config:
 
 def cats256() -> Config:
     """The paper's cats run (``cat.sh``)."""
-    cfg = Config(preset="cats256")
+    cfg = _paper_evaluation(Config(preset="cats256"))
     cfg.model.pivot = (0.0, 0.0, 0.0)
     cfg.loss.r1_gamma, cfg.loss.dis_cam_weight, cfg.loss.pose_gd_weight = 5.0, 10.0, 10.0
     return cfg
@@ -56,7 +65,7 @@ def cats256() -> Config:
 
 def cars128() -> Config:
     """The paper's ShapeNet-cars run (``shapenet_cars.sh``)."""
-    cfg = _cars(Config(preset="cars128"))
+    cfg = _paper_evaluation(_cars(Config(preset="cars128")))
     cfg.model.image_resolution = cfg.data.resolution = 128
     return cfg
 
@@ -93,7 +102,7 @@ def anchor_faces() -> Config:
     model has four times the channels in its tri-plane backbone and D, renders twice the samples per
     ray, and is untimed at this size.
     """
-    return _anchor_size(Config(preset="anchor_faces"))
+    return _anchor_size(_paper_evaluation(Config(preset="anchor_faces")))
 
 
 def tiny() -> Config:

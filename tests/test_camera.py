@@ -8,15 +8,19 @@ import pytest
 import torch
 
 from pof3d.camera import (
+    V_EPS,
     angular_error,
     fov_to_focal,
     from_label,
     intrinsics,
+    label_problem,
     mirror_pose,
     pose_from_cam2world,
+    pose_from_label,
     pose_to_cam2world,
     to_label,
 )
+from pof3d.config import load_config
 
 FACE_PIVOT = (0.0, 0.0, 0.2)
 
@@ -148,3 +152,49 @@ def test_cam2world_is_differentiable_in_pose():
     c2w = pose_to_cam2world(pose, 2.7, FACE_PIVOT)
     c2w[:, :3, :].sum().backward()
     assert torch.isfinite(pose.grad).all() and pose.grad.abs().sum() > 0
+
+
+# Poses near both poles (V_EPS is the closest the renderer's camera goes) and around the equator.
+NEAR_POLES = (V_EPS, 1e-3, 0.05, math.pi / 2, math.pi - 0.05, math.pi - 1e-3, math.pi - V_EPS)
+
+
+@pytest.mark.parametrize("preset", ["ffhq256", "cars128"])
+def test_pose_from_label_gives_back_the_pose_the_label_was_built_from(preset: str):
+    """Labels built by the renderer's own camera code (faces: radius 2.7, pivot (0, 0, 0.2); cars:
+    radius 1.7, pivot at the origin), stored as float32 as EG3D's dataset.json holds them."""
+    m = load_config(preset).model
+    h = torch.linspace(0.0, 2 * math.pi, 13, dtype=torch.float64)[:-1]
+    h, v = torch.meshgrid(h, torch.tensor(NEAR_POLES, dtype=torch.float64), indexing="ij")
+    poses = torch.stack((h.reshape(-1), v.reshape(-1)), dim=-1)
+    cam2world = pose_to_cam2world(poses, m.camera_radius, m.pivot)
+    labels = to_label(cam2world, intrinsics(m.focal, len(poses)).double()).float()
+    back = torch.stack([pose_from_label(label) for label in labels])
+    dh = torch.remainder(back[:, 0] - poses[:, 0] + math.pi, 2 * math.pi) - math.pi
+    assert dh.abs().max() < 1e-5 and (back[:, 1] - poses[:, 1]).abs().max() < 1e-5
+    assert back[:, 0].min() >= 0 and back[:, 0].max() < 2 * math.pi
+
+
+def test_labels_that_are_not_rigid_cameras_are_named():
+    good = to_label(pose_to_cam2world(torch.tensor([[1.0, 1.2]]), 2.7, FACE_PIVOT), intrinsics(4.26))[0]
+    assert label_problem(good) is None
+
+    def changed(index: int, value: float) -> torch.Tensor:
+        label = good.clone()
+        label[index] = value
+        return label
+
+    mirrored = good.clone()
+    mirrored[[0, 4, 8]] *= -1  # the camera's x axis flipped: orthonormal but a reflection
+    cases = {
+        "not orthonormal": changed(0, good[0] + 0.1),
+        "determinant -1": mirrored,
+        "last row": changed(15, 2.0),
+        "NaN or infinite": changed(3, float("nan")),
+        "world origin": torch.cat(
+            (good[:3], torch.zeros(1), good[4:7], torch.zeros(1), good[8:11], torch.zeros(1), good[12:])
+        ),
+    }
+    for expected, label in cases.items():
+        with pytest.raises(ValueError, match=expected):
+            pose_from_label(label)
+    assert label_problem(good[:24]) == "has 24 values; expected 25"

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
+from pof3d.camera import intrinsics, pose_to_cam2world, to_label
 from pof3d.data import shards
 from pof3d.data.__main__ import main
 from pof3d.data.convert import convert
@@ -26,8 +28,15 @@ def _image_bytes(rng: np.random.Generator, size: int = 16, fmt: str = "PNG", mod
     return buf.getvalue()
 
 
+def _poses(n: int) -> torch.Tensor:
+    return torch.tensor([[1.0 + i / 10, 1.5 - i / 20] for i in range(n)], dtype=torch.float64)
+
+
 def _labels(names: list[str]) -> dict:
-    return {"labels": [[n, [float(i) + k / 100 for k in range(25)]] for i, n in enumerate(names)]}
+    """EG3D-style dataset.json: the faces camera at pose :func:`_poses` ``[i]`` for file i."""
+    cam2world = pose_to_cam2world(_poses(len(names)), 2.7, (0.0, 0.0, 0.2))
+    labels = to_label(cam2world, intrinsics(4.26, len(names)).double())
+    return {"labels": [[n, label.tolist()] for n, label in zip(names, labels, strict=True)]}
 
 
 @pytest.fixture
@@ -64,12 +73,16 @@ def test_folder_round_trip_is_bit_exact_and_keeps_labels(folder: Path, tmp_path:
         assert raw[row["source"]]["image"] == original  # bytes stored as given, not re-encoded
         np.testing.assert_array_equal(row["image"], _pixels(original))
         np.testing.assert_array_equal(row["label"], np.float32(labels[row["source"]]))
-        assert row["pose"] is None and row["depth"] is None
+        pose = _poses(len(names))[names.index(row["source"])].numpy()
+        np.testing.assert_allclose(row["pose"], pose, atol=1e-6)  # the label's camera, as (h, v)
+        assert row["depth"] is None
     assert {r["source"] for r in iter_rows(str(out), ["source"])} == set(names)
     assert raw["sub/c.jpg"]["format"] == "jpeg"
     arrays = load_arrays(str(out), limit=3)
     assert (
-        arrays["image"].shape == (3, 16, 16, 3) and np.isnan(arrays["pose"]).all() and "depth" not in arrays
+        arrays["image"].shape == (3, 16, 16, 3)
+        and np.isfinite(arrays["pose"]).all()
+        and "depth" not in arrays
     )
     assert verify(str(out)) == {"rows": 4, "shards": 1, "skipped": 0}
 
@@ -162,7 +175,7 @@ def test_label_file_mismatches(tmp_path: Path):
     (src / "dataset.json").write_text(json.dumps(labels))
     with pytest.raises(DataError, match=r"b\.png: has no entry in dataset.json"):
         convert(src, tmp_path / "o2")
-    labels["labels"].append(["b.png", [0.0] * 25])
+    labels["labels"].append(["b.png", _labels(["b.png"])["labels"][0][1]])
     (src / "dataset.json").write_text(json.dumps(labels))
     with pytest.raises(DataError, match="label of c.png .*expected 25"):
         convert(src, tmp_path / "o3")

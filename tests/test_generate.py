@@ -101,7 +101,7 @@ def test_image_grid_and_pose_plot(tmp_path):
 
 def test_video_circles_the_pose_of_the_untruncated_latent(tmp_path):
     """With truncation the video's camera path starts from the latent's own learned pose (the
-    reference computes the pose before truncating w), not from the truncated w's pose."""
+    official code computes the pose before truncating w), not from the truncated w's pose."""
     torch.manual_seed(0)
     G = Generator(load_config("tiny", SMALL).model).eval()
     G.map(torch.randn(64, G.cfg.z_dim), update_w_avg=True)
@@ -334,11 +334,12 @@ class _Recorder(torch.nn.Module):
 
 def test_fid_samples_use_constant_backbone_noise_and_no_truncation(tmp_path):
     """Kept different from the official code's random noise: a checkpoint and seed give the same set."""
-    from pof3d.metrics import suite
+    from pof3d.metrics.image_metrics import generate
+    from pof3d.metrics.samples import EvalRun
 
     G = _Recorder()
-    run = suite._Run(G, load_config("tiny"), None, 20, torch.device("cpu"), 7, tmp_path)
-    first, _ = suite._generate(run, {"f": lambda image: image.flatten(1)}, keep=0)
+    run = EvalRun(G, load_config("tiny"), None, 20, torch.device("cpu"), 7, tmp_path)
+    first, _ = generate(run, {"f": lambda image: image.flatten(1)}, keep=0)
     assert G.calls == [{"noise_mode": "const"}] * 2  # 20 samples in batches of 16; psi stays 1
-    again, _ = suite._generate(run, {"f": lambda image: image.flatten(1)}, keep=0)
+    again, _ = generate(run, {"f": lambda image: image.flatten(1)}, keep=0)
     np.testing.assert_array_equal(first["f"], again["f"])

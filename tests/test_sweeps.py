@@ -251,8 +251,8 @@ def study_env(tmp_path_factory):
     import os
 
     root = tmp_path_factory.mktemp("study-env")
-    saved = {k: os.environ.get(k) for k in ("POF3D_CACHE", "POF3D_RUNS", "MLFLOW_TRACKING_URI")}
-    os.environ.update(POF3D_CACHE=str(root / "cache"), POF3D_RUNS=str(root / "runs"))
+    saved = {k: os.environ.get(k) for k in ("POF3D_CACHE", "POF3D_STORAGE", "MLFLOW_TRACKING_URI")}
+    os.environ.update(POF3D_CACHE=str(root / "cache"), POF3D_STORAGE=str(root / "runs"))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield root
     for key, value in saved.items():
@@ -289,6 +289,7 @@ def test_two_variant_ablation_tracks_parent_children_and_table(ray_local, study_
     assert row["loss/G_sym"] is None  # the no_symmetry trial has no symmetry term at all
     assert summary.table.rows[0]["loss/G_sym"] is not None
     assert (summary.study_dir / "results.csv").is_file() and (summary.study_dir / "results.md").is_file()
+    assert summary.study_dir.uri == str(study_env / "studies" / "abl")
 
     client = MlflowClient(summary.mlflow_uri)
     parent = client.get_run(summary.parent_run_id)
@@ -334,10 +335,15 @@ def test_invalid_search_space_fails_before_any_trial(ray_local, study_env, tmp_p
 
 
 @pytest.mark.slow
-def test_interrupted_study_resumes_without_rerunning_finished_trials(ray_local, study_env) -> None:
+def test_interrupted_study_on_s3_resumes_without_rerunning_finished_trials(
+    ray_local, study_env, s3_bucket
+) -> None:
+    """The study keeps all its state on the object store (Tune's and the project's own files); resumed
+    from there, it finishes without starting the finished trial again."""
     import os
     import signal
 
+    import pyarrow.fs as pafs
     from ray import tune
 
     from pof3d.studies.study import run_study
@@ -347,22 +353,29 @@ def test_interrupted_study_resumes_without_rerunning_finished_trials(ray_local, 
         def on_trial_complete(self, iteration, trials, trial, **info):
             os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does; Tune saves its state and returns
 
+    storage = f"s3://{s3_bucket}/studies"
     request = _request(study_env, "resume", variants=["full", "pose_lr_x10"], kimg=0.008)
+    request.storage = storage
     first = run_study(request, callbacks=[CtrlCAfterFirstTrial()])
-    assert not first.finished
-    runs = sorted((first.study_dir / TRIALS_DIR).iterdir())
-    done = [
-        r
-        for r in runs
-        if (r / "metrics.jsonl").is_file() and len((r / "metrics.jsonl").read_text().splitlines()) == 2
-    ]
+    assert not first.finished and first.study_dir.uri == f"{storage}/resume"
+    trials = first.study_dir / TRIALS_DIR
+    runs = [trials.child(i.path) for i in trials.children() if i.type == pafs.FileType.Directory]
+
+    def ticks(run) -> int:
+        metrics = run / "metrics.jsonl"
+        return len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+    done = [r for r in runs if ticks(r) == 2]
     assert len(done) == 1
     lines_before = (done[0] / "metrics.jsonl").read_text()
 
-    second = run_study(_request(study_env, "resume"), resume=True)
+    again = _request(study_env, "resume")
+    again.storage = storage
+    second = run_study(again, resume=True)
     assert second.finished and second.parent_run_id == first.parent_run_id
     assert sorted(r["variant"] for r in second.table.rows) == ["full", "pose_lr_x10"]
     assert all(r["status"] == "done" for r in second.table.rows)
+    assert (second.study_dir / "results.md").is_file()
     # The finished trial was not started again; its files are untouched.
     assert attempts(done[0]) == 1
     assert (done[0] / "metrics.jsonl").read_text() == lines_before

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from micro_config import MICRO
 from mlflow.tracking import MlflowClient
 
 from pof3d.checkpoint import latest_checkpoint, load_checkpoint
+from pof3d.run_files import RunFiles
+from pof3d.storage import Location
 from pof3d.train import main
 
 pytestmark = pytest.mark.slow
@@ -45,8 +48,8 @@ def _assert_continuous(ticks: list[dict], per_tick: int) -> None:
 def _isolated_dirs(tmp_path_factory):
     """The synthetic-set cache and default run root of these tests live in a temporary folder."""
     root = tmp_path_factory.mktemp("train-env")
-    saved = {k: os.environ.get(k) for k in ("POF3D_CACHE", "POF3D_RUNS", "MLFLOW_TRACKING_URI")}
-    os.environ.update(POF3D_CACHE=str(root / "cache"), POF3D_RUNS=str(root / "runs"))
+    saved = {k: os.environ.get(k) for k in ("POF3D_CACHE", "POF3D_STORAGE", "MLFLOW_TRACKING_URI")}
+    os.environ.update(POF3D_CACHE=str(root / "cache"), POF3D_STORAGE=str(root / "runs"))
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     yield
     for key, value in saved.items():
@@ -197,3 +200,39 @@ def test_two_workers_survive_a_killed_worker_stay_in_sync_and_ignore_a_dead_mlfl
     _, _, progress = load_checkpoint(latest_checkpoint(run_dir))
     assert progress["images_seen"] == 24 and progress["step"] == 6  # one step per global batch of 4
     assert progress["mlflow_run_id"] is None and not (run_dir / "mlflow.db").exists()
+
+
+def test_two_workers_train_into_s3_and_resume_auto_continues_the_run(
+    ray_local, s3_bucket, tmp_path, monkeypatch
+) -> None:
+    """Everything the run writes goes to the object store (nothing to a local ``s3:`` folder); a restart
+    with the same command and a longer target continues it: ticks, checkpoints and the MLflow run."""
+    monkeypatch.chdir(tmp_path)
+    root = Location.parse(f"s3://{s3_bucket}/runs/a")
+    files = RunFiles(root)
+    command = ["--run-dir", root.uri, "--resume", "auto", *BATCH, "--workers", "2", *_sets()]
+    assert main(["--kimg", "0.008", *command]) == 0
+    assert os.listdir(tmp_path) == []
+    tracked = json.loads(files.tracking.read_text())
+    assert main(["--kimg", "0.016", *command]) == 0
+    assert os.listdir(tmp_path) == []
+    ticks = [json.loads(line) for line in files.metrics.read_text().splitlines()]
+    _assert_continuous(ticks, per_tick=4)
+    assert ticks[-1]["images_seen"] == 16 and {t["world_size"] for t in ticks} == {2}
+    assert json.loads(files.config.read_text())["train"]["kimg"] == 0.016
+    names = {root.child(i.path).uri[len(root.uri) + 1 :] for i in root.walk()}
+    for kimg in ("000.008", "000.016"):
+        checkpoint = f"checkpoints/checkpoint-kimg{kimg}"
+        assert {f"{checkpoint}/{f}" for f in ("state.pt", "manifest.json", "progress.json")} <= names
+        assert {f"samples/fakes-{kimg}.png", f"samples/poses-{kimg}.png"} <= names
+    latest = files.latest_checkpoint()
+    assert latest == files.checkpoints / "checkpoint-kimg000.016"
+    with tempfile.TemporaryDirectory() as scratch:
+        _, _, progress = load_checkpoint(latest.download_dir(Path(scratch) / "ck"))
+    assert progress["images_seen"] == 16 and progress["step"] == 4
+    # One MLflow run (in the local cache's store, found again through tracking.json), steps continuous.
+    assert json.loads(files.tracking.read_text()) == tracked
+    client = MlflowClient(tracked["tracking_uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("pof3d").experiment_id])
+    assert run.info.run_id == tracked["run_id"] == progress["mlflow_run_id"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/G_adv")] == [4, 8, 12, 16]

@@ -14,7 +14,6 @@ from mlflow.tracking import MlflowClient
 
 from pof3d.checkpoint import save_checkpoint
 from pof3d.config import load_config
-from pof3d.distributed.launcher import check_resources
 from pof3d.distributed.plan import TrainRequest, flag_overrides, plan_run
 from pof3d.distributed.progress import (
     TickMeter,
@@ -24,7 +23,9 @@ from pof3d.distributed.progress import (
     next_boundary,
     progress_line,
 )
+from pof3d.distributed.resources import check_resources
 from pof3d.errors import ConfigError
+from pof3d.storage import Location
 from pof3d.tracking import Tracker, default_tracking_uri, ui_command
 from pof3d.train import main
 
@@ -105,6 +106,8 @@ def test_resource_check_rejects_requests_that_would_starve_ray_data() -> None:
     gpu = load_config("tiny", ["train.workers=2", "train.gpus_per_worker=1"])
     with pytest.raises(ConfigError, match="2 GPUs, but the Ray cluster has 0"):
         check_resources(gpu, {"CPU": 16.0})
+    with pytest.raises(ConfigError, match=r"train.resource_wait_min=-1.0: expected minutes >= 0"):
+        load_config("tiny", ["train.resource_wait_min=-1"])
 
 
 def test_flags_become_overrides_only_when_given() -> None:
@@ -115,10 +118,10 @@ def test_flags_become_overrides_only_when_given() -> None:
 
 def test_bad_requests_are_config_errors_before_anything_runs(tmp_path) -> None:
     with pytest.raises(ConfigError, match="valid fields of train"):
-        plan_run(TrainRequest(overrides=["train.nope=1"], run_dir=tmp_path))
+        plan_run(TrainRequest(overrides=["train.nope=1"], run_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match="train.eval_metrics='pose,nope': unknown metric 'nope'"):
         evaluating = ["train.eval_kimg=1", "train.eval_metrics=pose,nope"]
-        plan_run(TrainRequest(overrides=evaluating, run_dir=tmp_path))
+        plan_run(TrainRequest(overrides=evaluating, run_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match="no such path"):
         plan_run(TrainRequest(resume=str(tmp_path / "missing")))
     with pytest.raises(ConfigError, match="no complete checkpoint"):
@@ -194,15 +197,15 @@ def _saved_run(root, images_seen: int):
 
 
 def test_resume_latest_finds_the_newest_run_and_keeps_its_tracking(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("POF3D_RUNS", str(tmp_path))
+    monkeypatch.setenv("POF3D_STORAGE", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ConfigError, match="no run directory with config.json"):
         plan_run(TrainRequest(resume="latest"))
     run_dir, ckpt = _saved_run(tmp_path, images_seen=24)
     plan = plan_run(TrainRequest(resume="latest", kimg=0.05, overrides=["train.tick_kimg=0.01"]))
-    assert (plan.resume_from, plan.run_dir) == (ckpt, run_dir)
+    assert (plan.resume_from, plan.root) == (Location.parse(ckpt), Location.parse(run_dir))
     assert plan.cfg.train.kimg == 0.05 and plan.cfg.train.tick_kimg == 0.01 and plan.cfg.preset == "tiny"
-    assert (plan.mlflow_run_id, plan.mlflow_uri, plan.data_uri) == ("abc", "x", "/data/shards")
-    assert plan_run(TrainRequest(resume=str(ckpt), kimg=0.05)).run_dir == run_dir
+    assert (plan.tracking.run_id, plan.tracking.uri, plan.data_uri) == ("abc", "x", "/data/shards")
+    assert plan_run(TrainRequest(resume=str(ckpt), kimg=0.05)).root == Location.parse(run_dir)
     with pytest.raises(ConfigError, match="already at kimg 0.024; expected a longer --kimg"):
         plan_run(TrainRequest(resume=str(run_dir), kimg=0.02))

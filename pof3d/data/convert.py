@@ -2,7 +2,8 @@
 
 Every file of the source is an input: a file that is not a readable image is an error naming it (or, with
 ``skip_bad``, a counted entry in the manifest), never silently dropped. Images keep their encoded bytes
-unless a resize is asked for (centre crop to a square, then Lanczos resize, stored as PNG).
+unless a resize is asked for (centre crop to a square, then Lanczos resize, stored as PNG). EG3D camera
+labels are kept bit-exactly (as float32) and each one's camera gives the row its ground-truth pose.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
+from pof3d.camera import pose_from_label
 from pof3d.data.shards import DEFAULT_SHARD_MB, LABEL_DIM, ShardWriter, encode_png
 from pof3d.errors import DataError
 
@@ -84,13 +87,25 @@ def _labels(source: _Source) -> dict[str, object] | None:
     return {str(name): value for name, value in entries}
 
 
-def _check_label(name: str, value: object) -> np.ndarray:
+def _check_label(name: str, value: object) -> tuple[np.ndarray, np.ndarray]:
+    """The label as stored (float32, bit-exact to float32 of the text) and the pose (h, v) of its camera.
+
+    The pose is derived from the label's full-precision values, in the model's convention
+    (:func:`pof3d.camera.pose_from_label`); a label that is not a rigid camera is a bad input.
+    """
     arr = np.asarray(value, dtype=np.float64) if isinstance(value, list) else None
     if arr is None or arr.shape != (LABEL_DIM,) or not np.isfinite(arr).all():
         raise DataError(
             f"{LABELS_FILE}: label of {name} is {value!r:.80}; expected {LABEL_DIM} finite numbers"
         )
-    return arr.astype(np.float32)
+    try:
+        pose = pose_from_label(torch.from_numpy(arr)).numpy()
+    except ValueError as err:
+        raise DataError(
+            f"{LABELS_FILE}: label of {name} is not a rigid camera: {err}; expected a cam2world"
+            " rotation and translation then 9 intrinsics"
+        ) from err
+    return arr.astype(np.float32), pose.astype(np.float32)
 
 
 def _decode(name: str, data: bytes, resolution: int | None) -> _Decoded:
@@ -160,13 +175,13 @@ def _convert(source, out, resolution, skip_bad, shard_mb, overwrite, on_item) ->
     for name in _progress(names, on_item):
         where = f"{source.src}/{name}"
         try:
-            label = None
+            label = pose = None
             if labels is not None:
                 if name not in labels:
                     raise DataError(
                         f"{where}: has no entry in {LABELS_FILE}; expected a label for every image"
                     )
-                label = _check_label(name, labels[name])
+                label, pose = _check_label(name, labels[name])
             img = _decode(where, source.read(name), resolution)
             if resolution is None:
                 if img.width != img.height:
@@ -188,7 +203,7 @@ def _convert(source, out, resolution, skip_bad, shard_mb, overwrite, on_item) ->
             writer = ShardWriter(
                 out, img.width, shard_mb=shard_mb, overwrite=overwrite, extra={"source": str(source.src)}
             )
-        writer.add(img.data, img.fmt, img.width, img.height, source=name, label=label)
+        writer.add(img.data, img.fmt, img.width, img.height, source=name, label=label, pose=pose)
     if writer is None:
         raise DataError(f"{source.src}: every one of {len(names)} inputs was bad; nothing to write")
     for name, reason in skipped:

@@ -4,7 +4,8 @@ One row per image. Images keep their encoded bytes (PNG/JPEG as given) so a roun
 shards stay small; decoding happens where the pixels are needed (Ray Data tasks, evaluation). A shard
 directory is only valid once ``manifest.json`` exists: shards are written under a temporary name and
 renamed when complete, and the manifest (with every shard's checksum) is written last, so a crash at any
-point leaves nothing that reads as a valid set.
+point leaves nothing that reads as a valid set. Every page carries a CRC checksum that readers verify, so
+damaged bytes are an error naming the shard and row group rather than garbage pixels.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pof3d.data.shard_io import (
+    first_rows,
+    open_parquet,
+    read_group,
+    read_with_retry,
+    row_location,
+    undecodable,
+)
 from pof3d.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -156,7 +165,9 @@ class ShardWriter:
         name = shard_name(len(self._shards))
         tmp = self.out / f".{name}.tmp"
         table = pa.Table.from_pylist(self._rows, schema=SCHEMA)
-        pq.write_table(table, tmp, row_group_size=ROW_GROUP_ROWS, compression="none")
+        pq.write_table(
+            table, tmp, row_group_size=ROW_GROUP_ROWS, compression="none", write_page_checksum=True
+        )
         _fsync(tmp)
         digest, size = _sha256(tmp), tmp.stat().st_size
         os.replace(tmp, self.out / name)
@@ -229,18 +240,32 @@ def shard_paths(uri: str, manifest: dict | None = None) -> list[str]:
     return [f"{base}/{s['file']}" for s in manifest["shards"]]
 
 
+def shard_files(uri: str, manifest: dict) -> tuple[pafs.FileSystem, list[tuple[str, str]]]:
+    """The set's filesystem and, per shard in manifest order, (URI or local path for messages, path on
+    that filesystem)."""
+    fs, root = resolve(uri)
+    return fs, [
+        (p, f"{root.rstrip('/')}/{s['file']}")
+        for p, s in zip(shard_paths(uri, manifest), manifest["shards"], strict=True)
+    ]
+
+
 def read_manifest(uri: str) -> dict:
     """The manifest of a complete shard set; :class:`DataError` if it is absent or of another format."""
     fs, path = resolve(uri)
     target = f"{path.rstrip('/')}/{MANIFEST}"
-    try:
-        with fs.open_input_stream(target) as f:
-            text = f.read().decode()
-    except (FileNotFoundError, OSError) as err:
-        raise DataError(
-            f"{uri}: no {MANIFEST}; expected a complete shard directory written by `python -m pof3d.data`"
-            " (an interrupted write leaves none)"
-        ) from err
+
+    def read() -> str:
+        try:
+            with fs.open_input_stream(target) as f:
+                return f.read().decode()
+        except FileNotFoundError as err:
+            raise DataError(
+                f"{uri}: no {MANIFEST}; expected a complete shard directory written by"
+                " `python -m pof3d.data` (an interrupted write leaves none)"
+            ) from err
+
+    text = read_with_retry(f"{str(uri).rstrip('/')}/{MANIFEST}", read)
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as err:
@@ -280,14 +305,44 @@ def iter_rows(uri: str, columns: list[str] | None = None) -> Iterator[dict]:
     if unknown:
         raise DataError(f"columns {unknown} are not in the shard schema; expected some of {list(COLUMNS)}")
     read = list(dict.fromkeys(wanted + (["width", "height"] if "depth" in wanted else [])))
-    fs, _ = resolve(uri)
-    for path in shard_paths(uri, manifest):
-        _, local = resolve(path)
-        with fs.open_input_file(local) as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=ROW_GROUP_ROWS, columns=read):
-                for row in batch.to_pylist():
+    fs, files = shard_files(uri, manifest)
+    for path, local in files:
+        parquet = open_parquet(fs, local, path)
+        for group, first in enumerate(first_rows(parquet.metadata)):
+            for i, row in enumerate(read_group(parquet, path, group, read).to_pylist()):
+                try:
                     decoded = decode_row(row)
-                    yield {k: decoded[k] for k in wanted}
+                except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for undecodable bytes
+                    raise DataError(f"{row_location(path, group, first + i)}: {undecodable(err)}") from err
+                yield {k: decoded[k] for k in wanted}
+
+
+def check_shards(uri: str, manifest: dict | None = None) -> list[tuple[str, int, int]]:
+    """The cheap check before training starts: every shard the manifest lists exists with its size and
+    a readable footer whose row counts match. Returns ``(shard, row group, rows)`` of every row group in
+    manifest order; :class:`DataError` names the first shard that does not fit.
+
+    Damaged bytes inside a shard of the right size are found when they are read (page checksums, image
+    decoding); only ``verify`` compares whole-shard checksums, which reads every byte.
+    """
+    manifest = manifest if manifest is not None else read_manifest(uri)
+    fs, files = shard_files(uri, manifest)
+    infos = read_with_retry(str(uri), lambda: fs.get_file_info([local for _, local in files]))
+    groups = []
+    for entry, (path, local), info in zip(manifest["shards"], files, infos, strict=True):
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"{path}: listed in {MANIFEST} but missing")
+        if entry.get("bytes") is not None and info.size != entry["bytes"]:
+            raise DataError(
+                f"{path}: {info.size} bytes, {MANIFEST} says {entry['bytes']}; the shard is truncated or"
+                " was replaced"
+            )
+        meta = open_parquet(fs, local, path).metadata
+        rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        if sum(rows) != entry["rows"]:
+            raise DataError(f"{path}: {sum(rows)} rows in its footer, {MANIFEST} says {entry['rows']}")
+        groups += [(path, g, n) for g, n in enumerate(rows)]
+    return groups
 
 
 def load_arrays(uri: str, limit: int | None = None) -> dict[str, np.ndarray]:
@@ -318,16 +373,16 @@ def verify(uri: str) -> dict[str, int]:
     """Re-read every shard and row: checksums, row counts, decodable images of the manifest's size,
     label/pose/depth shapes. Returns counts; raises :class:`DataError` naming the first problem."""
     manifest = read_manifest(uri)
-    fs, _ = resolve(uri)
+    fs, files = shard_files(uri, manifest)
     r = manifest["resolution"]
     total = 0
-    for entry, path in zip(manifest["shards"], shard_paths(uri, manifest), strict=True):
-        _, local = resolve(path)
-        try:
+    for entry, (path, local) in zip(manifest["shards"], files, strict=True):
+
+        def read(local: str = local) -> bytes:
             with fs.open_input_stream(local) as f:
-                data = f.read()
-        except OSError as err:
-            raise DataError(f"{path}: listed in the manifest but unreadable ({err})") from err
+                return f.read()
+
+        data = read_with_retry(path, read)
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise DataError(
                 f"{path}: sha256 differs from the manifest's; the shard is corrupt or was replaced"
@@ -338,12 +393,14 @@ def verify(uri: str) -> dict[str, int]:
                 f"{path}: {table.num_rows} rows with columns {table.schema.names};"
                 f" expected {entry['rows']} rows with {list(COLUMNS)}"
             )
-        for row in table.to_pylist():
-            where = f"{path} row {row['id']} ({row['source']})"
+        groups = first_rows(pq.ParquetFile(pa.BufferReader(data)).metadata)
+        for index, row in enumerate(table.to_pylist()):
+            group = int(np.searchsorted(groups, index, side="right")) - 1
+            where = f"{row_location(path, group, index)} (id {row['id']}, {row['source']})"
             try:
                 d = decode_row(row)
-            except (OSError, ValueError) as err:
-                raise DataError(f"{where}: does not decode ({err})") from err
+            except (OSError, ValueError, SyntaxError) as err:
+                raise DataError(f"{where}: {undecodable(err)}") from err
             if d["image"].shape != (r, r, 3) or (row["width"], row["height"]) != (r, r):
                 raise DataError(f"{where}: image {d['image'].shape}, expected ({r}, {r}, 3)")
             if d["pose"] is not None and (d["pose"].shape != (2,) or not np.isfinite(d["pose"]).all()):

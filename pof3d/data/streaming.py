@@ -26,17 +26,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.exceptions import RayError
 
-from pof3d.data.shards import read_manifest, resolve, shard_paths
+from pof3d.data.shard_io import first_rows, open_parquet, read_group, row_location, undecodable
+from pof3d.data.shards import check_shards, read_manifest, resolve
 from pof3d.errors import DataError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     import ray.data
     import torch
@@ -51,21 +52,33 @@ STREAM_ROWS = 65536  # epochs=None: enough epochs per execution for about this m
 COLUMNS = ["id", "image", "pose"]
 
 
-def decode_into(out: np.ndarray, encoded: list[bytes], flip: np.ndarray | None) -> None:
+def decode_into(
+    out: np.ndarray,
+    encoded: list[bytes],
+    flip: np.ndarray | None,
+    where: Callable[[int], str] = "row {}".format,
+) -> None:
     """Decode PNG/JPEG bytes into ``out`` uint8 [B,3,H,W], mirrored left-right where ``flip``.
 
-    PIL splits each image into its channel planes, which is cheaper than a strided HWC -> CHW copy.
+    A row that does not decode, or not to the set's size, is a ``DataError`` that names it by
+    ``where(i)``. PIL splits each image into its channel planes, which is cheaper than a strided
+    HWC -> CHW copy.
     """
     height, width = out.shape[2:]
     for i, data in enumerate(encoded):
-        with Image.open(io.BytesIO(data)) as img:
-            if img.size != (width, height):
-                raise DataError(f"image of {img.size[0]}x{img.size[1]} in a set of {width}x{height}")
-            rgb = img if img.mode == "RGB" else img.convert("RGB")
-            if flip is not None and flip[i]:
-                rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            for c, band in enumerate(rgb.split()):
-                out[i, c] = np.asarray(band)
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                if img.size != (width, height):
+                    raise DataError(
+                        f"{where(i)}: image of {img.size[0]}x{img.size[1]} in a set of {width}x{height}"
+                    )
+                rgb = img if img.mode == "RGB" else img.convert("RGB")
+                if flip is not None and flip[i]:
+                    rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                for c, band in enumerate(rgb.split()):
+                    out[i, c] = np.asarray(band)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for bytes that are no image
+            raise DataError(f"{where(i)}: {undecodable(err)}") from err
 
 
 def _poses(column: pa.ChunkedArray) -> np.ndarray:
@@ -95,13 +108,18 @@ def read_pieces(
     With ``permute`` the rows of all the pieces are shuffled together; with ``xflip`` each image is
     mirrored left-right with probability 1/2 and its pose mirrored with it (h -> pi - h, or 2 pi - h for
     cars). Both draw from fresh OS entropy, so that flips differ between epochs.
+
+    Transient store errors are retried; a damaged or missing shard, page or image raises ``DataError``
+    naming the shard, row group and row (see :mod:`pof3d.data.shard_io`).
     """
-    fs, _ = resolve(uri)
-    tables = []
+    fs, root = resolve(uri)
+    tables, rows_at = [], []  # rows_at: (shard, row group, row in shard) of every row of the table
     for path, groups in pieces:
-        _, local = resolve(path)
-        with fs.open_input_file(local) as f:
-            tables.append(pq.ParquetFile(f).read_row_groups(groups, columns=COLUMNS))
+        parquet = open_parquet(fs, f"{root.rstrip('/')}/{path.rsplit('/', 1)[-1]}", path)
+        starts = first_rows(parquet.metadata)
+        for group in groups:
+            tables.append(read_group(parquet, path, group, COLUMNS))
+            rows_at += [(path, group, starts[group] + i) for i in range(tables[-1].num_rows)]
     table = pa.concat_tables(tables)
     rng = np.random.default_rng()
     order = rng.permutation(table.num_rows) if permute else np.arange(table.num_rows)
@@ -112,7 +130,12 @@ def read_pieces(
         rows = order[start : start + block_rows]
         flip = rng.random(len(rows)) < 0.5 if xflip else None
         image = np.empty((len(rows), 3, resolution, resolution), np.uint8)
-        decode_into(image, [encoded[i] for i in rows], flip)
+        decode_into(
+            image,
+            [encoded[i] for i in rows],
+            flip,
+            lambda i, rows=rows: f"{row_location(*rows_at[rows[i]])} (id {ids[rows[i]]})",
+        )
         block_pose = pose[rows]
         if flip is not None:
             block_pose[flip, 0] = (2 * math.pi if cars else math.pi) - block_pose[flip, 0]
@@ -142,13 +165,8 @@ class ShardSource(Datasource):
         manifest = read_manifest(self.uri)
         self.resolution = int(manifest["resolution"])
         self.rows = int(manifest["rows"])
-        fs, _ = resolve(self.uri)
-        self.groups: list[tuple[str, int, int]] = []  # (shard path, row group, rows)
-        for path in shard_paths(self.uri, manifest):
-            _, local = resolve(path)
-            with fs.open_input_file(local) as f:
-                meta = pq.ParquetFile(f).metadata
-            self.groups += [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+        # (shard, row group, rows); missing, truncated or unreadable shards stop here, before any worker.
+        self.groups = check_shards(self.uri, manifest)
         if sum(n for _, _, n in self.groups) != self.rows:
             raise DataError(f"{uri}: the shards hold {sum(n for *_, n in self.groups)} rows, not {self.rows}")
         self.seed, self.shuffle, self.xflip, self.cars = seed, shuffle, xflip, cars
@@ -239,14 +257,41 @@ def iter_train_batches(
     device: Any = "auto",
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of torch batches from a :func:`make_dataset` dataset or a Ray Train dataset shard:
-    ``image`` float32 [B,3,R,R] in [-1,1], ``pose`` float32 [B,2] (NaN where absent), ``id`` int64 [B]."""
-    return source.iter_torch_batches(
+    ``image`` float32 [B,3,R,R] in [-1,1], ``pose`` float32 [B,2] (NaN where absent), ``id`` int64 [B].
+
+    A damaged shard or row raises a plain :class:`DataError` with the read task's message (shard, row
+    group, row), not Ray's wrapper of it with the task's traceback.
+    """
+    batches = source.iter_torch_batches(
         batch_size=batch_size,
         drop_last=drop_last,
         prefetch_batches=prefetch_batches,
         collate_fn=ImageCollate(),
         device=device,
     )
+    try:
+        yield from batches
+    except Exception as exc:
+        original = _data_error_in(exc)
+        if original is None:
+            raise
+        raise DataError(str(original)) from exc
+
+
+def _data_error_in(exc: BaseException) -> DataError | None:
+    """The project's ``DataError`` raised in a Ray task, found through Ray's wrappers (a read task's
+    ``RayTaskError``, re-raised by Ray Train's split coordinator), or None."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        err = stack.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, DataError) and not isinstance(err, RayError):
+            return err
+        stack += [getattr(err, "cause", None), err.__cause__, err.__context__]
+    return None
 
 
 def stream_epochs(rows: int) -> int:

@@ -1,14 +1,25 @@
-"""One training run from the driver's point of view: plan, track, launch on Ray, summarise."""
+"""One training run from the driver's point of view: plan, prepare data, track, launch on Ray, summarise.
+
+``python -m pof3d.train`` and every Tune trial go through :func:`run_training` with a plan from
+:func:`pof3d.distributed.plan.plan_run`; a trial only adds overrides and MLflow tags to its request and
+Tune's report callback here.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pof3d.distributed.launcher import LaunchSpec, check_resources, connect, launch
-from pof3d.distributed.plan import RunPlan, TrainRequest, plan_run, write_config
+from pof3d.distributed.launcher import connect, launch
+from pof3d.distributed.plan import RunPlan, TrainRequest, plan_run, prepare_tracking_store, synthetic_data
+from pof3d.distributed.resources import ensure_resources
 from pof3d.errors import TrainingError
+from pof3d.storage import Location
 from pof3d.tracking import Tracker, ui_command
 
 logger = logging.getLogger(__name__)
@@ -16,10 +27,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RunSummary:
-    run_dir: Path
+    run_dir: Location
     images_seen: int
     tick: int
-    checkpoint: Path | None
+    checkpoint: Location | None
     mlflow_uri: str
     mlflow_run_id: str | None
     experiment: str
@@ -45,12 +56,11 @@ class RunSummary:
 
 
 def prepare(request: TrainRequest, address: str | None = None) -> RunPlan:
-    """Resolve the request and check it fits the cluster; every user error surfaces here."""
-    import ray
-
+    """Resolve the request and check it fits the cluster (waiting for an autoscaler to add nodes where
+    one can); every user error surfaces here."""
     plan = plan_run(request)
     connect(address)
-    check_resources(plan.cfg, ray.cluster_resources())
+    ensure_resources(plan.cfg)
     return plan
 
 
@@ -59,25 +69,25 @@ def train(request: TrainRequest, address: str | None = None) -> RunSummary:
     return run_training(prepare(request, address))
 
 
-def run_training(plan: RunPlan) -> RunSummary:
-    """Train as planned; raises ``TrainingError`` if training had to stop (e.g. a NaN loss)."""
-    write_config(plan.run_dir, plan.cfg)
-    params = dict(plan.cfg.flat(), **{"run.data_uri": plan.data_uri, "run.run_dir": str(plan.run_dir)})
-    tracker = Tracker.open(
-        plan.mlflow_uri, plan.experiment, run_name=plan.run_dir.name, params=params, run_id=plan.mlflow_run_id
-    )
-    tracker.log_artifact(plan.run_dir / "config.json")
-    logger.info("run directory %s; data %s; MLflow %s", plan.run_dir, plan.data_uri, plan.mlflow_uri)
-    spec = LaunchSpec(
-        cfg=plan.cfg,
-        run_dir=plan.run_dir,
-        data_uri=plan.data_uri,
-        mlflow_uri=plan.mlflow_uri,
-        mlflow_run_id=tracker.run_id,
-        resume_from=plan.resume_from,
+def run_training(plan: RunPlan, callbacks: Sequence[Any] = ()) -> RunSummary:
+    """Train as planned; raises ``TrainingError`` if training had to stop (e.g. a NaN loss).
+
+    ``callbacks``: extra Ray Train callbacks (a Tune trial's report bridge)."""
+    if plan.data_uri is None:
+        plan = dataclasses.replace(plan, data_uri=synthetic_data(plan.cfg))
+    files = plan.files
+    files.write_config(plan.cfg)
+    tracker = _open_tracker(plan)
+    plan = dataclasses.replace(plan, tracking=dataclasses.replace(plan.tracking, run_id=tracker.run_id))
+    logger.info(
+        "run directory %s (%s); data %s; MLflow %s",
+        plan.root,
+        plan.start_line(),
+        plan.data_uri,
+        plan.tracking.uri,
     )
     try:
-        result = launch(spec)
+        result = launch(plan, list(callbacks))
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -89,12 +99,29 @@ def run_training(plan: RunPlan) -> RunSummary:
         tracker.set_tag("stop_reason", result.stop_reason)
     tracker.finish("FINISHED")
     return RunSummary(
-        run_dir=plan.run_dir,
+        run_dir=plan.root,
         images_seen=result.images_seen,
         tick=result.tick,
         checkpoint=result.checkpoint,
-        mlflow_uri=plan.mlflow_uri,
+        mlflow_uri=plan.tracking.uri,
         mlflow_run_id=tracker.run_id,
-        experiment=plan.experiment,
+        experiment=plan.tracking.experiment,
         stop_reason=result.stop_reason,
     )
+
+
+def _open_tracker(plan: RunPlan) -> Tracker:
+    """Open (or continue) the MLflow run, keep its id in the run's storage, tag it, log the config."""
+    t = plan.tracking
+    prepare_tracking_store(t.uri)
+    params = dict(plan.cfg.flat(), **{"run.data_uri": plan.data_uri, "run.run_dir": plan.root.uri})
+    tracker = Tracker.open(t.uri, t.experiment, run_name=t.run_name, params=params, run_id=t.run_id)
+    if tracker.run_id:
+        plan.files.write_tracking(t.uri, t.experiment, tracker.run_id)
+    for key, value in t.tags:
+        tracker.set_tag(key, value)
+    with tempfile.TemporaryDirectory(prefix="pof3d-config-") as tmp:
+        local = Path(tmp) / "config.json"
+        local.write_text(plan.cfg.to_json())
+        tracker.log_artifact(local)
+    return tracker

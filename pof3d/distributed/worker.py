@@ -8,8 +8,6 @@ wrapped in DDP here. Rank 0 alone writes files, logs progress lines and talks to
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import os
 import sys
@@ -22,16 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from pof3d.checkpoint import PROGRESS_FILE, latest_checkpoint, load_checkpoint, save_checkpoint
+from pof3d.checkpoint import load_checkpoint, read_progress, save_checkpoint
 from pof3d.config import Config
 from pof3d.console import quiet_train_worker
 from pof3d.data.streaming import iter_train_batches
-from pof3d.distributed.launcher import CHECKPOINTS_DIR
+from pof3d.distributed.plan import RunPlan
 from pof3d.distributed.progress import TickMeter, TimeLimit, device_memory, next_boundary, progress_line
-from pof3d.errors import TrainingError
+from pof3d.errors import CheckpointError, DataError, TrainingError
 from pof3d.loop import Trainer
 from pof3d.metrics import evaluate_generator
+from pof3d.metrics.spread import distributed_spread
 from pof3d.plots import plot_pose_distribution, save_image_grid
+from pof3d.run_files import RunFiles
+from pof3d.storage import Location, as_local_dir
 from pof3d.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -40,35 +41,34 @@ SAMPLE_SEED = 123  # fixed latents so that sample grids are comparable across sn
 SAMPLE_COUNT = 16
 POSE_SAMPLES = 512
 TRUE_POSE_LIMIT = 4096
-METRICS_FILE = "metrics.jsonl"
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Entry point of each Ray Train worker; ``config`` is built by :mod:`pof3d.distributed.launcher`.
+    """Entry point of each Ray Train worker; ``config["plan"]`` is the run's :class:`RunPlan`.
 
     Returns (rank 0's value reaches the driver) the counters reached; ``stop_reason`` when the run ended
     before its kimg target at ``train.time_limit_min`` (cleanly, as at the target), and, if training had
-    to stop, ``training_error``: a non-finite loss ends the workers cleanly instead of raising, because a
-    raised error would be retried from the last checkpoint by Ray's FailureConfig and fail the same way
-    again.
+    to stop, ``training_error``: a non-finite loss or damaged data ends the workers cleanly instead of
+    raising, because a raised error would be retried from the last checkpoint by Ray's FailureConfig and
+    fail the same way again.
     """
     import ray.train
 
     _configure_logging()
     quiet_train_worker(config.get("verbose", False))
-    cfg = Config.from_dict(config["cfg"])
-    run_dir = Path(config["run_dir"])
+    plan: RunPlan = config["plan"]
+    cfg, files = plan.cfg, plan.files
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = _device(cfg)
-    _write_pid(run_dir, rank)
+    files.write_pid(rank, os.getpid())
 
     trainer = Trainer(cfg, device=device, seed=cfg.train.seed)
-    progress = _resume(trainer, ray.train.get_checkpoint(), run_dir, config.get("resume_from"), device)
+    progress = _resume(trainer, files, plan.resume_from, device)
     tick = int(progress.get("tick", 0))
-    tracker = Tracker(config["mlflow_uri"], config.get("mlflow_run_id")) if rank == 0 else None
+    tracker = Tracker(plan.tracking.uri, plan.tracking.run_id) if rank == 0 else None
+    metrics_log = files.metrics_log(trainer.images_seen) if rank == 0 else None
     if rank == 0:
-        _truncate_metrics(run_dir / METRICS_FILE, trainer.images_seen)
         logger.info(
             "worker rank 0/%d on %s: starting at kimg %.3f (tick %d), target kimg %g",
             world,
@@ -86,12 +86,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     next_tick = next_boundary(trainer.images_seen, cfg.train.tick_kimg)
     next_snapshot = next_boundary(trainer.images_seen, cfg.train.snapshot_kimg)
     next_eval = next_boundary(trainer.images_seen, cfg.train.eval_kimg) if cfg.train.eval_kimg > 0 else None
-    time_limit = TimeLimit(config.get("deadline"))
+    time_limit = TimeLimit(plan.deadline)
     stop_reason = None
 
     while stop_reason is None and trainer.images_seen < target:
         started = time.perf_counter()
-        batch = next(batches)
+        try:
+            batch, data_error = next(batches), None
+        except DataError as exc:  # damaged data: retrying the worker would fail the same way again
+            batch, data_error = None, str(exc)
+        data_error = _first_data_error(data_error, world, device)
+        if data_error is not None:
+            if rank == 0:
+                logger.error("training stopped: %s", data_error)
+            return {"images_seen": trainer.images_seen, "tick": tick, "training_error": data_error}
         real = batch["image"].to(device, non_blocking=True)
         fetched = time.perf_counter()
         if rank == 0 and "pose" in batch and sum(len(p) for p in true_poses) < TRUE_POSE_LIMIT:
@@ -132,14 +140,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             metrics["ddp/param_spread"] = _replica_spread(trainer)
         if next_eval is not None and (done or trainer.images_seen >= next_eval):
             next_eval = next_boundary(trainer.images_seen, cfg.train.eval_kimg)
-            if rank == 0:
-                metrics.update(_evaluate(trainer, cfg, config["data_uri"], device))
+            # Every rank renders a share of the samples; rank 0 gets the figures, the others {}.
+            metrics.update(_evaluate(trainer, cfg, plan.data_uri, device))
         metrics.update({"images_seen": trainer.images_seen, "tick": tick, "world_size": world})
         if rank == 0:
             logger.info(progress_line(tick, trainer.images_seen, target, metrics))
-            _append_metrics(run_dir / METRICS_FILE, metrics)
+            metrics_log.append(metrics)
             tracker.log_metrics(metrics, step=trainer.images_seen)
-        _report(trainer, cfg, config, metrics, tick, snapshot, done, rank, tracker, run_dir, true_poses)
+        _report(trainer, plan, metrics, tick, snapshot, done, rank, tracker, true_poses)
     if rank == 0:
         ended = f"stopped: {stop_reason}" if stop_reason else f"reached kimg {trainer.images_seen / 1000:.3f}"
         logger.info("training %s after %d ticks", ended, tick)
@@ -174,44 +182,30 @@ def _device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
-def _write_pid(run_dir: Path, rank: int) -> None:
-    """``workers/rank-N.pid`` lets an operator find (and signal) the process of each rank."""
-    folder = run_dir / "workers"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"rank-{rank}.pid").write_text(f"{os.getpid()}\n")
+def _resume(trainer: Any, files: RunFiles, resume_from: Location | None, device: torch.device) -> dict:
+    """Load the most advanced of: the newest complete checkpoint in the run's checkpoint folder and
+    ``--resume``'s. Returns its progress (``{}`` for a fresh start).
 
-
-def _resume(
-    trainer: Any, ray_checkpoint: Any, run_dir: Path, resume_from: str | None, device: torch.device
-) -> dict:
-    """Load the most advanced of: Ray's latest registered checkpoint, the newest complete checkpoint in
-    the run's checkpoint folder, and ``--resume``'s. Returns its progress (``{}`` for a fresh start).
-
-    The folder matters because a worker can die after a checkpoint was persisted but before the
-    controller registered the report; restarting from an older state would redo finished work.
+    The folder holds every checkpoint Ray Train persisted (also the one it registered last, which
+    ``ray.train.get_checkpoint()`` would return), and more: a worker can die after a checkpoint was
+    persisted but before the controller registered the report; restarting from an older state would
+    redo finished work. Only the chosen checkpoint is downloaded (and verified) when it is remote.
     """
-    with contextlib.ExitStack() as stack:
-        candidates = []
-        if ray_checkpoint is not None:
-            candidates.append(Path(stack.enter_context(ray_checkpoint.as_directory())))
-        on_disk = latest_checkpoint(run_dir / CHECKPOINTS_DIR)
-        if on_disk is not None:
-            candidates.append(on_disk)
-        if resume_from:
-            candidates.append(Path(resume_from))
-        if not candidates:
-            return {}
-        source = max(candidates, key=_images_seen)  # ties keep the earlier candidate
-        _, state, progress = load_checkpoint(source, map_location=device)
+    candidates = [c for c in (files.latest_checkpoint(), resume_from) if c is not None]
+    if not candidates:
+        return {}
+    source = max(candidates, key=_images_seen)  # ties keep the earlier candidate
+    with tempfile.TemporaryDirectory(prefix="pof3d-resume-") as scratch:
+        _, state, progress = load_checkpoint(as_local_dir(source, Path(scratch)), map_location=device)
     trainer.load_state_dict(state)
     logger.info("resumed from %s at kimg %.3f", source, trainer.images_seen / 1000)
     return progress
 
 
-def _images_seen(checkpoint: Path) -> int:
+def _images_seen(checkpoint: Location) -> int:
     try:
-        return int(json.loads((checkpoint / PROGRESS_FILE).read_text()).get("images_seen", 0))
-    except (OSError, ValueError):
+        return int(read_progress(checkpoint).get("images_seen", 0))
+    except (CheckpointError, ValueError, TypeError):
         return -1
 
 
@@ -225,6 +219,22 @@ def _endless_batches(shard: Any, batch_size: int) -> Iterator[dict[str, torch.Te
             yield batch
         if empty:
             raise TrainingError(f"the training data yields no full batch of {batch_size} images per worker")
+
+
+def _first_data_error(message: str | None, world: int, device: torch.device) -> str | None:
+    """The data error of any rank at this step, the same on every rank (a collective when data
+    parallel): a rank that stopped alone would leave the others waiting in the gradient all-reduce."""
+    if world == 1:
+        return message
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(message is not None)], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return None
+    messages: list[str | None] = [None] * world
+    dist.all_gather_object(messages, message)
+    return next(m for m in messages if m is not None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +272,15 @@ def _evaluate(trainer: Any, cfg: Config, data_uri: str, device: torch.device) ->
     names = [m.strip() for m in cfg.train.eval_metrics.split(",") if m.strip()]
     try:
         results = evaluate_generator(
-            trainer.G_ema, trainer.D, cfg, data_uri, names, device=device, seed=cfg.train.seed
+            trainer.G_ema,
+            trainer.D,
+            cfg,
+            data_uri,
+            names,
+            device=device,
+            seed=cfg.train.seed,
+            spread=distributed_spread(device),
+            inception_fallback=True,  # fd_random where the Inception file is missing
         )
     except Exception:  # a broken metric must not cost the run; the next evaluation tries again
         logger.exception("evaluation at kimg %.3f failed; training goes on", trainer.images_seen / 1000)
@@ -276,15 +294,13 @@ def _evaluate(trainer: Any, cfg: Config, data_uri: str, device: torch.device) ->
 
 def _report(
     trainer: Any,
-    cfg: Config,
-    config: dict[str, Any],
+    plan: RunPlan,
     metrics: dict[str, float],
     tick: int,
     snapshot: bool,
     done: bool,
     rank: int,
     tracker: Tracker | None,
-    run_dir: Path,
     true_poses: list[np.ndarray],
 ) -> None:
     """Every rank reports (a barrier); at snapshots rank 0 attaches a checkpoint and figures."""
@@ -297,20 +313,22 @@ def _report(
         ray.train.report(metrics)
         return
     kimg = f"{trainer.images_seen / 1000:07.3f}"
-    samples = run_dir / "samples"
-    grid = _sample_grid(trainer, samples / f"fakes-{kimg}.png")
-    poses = _pose_plot(trainer, samples / f"poses-{kimg}.png", true_poses)
-    tracker.log_artifact(grid, "samples")
-    tracker.log_artifact(poses, "poses")
+    cfg = plan.cfg
     progress = {
         "images_seen": trainer.images_seen,
         "step": trainer.step,
         "tick": tick,
         "seed": cfg.train.seed,
-        "mlflow_run_id": config.get("mlflow_run_id"),
-        "mlflow_tracking_uri": config["mlflow_uri"],
+        "mlflow_run_id": plan.tracking.run_id,
+        "mlflow_tracking_uri": plan.tracking.uri,
     }
     with tempfile.TemporaryDirectory(prefix="pof3d-ckpt-") as tmp:
+        # Figures are drawn locally, then copied to the run's storage and logged to MLflow.
+        grid = _sample_grid(trainer, Path(tmp) / f"fakes-{kimg}.png")
+        poses = _pose_plot(trainer, Path(tmp) / f"poses-{kimg}.png", true_poses)
+        for figure, artifact_dir in ((grid, "samples"), (poses, "poses")):
+            (plan.files.samples / figure.name).upload(figure)
+            tracker.log_artifact(figure, artifact_dir)
         path = save_checkpoint(Path(tmp) / "checkpoint", trainer.state_dict(), cfg, progress)
         if done:
             tracker.log_artifacts(path, "checkpoint")
@@ -335,25 +353,3 @@ def _pose_plot(trainer: Any, path: Path, true_poses: list[np.ndarray]) -> Path:
         truth = truth[np.isfinite(truth).all(axis=1)]
         truth = truth if len(truth) else None
     return plot_pose_distribution(_learned_poses(trainer, POSE_SAMPLES), path, true=truth)
-
-
-def _append_metrics(path: Path, metrics: dict[str, float]) -> None:
-    clean = {k: (v if isinstance(v, (int, str)) or np.isfinite(v) else None) for k, v in metrics.items()}
-    with path.open("a") as f:
-        f.write(json.dumps(clean, sort_keys=True) + "\n")
-
-
-def _truncate_metrics(path: Path, images_seen: int) -> None:
-    """After a restart, drop ticks logged after the checkpoint we resumed from (they are redone)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if _tick_images(line) <= images_seen]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def _tick_images(line: str) -> float:
-    """Images seen of a ``metrics.jsonl`` line; a line cut short by a crash sorts after everything."""
-    try:
-        return float(json.loads(line)["images_seen"])
-    except (ValueError, KeyError, TypeError):
-        return float("inf")

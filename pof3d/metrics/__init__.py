@@ -4,6 +4,6 @@ The maths lives in one module per metric and works on tensors/arrays and callabl
 :func:`evaluate_generator` glues them to a generator, a discriminator and a shard set.
 """
 
-from pof3d.metrics.suite import GROUPS, evaluate_generator, resolve_metrics
+from pof3d.metrics.suite import GROUPS, default_metrics, evaluate_generator, resolve_metrics
 
-__all__ = ["GROUPS", "evaluate_generator", "resolve_metrics"]
+__all__ = ["GROUPS", "default_metrics", "evaluate_generator", "resolve_metrics"]

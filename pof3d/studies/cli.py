@@ -14,7 +14,7 @@ import sys
 from pof3d.console import configure_console
 from pof3d.errors import ConfigError, Pof3dError
 from pof3d.presets import PRESETS, presets_help
-from pof3d.studies.study import DEFAULT_EXPERIMENT, DEFAULT_STORAGE, StudyRequest, run_study
+from pof3d.studies.study import DEFAULT_EXPERIMENT, StudyRequest, run_study
 from pof3d.studies.variants import VARIANTS, parse_variants, variants_help
 
 
@@ -40,7 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1, help="seeds per variant (ablation) or trials (search)")
     p.add_argument("--seed", type=int, default=0, help="first seed (ablation) / sampler seed (search)")
     p.add_argument("--concurrency", type=int, help="trials at once (default: what the cluster fits)")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help=f"folder of study folders ({DEFAULT_STORAGE})")
+    p.add_argument(
+        "--storage", metavar="DIR|URI",
+        help="folder of study folders, a path or URI such as s3://bucket/studies "
+        "(default $POF3D_STORAGE/studies, else runs/studies)",
+    )  # fmt: skip
     p.add_argument("--name", help="study name (default <mode>-<time>; with --resume: the latest study)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: a SQLite store in the study folder)")
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="MLflow experiment name")

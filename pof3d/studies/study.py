@@ -12,28 +12,37 @@ import functools
 import json
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from pof3d.config import Config, load_config
 from pof3d.distributed.launcher import connect
-from pof3d.distributed.plan import TrainRequest, plan_run
+from pof3d.distributed.plan import (
+    default_tracking_uri_for,
+    prepare_tracking_store,
+    storage_base,
+    synthetic_data,
+)
 from pof3d.errors import ConfigError
 from pof3d.metrics.suite import resolve_metrics
+from pof3d.storage import Location, check_reachable
 from pof3d.studies import mlflow_wiring
 from pof3d.studies.resources import TRIAL_DRIVER_CPU, TrialFootprint, plan_concurrency
 from pof3d.studies.results import Table, TrialRecord, build_table, paper_figures
 from pof3d.studies.space import SearchSpace, load_space
 from pof3d.studies.trainable import SEARCH_VARIANT, StudySetup, run_trial
 from pof3d.studies.variants import VARIANTS, parse_variants, variant_overrides
-from pof3d.tracking import default_tracking_uri, ui_command
+from pof3d.tracking import ui_command
 
 logger = logging.getLogger(__name__)
 
 STUDY_FILE = "study.json"
-DEFAULT_STORAGE = "runs/studies"
+STUDIES_DIR = "studies"  # default storage: $POF3D_STORAGE/studies, else runs/studies
 DEFAULT_EXPERIMENT = "pof3d-studies"
 DEFAULT_EVAL_METRICS = "pose,js,depth,re,fid"  # FID only where Inception weights are available
 METRIC_PREFIXES = ("eval/", "loss/", "pose/", "scores/", "perf/")
@@ -57,7 +66,7 @@ class StudyRequest:
     samples: int = 1  # seeds per variant (ablation) or number of trials (search)
     seed: int = 0
     concurrency: int | None = None
-    storage: str = DEFAULT_STORAGE
+    storage: str | None = None  # a local path or URI; default default_storage()
     name: str | None = None
     mlflow_uri: str | None = None
     experiment: str = DEFAULT_EXPERIMENT
@@ -72,9 +81,9 @@ class StudyRequest:
 
 @dataclass
 class StudySummary:
-    study_dir: Path
+    study_dir: Location
     table: Table
-    files: list[Path]
+    files: list[Location]
     mlflow_uri: str
     parent_run_id: str
     finished: bool
@@ -141,18 +150,24 @@ def _check_metrics(metrics: tuple[str, ...]) -> None:
             )
 
 
-def study_dir_for(request: StudyRequest) -> Path:
-    storage = Path(request.storage).expanduser().resolve()
+def default_storage() -> str:
+    """Where studies go by default: ``$POF3D_STORAGE/studies``, else ``runs/studies``."""
+    return (storage_base() / STUDIES_DIR).uri
+
+
+def study_dir_for(request: StudyRequest) -> Location:
+    """The study to resume: ``--name``'s, else the one whose study.json was written last."""
+    storage = Location.parse(request.storage or default_storage())
     if request.name:
         return storage / request.name
-    if not storage.is_dir():
-        raise ConfigError(f"--resume: no studies under --storage {storage}")
-    studies = sorted(
-        (p for p in storage.iterdir() if (p / STUDY_FILE).is_file()), key=lambda p: p.stat().st_mtime
-    )
+    studies = []
+    for child in storage.children():
+        info = (storage.child(child.path) / STUDY_FILE).info()
+        if child.type == pafs.FileType.Directory and info.type == pafs.FileType.File:
+            studies.append((info.mtime_ns or 0, storage.child(child.path)))
     if not studies:
         raise ConfigError(f"--resume: no study folder with {STUDY_FILE} under --storage {storage}")
-    return studies[-1]
+    return max(studies, key=lambda s: (s[0], s[1].uri))[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +181,8 @@ def run_study(
     import ray
 
     saved: dict[str, Any] = {}
+    request.storage = Location.parse(request.storage or default_storage()).uri
+    check_reachable(Location.parse(request.storage), "--storage")
     if resume:
         study_dir = study_dir_for(request)
         if not (study_dir / STUDY_FILE).is_file():
@@ -176,7 +193,7 @@ def run_study(
         request.concurrency = concurrency if concurrency is not None else request.concurrency
     else:
         name = request.name or f"{request.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
-        study_dir = Path(request.storage).expanduser().resolve() / name
+        study_dir = Location.parse(request.storage) / name
         if study_dir.exists():
             raise ConfigError(f"study folder {study_dir} already exists; pass --resume to continue it")
         request.name = name
@@ -207,11 +224,11 @@ def run_study(
     concurrency = plan_concurrency(
         TrialFootprint.of(cfg), ray.cluster_resources(), request.concurrency, trials
     )
-    if not cfg.data.path:
-        base.append(f"data.path={_prepare_data(request, base, study_dir)}")
+    if not cfg.data.path:  # generated once, before trials start (they would race for it)
+        base.append(f"data.path={synthetic_data(cfg)}")
 
-    mlflow_uri = request.mlflow_uri or saved.get("mlflow_uri") or default_tracking_uri(study_dir)
-    study_dir.mkdir(parents=True, exist_ok=True)
+    mlflow_uri = request.mlflow_uri or saved.get("mlflow_uri") or default_tracking_uri_for(study_dir)
+    prepare_tracking_store(mlflow_uri)
     parent = mlflow_wiring.open_parent(
         mlflow_uri,
         request.experiment,
@@ -227,7 +244,7 @@ def run_study(
     )
     setup = StudySetup(
         name=request.name,
-        study_dir=str(study_dir),
+        study_dir=study_dir.uri,
         preset=request.preset,
         overrides=tuple(base),
         mlflow_uri=mlflow_uri,
@@ -240,18 +257,22 @@ def run_study(
     finished = grid.num_terminated + grid.num_errors == len(grid) and len(grid) >= trials
     records = _records(grid, cfg)
     table = build_table(records, by_variant=request.mode == "ablation")
-    files = list(table.write(study_dir))
     if finished:
         _close_stopped_children(mlflow_uri, request.experiment, parent)
-    mlflow_wiring.close_parent(
-        mlflow_uri, parent, files, _summary(table, request.mode), status="FINISHED" if finished else "KILLED"
-    )
+    with tempfile.TemporaryDirectory(prefix="pof3d-study-") as tmp:
+        local = list(table.write(Path(tmp)))
+        files = []
+        for path in local:
+            (study_dir / path.name).upload(path)
+            files.append(study_dir / path.name)
+        mlflow_wiring.close_parent(
+            mlflow_uri,
+            parent,
+            local,
+            _summary(table, request.mode),
+            status="FINISHED" if finished else "KILLED",
+        )
     return StudySummary(study_dir, table, files, mlflow_uri, parent, finished)
-
-
-def _prepare_data(request: StudyRequest, base: list[str], study_dir: Path) -> str:
-    """Generate the built-in synthetic set once, before trials start (they would race for it)."""
-    return plan_run(TrainRequest(preset=request.preset, run_dir=study_dir, overrides=list(base))).data_uri
 
 
 def _tuner(
@@ -260,7 +281,7 @@ def _tuner(
     space: SearchSpace | None,
     variants: list[str],
     concurrency: int,
-    study_dir: Path,
+    study_dir: Location,
     resume: bool,
     callbacks: list[Any],
     cfg: Config,
@@ -268,12 +289,24 @@ def _tuner(
     from ray import tune
 
     trainable = tune.with_resources(functools.partial(run_trial, setup=setup), {"cpu": TRIAL_DRIVER_CPU})
+    # Tune keeps its experiment state under the study folder, through the project's filesystem (pyarrow
+    # alone would ignore AWS_ENDPOINT_URL for s3:// paths).
+    fs, study_path = study_dir.fs()
+    custom_fs = None if study_dir.is_local else fs
     if resume:
         return tune.Tuner.restore(
-            str(study_dir), trainable=trainable, resume_unfinished=True, resume_errored=True
+            study_path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=custom_fs,
         )
     run_config = tune.RunConfig(
-        name=study_dir.name, storage_path=str(study_dir.parent), callbacks=callbacks, verbose=1
+        name=study_dir.name,
+        storage_path=study_dir.parent.fs()[1],
+        storage_filesystem=custom_fs,
+        callbacks=callbacks,
+        verbose=1,
     )
     if space is None:
         seeds = [request.seed + i for i in range(request.samples)]
