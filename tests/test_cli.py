@@ -63,6 +63,29 @@ def test_list_fields_shows_path_type_preset_value_and_doc(capsys: pytest.Capture
     assert not any(line.startswith("loss.") for line in lines)
 
 
+def test_list_fields_shows_the_values_of_a_saved_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = tmp_path / "config.json"
+    saved.write_text(load_config("tiny", ["loss.r1_gamma=7.5"]).to_json())
+    assert train.main(["--config", str(saved), "--kimg", "2", "--list-fields"]) == 0
+    out = capsys.readouterr().out
+    assert f"values of --config {saved}" in out.splitlines()[0]
+    value = {
+        line.split()[0]: line.split()[2] for line in out.splitlines() if line.startswith(("loss.", "train."))
+    }
+    assert value["loss.r1_gamma"] == "7.5" and value["train.kimg"] == "2.0"  # the file's, then the flag
+
+
+def test_list_fields_refuses_a_preset_and_a_config_together(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = tmp_path / "config.json"
+    saved.write_text(load_config("tiny").to_json())
+    assert train.main(["--preset", "tiny", "--config", str(saved), "--list-fields"]) == 2
+    assert "--config and --preset both name the base config" in capsys.readouterr().err
+
+
 def test_list_fields_of_an_unknown_section_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert train.main(["--list-fields", "los"]) == 2
     assert "unknown config section 'los'; expected one of model, loss" in capsys.readouterr().err
