@@ -42,11 +42,9 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pof3d.checkpoint import STATE_FILE, load_checkpoint, save_checkpoint  # noqa: E402
-from pof3d.config import load_config  # noqa: E402
-from pof3d.loop import Trainer  # noqa: E402
+from pof3d.checkpoint import STATE_FILE, load_checkpoint, save_checkpoint
+from pof3d.config import load_config
+from pof3d.loop import Trainer
 
 BUCKET = "pof3d-bench"
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,13 +31,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
-
-from pof3d.data.shards import iter_rows, read_manifest, shard_paths  # noqa: E402
-from pof3d.data.streaming import DECODE_BATCH, TASK_ROWS, iter_train_batches, make_dataset  # noqa: E402
-from pof3d.data.synthetic import generate  # noqa: E402
+from pof3d.data.shards import iter_rows, read_manifest, shard_paths
+from pof3d.data.streaming import DECODE_BATCH, TASK_ROWS, iter_train_batches, make_dataset
+from pof3d.data.synthetic import generate
 
 
 class PngFolder(Dataset):

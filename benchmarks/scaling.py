@@ -19,9 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pof3d.distributed import TrainRequest, train  # noqa: E402
+from pof3d.distributed import TrainRequest, train
 
 
 def measure(preset: str, workers: int, kimg: float, batch: int, tick_kimg: float, sets: list[str]) -> dict:

@@ -8,7 +8,7 @@
 Each iteration runs every phase once (G_main, G_density, D_main, D_r1), timed on its own; the table
 gives medians over ``--iters`` iterations after ``--warmup`` ones. "iteration, every phase once" is
 the sum of the phase medians; "iteration, amortised" weights the lazy regularisers by 1/interval as
-training runs them. ``--schedule reference`` times the reference implementation's schedule (a generator
+training runs them. ``--schedule reference`` times the official code's schedule (a generator
 pass, D calls and a backward per term: pof3d/testing/reference_schedule.py) instead of the shared
 passes; ``--compare`` runs both interleaved in one process, so that both see the same machine load.
 
@@ -23,16 +23,13 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pof3d.config import Config, load_config  # noqa: E402
-from pof3d.host_memory import is_retaining, retaining_env  # noqa: E402
-from pof3d.loop import Trainer  # noqa: E402
-from pof3d.testing.reference_schedule import ReferenceSchedule  # noqa: E402
+from pof3d.config import Config, load_config
+from pof3d.host_memory import is_retaining, retaining_env
+from pof3d.loop import Trainer
+from pof3d.testing.reference_schedule import ReferenceSchedule
 
 PHASE_ORDER = ("G_main", "G_density", "D_main", "D_r1")
 

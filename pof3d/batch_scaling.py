@@ -1,14 +1,14 @@
-"""Lengths the reference gives at its batch of 32 and scales with the batch: D's blur fade and the EMA.
+"""Lengths the official code gives at its batch of 32 and scales with the batch: D's blur fade and the EMA.
 
 Both count in thousands of images, so scaling them with ``train.batch`` keeps them at the same number of
-iterations at any batch, as the reference's training script does.
+iterations at any batch, as the official code's training script does.
 """
 
 from __future__ import annotations
 
 from pof3d.config import Config
 
-# The batch at which the reference gives its blur fade and EMA half-life (``batch * 200 / 32`` and
+# The batch at which the official code gives its blur fade and EMA half-life (``batch * 200 / 32`` and
 # ``batch * 10 / 32`` kimg).
 REFERENCE_BATCH = 32
 
@@ -29,7 +29,7 @@ def effective_blur_fade_kimg(cfg: Config) -> float:
 def effective_ema_kimg(cfg: Config) -> float:
     """Half-life in kimg of the generator's moving average.
 
-    ``optim.ema_kimg`` is the half-life at batch 32 and scales with ``train.batch``, as in the reference
+    ``optim.ema_kimg`` is the half-life at batch 32 and scales with ``train.batch``, as in the official code
     (10 kimg at batch 32, 2.5 at batch 8: the same number of steps); with ``optim.ema_scales_with_batch``
     off it is the half-life itself.
     """

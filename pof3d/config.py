@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from pof3d.config_fields import valid_fields
 from pof3d.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -28,93 +29,99 @@ CARS_FOCAL = 1.025390625
 class ModelConfig:
     """Generator and discriminator architecture, camera model and renderer settings."""
 
-    z_dim: int = 512
-    w_dim: int = 512
-    mapping_layers: int = 2
-    mapping_lr_mult: float = 0.01
-    w_avg_beta: float = 0.998
+    # Mapping network.
+    z_dim: int = 512  #: size of the latent z
+    w_dim: int = 512  #: size of the intermediate latent w
+    mapping_layers: int = 2  #: fully connected layers of the mapping network z -> w
+    mapping_lr_mult: float = 0.01  #: learning-rate multiplier of the mapping network
+    w_avg_beta: float = 0.998  #: decay of the running mean of w used by truncation
     # StyleGAN2 synthesis backbone producing tri-planes.
-    channel_base: int = 32768
-    channel_max: int = 512
-    triplane_resolution: int = 256
-    triplane_channels: int = 32
-    use_noise: bool = True
-    # Super-resolution noise: none (the reference's), random, const, or caller (the mode G is called with).
+    channel_base: int = 32768  #: backbone width budget: a block's channels are min(base / res, max)
+    channel_max: int = 512  #: widest backbone block
+    triplane_resolution: int = 256  #: side of each tri-plane, in feature cells
+    triplane_channels: int = 32  #: feature channels per tri-plane
+    use_noise: bool = True  #: per-pixel noise inputs in the backbone (StyleGAN2's)
+    #: super-resolution noise: none (the official code's), random, const, or caller (the mode G is
+    #: called with)
     sr_noise_mode: str = "none"
     # Tri-plane decoder and volume rendering.
-    decoder_hidden: int = 64
-    decoder_features: int = 32  # feature channels out of the decoder; the first 3 are RGB
-    neural_resolution: int = 64
-    image_resolution: int = 256  # the paper's FFHQ run: 256 px output, 4x super-resolution from 64
-    sr_channels: int = 128  # widest super-resolution block
-    depth_samples: int = 48  # stratified samples per ray
-    importance_samples: int = 48
-    ray_start: float = 2.25
-    ray_end: float = 3.3
-    box_warp: float = 1.0
-    white_background: bool = False
-    triplane_quirk: bool = True  # EG3D's plane projection, third plane (z, x); the reference's `wrong`
+    decoder_hidden: int = 64  #: hidden width of the tri-plane feature decoder
+    decoder_features: int = 32  #: feature channels out of the decoder; the first 3 are RGB
+    neural_resolution: int = 64  #: side of the volume-rendered feature image
+    image_resolution: int = 256  #: output side; the paper's FFHQ run: 256 px, 4x super-resolution from 64
+    sr_channels: int = 128  #: widest super-resolution block
+    depth_samples: int = 48  #: stratified samples per ray
+    importance_samples: int = 48  #: importance samples per ray, drawn from the first pass's weights
+    ray_start: float = 2.25  #: near bound of each ray, in world units from the camera
+    ray_end: float = 3.3  #: far bound of each ray, in world units from the camera
+    box_warp: float = 1.0  #: side of the cube the tri-planes span, in world units
+    white_background: bool = False  #: composite renders over white (cars) instead of black
+    triplane_quirk: bool = True  #: EG3D's plane projection, third plane (z, x); the official code's `wrong`
     # Camera: look-at from (yaw h, pitch v) on a sphere around the world origin.
-    camera_radius: float = 2.7
-    pivot: tuple[float, float, float] = (0.0, 0.0, 0.2)
-    focal: float = FFHQ_FOCAL  # normalised by image size
+    camera_radius: float = 2.7  #: distance of the camera from the world origin
+    pivot: tuple[float, float, float] = (0.0, 0.0, 0.2)  #: point the camera looks at
+    focal: float = FFHQ_FOCAL  #: focal length normalised by image size
     # Pose learner.
-    yaw_center: float = math.pi / 2
-    pitch_center: float = math.pi / 2
-    pose_clamp: bool = False  # cars: h in [0, 2pi], v in [0, pi]
-    pose_clamp_straight_through: bool = False  # False: the reference's hard clamp (no gradient outside)
-    pose_hidden: int = 512
-    pose_from_truncated_w: bool = False  # False: pose from the untruncated w, as the reference
-    pose_init_scale: float = 1.0  # output layer's initial scale; 1.0 = the reference's (~45 deg spread)
-    pitch_output: str = "eg3d"  # the model's pitch coordinate: eg3d's v (the reference) or the polar angle
+    yaw_center: float = math.pi / 2  #: yaw h the pose learner's output is centred on (radians)
+    pitch_center: float = math.pi / 2  #: pitch v the pose learner's output is centred on (radians)
+    pose_clamp: bool = False  #: clamp learned poses (cars): h in [0, 2pi], v in [0, pi]
+    #: pass the gradient through the clamp; False: the official code's hard clamp (no gradient outside)
+    pose_clamp_straight_through: bool = False
+    pose_hidden: int = 512  #: hidden width of the pose learner
+    #: take the pose from the truncated w; False: from the untruncated w, as the official code
+    pose_from_truncated_w: bool = False
+    pose_init_scale: float = 1.0  #: output layer's initial scale; 1.0 = the official code's (~45 deg spread)
+    #: the model's pitch coordinate: eg3d's v (the official code) or polar (the camera's polar angle)
+    pitch_output: str = "eg3d"
     # Discriminator.
-    disc_channel_base: int = 32768
-    disc_channel_max: int = 512
-    mbstd_group: int = 4
-    cmap_dim: int = 512
-    cmap_layers: int = 8  # layers of the pose-to-cmap mapping (EG3D's label mapping depth)
-    pose_aware_d: bool = True
-    # Mixed precision (GPU only): D's num_fp16_res highest-resolution blocks and, when > 0, the
-    # super-resolution blocks; the tri-plane backbone's own count is separate (0 in the reference).
+    disc_channel_base: int = 32768  #: D's width budget: a block's channels are min(base / res, max)
+    disc_channel_max: int = 512  #: widest D block
+    mbstd_group: int = 4  #: group size of D's minibatch standard-deviation layer
+    cmap_dim: int = 512  #: size of D's pose embedding (the projection's dimension)
+    cmap_layers: int = 8  #: layers of the pose-to-cmap mapping (EG3D's label mapping depth)
+    pose_aware_d: bool = True  #: D predicts the pose and scores images conditioned on it
+    #: mixed precision (GPU only): D's num_fp16_res highest-resolution blocks and, when > 0, the
+    #: super-resolution blocks in fp16
     num_fp16_res: int = 4
-    backbone_num_fp16_res: int = 0
+    backbone_num_fp16_res: int = 0  #: fp16 blocks of the tri-plane backbone, counted apart (official code: 0)
 
 
 @dataclass
 class LossConfig:
     """Loss weights and regularisation intervals; a zero weight removes its term."""
 
-    r1_gamma: float = 1.0
-    r1_interval: int = 16
-    density_reg_weight: float = 0.25
-    density_reg_interval: int = 4
-    density_reg_sigma: float = 0.004
-    symmetry_weight: float = 1.0  # G and D terms on mirrored-camera renders
-    symmetry_mode: str = "flip_both"  # flip_both | flip_both_cars | left_right
-    pose_gd_weight: float = 1.0  # pulls the pose learner toward D's pose prediction
-    dis_cam_weight: float = 2.0  # trains D's pose head on generated images
-    # D's input blur fades out over blur_fade_kimg x train.batch / 32 kimg (effective_blur_fade_kimg), as
-    # the reference's batch * 200 / 32; with blur_fade_scales_with_batch off, over blur_fade_kimg itself.
+    r1_gamma: float = 1.0  #: weight of D's R1 gradient penalty on reals
+    r1_interval: int = 16  #: steps between R1 penalties (lazy regularisation)
+    density_reg_weight: float = 0.25  #: weight of the density smoothness regulariser
+    density_reg_interval: int = 4  #: steps between density regularisations
+    density_reg_sigma: float = 0.004  #: offset of the perturbed point the density is compared with
+    symmetry_weight: float = 1.0  #: weight of the G and D terms on mirrored-camera renders
+    symmetry_mode: str = "flip_both"  #: mirror of the camera: flip_both | flip_both_cars | left_right
+    pose_gd_weight: float = 1.0  #: pulls the pose learner toward D's pose prediction
+    dis_cam_weight: float = 2.0  #: trains D's pose head on generated images
+    #: D's input blur fades out over blur_fade_kimg x train.batch / 32 kimg (effective_blur_fade_kimg),
+    #: as the official code's batch * 200 / 32
     blur_fade_kimg: float = 200.0
+    #: scale the blur fade with the batch; off: it lasts blur_fade_kimg itself
     blur_fade_scales_with_batch: bool = True
-    # The reference's sigma: taps 2^-(t / sigma)^2 (a Gaussian of std 0.85 sigma) out to floor(3 sigma),
-    # zero padding (pof3d.layers.gaussian_blur).
+    #: the official code's sigma: taps 2^-(t / sigma)^2 (a Gaussian of std 0.85 sigma) out to floor(3 sigma),
+    #: zero padding (pof3d.layers.gaussian_blur)
     blur_init_sigma: float = 10.0
-    # Where the density regulariser draws its points: "cube" = U[-1, 1]^3 in world units, as the reference
-    # does whatever box_warp is; "box" = inside the tri-plane box (+-box_warp / 2), where every point
-    # reaches the tri-planes (with box_warp=1 seven in eight "cube" points lie outside it and add nothing).
+    #: where the density regulariser draws its points: "cube" = U[-1, 1]^3 in world units, as the official
+    #: code does whatever box_warp is; "box" = inside the tri-plane box (+-box_warp / 2), where every point
+    #: reaches the tri-planes (with box_warp=1 seven in eight "cube" points lie outside it and add nothing)
     density_reg_region: str = "cube"
-    # Drop a G_main or D_main update (zero gradient, the optimiser still steps) when any latent of the
-    # global batch has its learned pitch at or beyond a pole: the reference's faces camera is NaN there
-    # and its loop zeroes NaN gradients, so the update is lost. Off: such poses render at the pole.
-    # Never applies with model.pose_clamp (the reference clamps cars' poses instead).
+    #: drop a G_main or D_main update (zero gradient, the optimiser still steps) when any latent of the
+    #: global batch has its learned pitch at or beyond a pole: the official code's faces camera is NaN there
+    #: and its loop zeroes NaN gradients, so the update is lost. Off: such poses render at the pole.
+    #: Never applies with model.pose_clamp (the official code clamps cars' poses instead)
     skip_past_pole: bool = True
-    # While the blur fades, a pose-aware D predicts the pose from the image blurred once and scores the image
-    # blurred twice, as the reference does (its pose call and its score call each blur the same image in
-    # place). False: one blur and one D pass for both (cheaper until the blur has faded).
+    #: while the blur fades, a pose-aware D predicts the pose from the image blurred once and scores the
+    #: image blurred twice, as the official code does (its pose call and its score call each blur the same
+    #: image in place). False: one blur and one D pass for both (cheaper until the blur has faded)
     double_blur: bool = True
-    # Reals' raw image (D's second input) is a plain bilinear resize, as the reference computes (the
-    # antialias argument of its filtered_resizing is commented out); true: EG3D's antialiased resize.
+    #: reals' raw image (D's second input) is a plain bilinear resize, as the official code computes (the
+    #: antialias argument of its filtered_resizing is commented out); true: EG3D's antialiased resize
     real_raw_antialias: bool = False
 
 
@@ -122,58 +129,60 @@ class LossConfig:
 class OptimConfig:
     """Adam settings per network; the pose learner has its own rate (the poster's lr rows)."""
 
-    g_lr: float = 0.0025
-    d_lr: float = 0.002
-    pose_lr: float = 2.5e-5
-    beta1: float = 0.0
-    beta2: float = 0.99
-    eps: float = 1e-8
-    # Half-life of G's moving average: ema_kimg x train.batch / 32 kimg (effective_ema_kimg), as the
-    # reference's batch * 10 / 32; with ema_scales_with_batch off, ema_kimg itself.
+    g_lr: float = 0.0025  #: generator learning rate
+    d_lr: float = 0.002  #: discriminator learning rate
+    pose_lr: float = 2.5e-5  #: pose learner learning rate (the poster's ablation varies it)
+    beta1: float = 0.0  #: Adam's beta1, all networks
+    beta2: float = 0.99  #: Adam's beta2, all networks
+    eps: float = 1e-8  #: Adam's epsilon, all networks
+    #: half-life of G's moving average: ema_kimg x train.batch / 32 kimg (effective_ema_kimg), as the
+    #: official code's batch * 10 / 32
     ema_kimg: float = 10.0
+    #: scale the EMA half-life with the batch; off: it is ema_kimg itself
     ema_scales_with_batch: bool = True
-    ema_rampup: float = 0.05  # early on the half-life is at most ema_rampup x images seen (0: no ramp-up)
+    ema_rampup: float = 0.05  #: early on the half-life is at most ema_rampup x images seen (0: no ramp-up)
 
 
 @dataclass
 class DataConfig:
     """Where images come from; an empty path means the built-in synthetic set."""
 
-    path: str = ""
-    synthetic_n: int = 20000
-    synthetic_poses: str = "faces"  # faces | cars
-    resolution: int = 256
-    xflip: bool = False
-    shuffle_seed: int = 0
+    path: str = ""  #: shard directory or URI; empty: the built-in synthetic set
+    synthetic_n: int = 20000  #: images in the built-in synthetic set
+    synthetic_poses: str = "faces"  #: pose distribution of the synthetic set: faces | cars
+    resolution: int = 256  #: image side of the data; must equal model.image_resolution
+    xflip: bool = False  #: add horizontally mirrored copies of the reals
+    shuffle_seed: int = 0  #: seed of the data order
 
 
 @dataclass
 class TrainConfig:
     """Length, batch, cadence of ticks/snapshots/evaluation, and distributed settings."""
 
-    kimg: float = 25000.0
-    batch: int = 32  # global batch over all workers
-    tick_kimg: float = 4.0
-    snapshot_kimg: float = 200.0  # checkpoint + sample grid cadence
-    eval_kimg: float = 0.0  # 0 = no metrics during training
-    eval_metrics: str = "pose,js"
-    seed: int = 0
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 0.5
-    keep_checkpoints: int = 3
-    max_failures: int = 2
-    # Wall-clock bound in minutes (0 = none), counted from the start of the launch (Ray workers starting,
-    # resumes and retries after a failure included; preparing the data before it is not). When it is
-    # reached, rank 0 decides, every worker stops after the same step, and the run ends as at its kimg
-    # target: final checkpoint and evaluation, reported finished ("time limit after X kimg"). A later
-    # --resume gets a new bound of its own.
+    kimg: float = 25000.0  #: training length in thousands of real images shown to D
+    batch: int = 32  #: global batch over all workers
+    tick_kimg: float = 4.0  #: progress line, metrics and tracking cadence, in kimg
+    snapshot_kimg: float = 200.0  #: checkpoint + sample grid cadence, in kimg
+    eval_kimg: float = 0.0  #: evaluation cadence in kimg; 0 = no metrics during training
+    eval_metrics: str = "pose,js"  #: comma-separated metrics of the evaluations during training
+    seed: int = 0  #: random seed of the networks and the latents
+    workers: int = 1  #: Ray Train workers (data-parallel replicas)
+    gpus_per_worker: float = 0.0  #: GPUs per worker (0 = CPU)
+    cpus_per_worker: float = 0.5  #: CPUs each worker holds; the rest is left to Ray Data's decoding
+    keep_checkpoints: int = 3  #: newest checkpoints kept in the run directory
+    max_failures: int = 2  #: worker-group failures Ray Train recovers from before the run fails
+    #: wall-clock bound in minutes (0 = none), counted from the start of the launch (Ray workers
+    #: starting, resumes and retries after a failure included; preparing the data before it is not).
+    #: When it is reached, rank 0 decides, every worker stops after the same step, and the run ends as
+    #: at its kimg target: final checkpoint and evaluation, reported finished ("time limit after X
+    #: kimg"). A later --resume gets a new bound of its own
     time_limit_min: float = 0.0
-    # How long the driver waits, in minutes, for an autoscaler to add the nodes a run needs before it gives
-    # up (pof3d/distributed/resources.py); 0 = do not wait. A cluster without an autoscaler fails at once.
+    #: how long the driver waits, in minutes, for an autoscaler to add the nodes a run needs before it
+    #: gives up (pof3d/distributed/resources.py); 0 = do not wait. A cluster without an autoscaler fails
+    #: at once
     resource_wait_min: float = 30.0
-    compile: bool = False
-    retain_cpu_memory: bool = True  # CPU workers keep freed memory (pof3d/host_memory.py)
+    compile: bool = False  #: torch.compile the training step
+    retain_cpu_memory: bool = True  #: CPU workers keep freed memory (pof3d/host_memory.py)
 
 
 @dataclass
@@ -232,7 +241,7 @@ SECTIONS = ("model", "loss", "optim", "data", "train")
 # Fields that earlier versions saved in config.json and that no longer exist, with the reason. A saved
 # config that holds one still loads (the field is ignored, with a warning); an override naming one fails.
 REMOVED_FIELDS = {
-    "loss.share_passes": "the shared passes are the only training schedule; the reference's independent "
+    "loss.share_passes": "the shared passes are the only training schedule; the official code's independent "
     "passes live in pof3d/testing/reference_schedule.py (tests and benchmarks/step.py --compare)",
 }
 
@@ -290,8 +299,7 @@ def _set_field(section: Any, section_name: str, name: str, raw: Any) -> None:
     if removed is not None:
         raise ConfigError(f"{section_name}.{name} was removed: {removed}")
     if name not in hints:
-        valid = ", ".join(f.name for f in dataclasses.fields(section))
-        raise ConfigError(f"unknown field {section_name}.{name}; valid fields of {section_name}: {valid}")
+        raise ConfigError(f"unknown field {section_name}.{name}; {valid_fields(Config(), section_name)}")
     setattr(section, name, _coerce(raw, hints[name], f"{section_name}.{name}"))
 
 
@@ -373,7 +381,7 @@ def preset(name: str) -> Config:
 
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
-    cfg = PRESETS[name]()
+    cfg = PRESETS[name].build()
     validate(cfg)
     return cfg
 

@@ -3,14 +3,14 @@
 Dual discrimination (EG3D): D sees the final image and the raw neural rendering upsampled to the same
 size, stacked as 6 channels, so the super-resolution stage cannot drift away from the 3D rendering.
 
-Pose awareness (PoF3D), laid out as in the reference's ``DiscriminatorEpilogue`` and
+Pose awareness (PoF3D), laid out as in the official code's ``DiscriminatorEpilogue`` and
 ``DualDiscriminator``: after minibatch std and the 4x4 conv, the flattened features feed both a pose
 head, which regresses the camera pose (h, v) in two layers, and the usual ``fc -> out`` score path. The
 real/fake score is a projection discriminator conditioned on a pose: ``<out, cmap(pose)>``, with
 ``cmap`` from EG3D's label mapping network applied to the raw angles. When no pose is given, the head's
 own prediction, detached, is the condition (the *pseudo label*).
 
-The reference runs D twice per image: once unconditioned to predict the pose, then again conditioned on
+The official code runs D twice per image: once unconditioned to predict the pose, then again conditioned on
 that pose. The condition only enters after the backbone (through ``cmap`` at the projection), so both
 passes compute the same backbone features; we run the backbone once and feed the same features to the
 pose head and to the projection. The results are identical and half of D's work is saved.
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 # EG3D clamps conv outputs of fp16 blocks to +-256 so that half precision cannot overflow.
 FP16_CLAMP = 256.0
 # The conditioning mapping's layers train 100x slower than the rest of D, as EG3D's label mapping
-# (the reference's MappingNetwork default, which its D keeps); its embedding trains at full rate.
+# (the official code's MappingNetwork default, which its D keeps); its embedding trains at full rate.
 CMAP_LR_MULT = 0.01
 SKIP_GAIN = math.sqrt(0.5)
 
@@ -74,11 +74,11 @@ def _clamp_half(x: torch.Tensor) -> torch.Tensor:
 class ConditionMapping(nn.Module):
     """Maps the raw pose (h, v) to the ``cmap`` vector of the projection score.
 
-    EG3D's label mapping with no latent input (the reference's ``MappingNetwork(z_dim=0, c_dim=2)``):
+    EG3D's label mapping with no latent input (the official code's ``MappingNetwork(z_dim=0, c_dim=2)``):
     a linear embedding of the two angles, normalised to unit second moment, then ``num_layers``
     leaky-ReLU layers of width ``cmap_dim`` at learning-rate multiplier 0.01. The embedding itself
     trains at the full rate. The angles enter as they are, so poses that differ by 2*pi map to
-    different vectors, as in the reference.
+    different vectors, as in the official code.
     """
 
     def __init__(self, cmap_dim: int, num_layers: int) -> None:
@@ -195,7 +195,7 @@ class Discriminator(nn.Module):
         return self.score(features, condition), pred_pose
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[override]
-        # Weights saved before the pose head and conditioning followed the reference cannot be mapped
+        # Weights saved before the pose head and conditioning followed the official code cannot be mapped
         # onto the new layers; say so instead of listing missing and unexpected keys.
         head = state_dict.get(prefix + "pose_head.0.weight")
         legacy_head = self.pose_aware and head is not None and head.shape[1] != self.fc.weight.shape[1]
@@ -203,7 +203,7 @@ class Discriminator(nn.Module):
             raise CheckpointError(
                 "discriminator weights of the older layout (pose head on the fc output, cos/sin pose "
                 "embedding); this version's pose head reads the 4x4 features and its conditioning is the "
-                "reference's mapping network, so such a checkpoint cannot be loaded: train a new one"
+                "official code's mapping network, so such a checkpoint cannot be loaded: train a new one"
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -27,7 +27,7 @@ def ema_beta(batch: int, ema_kimg: float, ema_rampup: float | None, images_seen:
 
 def training_ema_beta(cfg: Config, batch: int, images_seen: int | float) -> float:
     """The decay after a training step of ``batch`` images taken when ``images_seen`` images had been
-    seen before it (the reference's order: the step's own images are counted after its EMA update).
+    seen before it (the official code's order: the step's own images are counted after its EMA update).
 
     The half-life is :func:`~pof3d.batch_scaling.effective_ema_kimg`, the ramp-up ``optim.ema_rampup``.
     """

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from pof3d.config import Config
+from pof3d.data.synthetic import sample_poses
 from pof3d.errors import ConfigError, Pof3dError
 from pof3d.evaluate import load_models
 from pof3d.generator import Generator
@@ -98,10 +99,6 @@ def export_mesh(
 def true_poses(cfg: Config, n: int) -> np.ndarray | None:
     """True poses to overlay on the pose plot: the synthetic setting's sampler when training used it."""
     if cfg.data.path:
-        return None
-    try:
-        from pof3d.data.synthetic import sample_poses
-    except ImportError:
         return None
     return np.asarray(sample_poses(cfg.data.synthetic_poses, n, np.random.default_rng(0)))
 

@@ -102,7 +102,7 @@ class Generator(nn.Module):
     def map_with_pose(
         self, z: torch.Tensor, truncation_psi: float = 1.0, update_w_avg: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ws, learned pose) of ``z``. As in the reference, the pose comes from the untruncated w, so
+        """(ws, learned pose) of ``z``. As in the official code, the pose comes from the untruncated w, so
         truncation changes the scene but not the view; ``model.pose_from_truncated_w`` takes it from
         the truncated ws instead (poses then shrink toward the mean pose as well)."""
         ws = self.map(z, update_w_avg=update_w_avg)
@@ -124,7 +124,7 @@ class Generator(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Render the planes from ``pose``: dict(image [B,3,H,W], image_raw [B,3,r,r], depth [B,1,r,r]).
 
-        The super-resolution's noise follows ``model.sr_noise_mode``: "none" (the reference's: its SR
+        The super-resolution's noise follows ``model.sr_noise_mode``: "none" (the official code's: its SR
         never injects noise, whatever the call asks) or a fixed mode, or "caller" for ``noise_mode``.
         """
         m = self.cfg

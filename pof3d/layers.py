@@ -104,7 +104,7 @@ def upsample2d(x: torch.Tensor) -> torch.Tensor:
 def resize(x: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
     """Bilinear resize to ``size x size`` (half-pixel centres).
 
-    Plain bilinear by default, as the reference's ``filtered_resizing`` computes in its ``antialiased``
+    Plain bilinear by default, as the official code's ``filtered_resizing`` computes in its ``antialiased``
     mode (the ``antialias=True`` argument is commented out there). ``antialias`` low-passes first when
     shrinking; when enlarging both are the same.
     """
@@ -121,7 +121,7 @@ def blur_radius(sigma: float) -> int:
 def blur_taps(sigma: float) -> torch.Tensor:
     """The normalised 1-D kernel of :func:`gaussian_blur` (float32, ``2 * blur_radius + 1`` taps).
 
-    Tap t is 2^-(t / sigma)^2, as in the reference's D input blur: a Gaussian whose standard deviation is
+    Tap t is 2^-(t / sigma)^2, as in the official code's D input blur: a Gaussian whose standard deviation is
     sigma / sqrt(2 ln 2) (about 0.85 sigma), cut at 3 sigma.
     """
     radius = blur_radius(sigma)
@@ -133,7 +133,7 @@ def blur_taps(sigma: float) -> torch.Tensor:
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """D's input blur: the separable kernel :func:`blur_taps` with zero padding (same size output).
 
-    The reference's blur (``upfirdn2d.filter2d``, whose pixels outside the image are zero). A sigma
+    The official code's blur (``upfirdn2d.filter2d``, whose pixels outside the image are zero). A sigma
     below 1/3 (radius 0) returns the input itself.
     """
     radius = blur_radius(sigma)

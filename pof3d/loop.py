@@ -163,7 +163,7 @@ class Trainer:
         self._check_finite(phase.name, figures)
         network = self.networks[phase.network]
         if PAST_POLE in figures and self._any_worker(bool(figures[PAST_POLE] > 0)):
-            # The reference's camera is NaN for such a pose and its loop zeroes NaN gradients after the
+            # The official code's camera is NaN for such a pose and its loop zeroes NaN gradients after the
             # all-reduce: the whole update is lost on every worker, but the optimiser still steps.
             for p in network.parameters():
                 if p.grad is not None:

@@ -8,7 +8,7 @@ optimiser step and passes ``gain`` = the interval for the regularisers):
   ``pose_gd_weight * MSE(Psi(z), stopgrad(D_pose(G(z))))`` whose gradient reaches only the pose
   learner (w is detached into the pose learner for this term).
 - ``G_density``: ``density_reg_weight * L1(sigma(x), sigma(x + eps))`` at random points x, uniform in
-  ``[-1, 1]^3`` world units as the reference draws them (``density_reg_region="cube"``) or inside the
+  ``[-1, 1]^3`` world units as the official code draws them (``density_reg_region="cube"``) or inside the
   tri-plane box (``"box"``).
 - ``D_main``: softplus(D(fake)) + ``symmetry_weight`` * softplus(D(mirrored fake)) + softplus(-D(real))
   + ``dis_cam_weight * MSE(D_pose(fake), Psi(z).detach())``.
@@ -16,13 +16,13 @@ optimiser step and passes ``gain`` = the interval for the regularisers):
   (blurred) images D receives.
 
 D sees images blurred by a Gaussian whose sigma fades to zero. While it is on, a pose-aware D predicts
-the pose from the image blurred once and scores the image blurred twice, as the reference's pair of D
+the pose from the image blurred once and scores the image blurred twice, as the official code's pair of D
 calls does (``loss.double_blur``; a second D pass until the blur has faded).
 
 A term whose weight is zero (or that needs a pose head when ``pose_aware_d`` is off) is not computed
 at all: no render, no D pass, no contribution to any gradient.
 
-Work the reference implementation repeats for every term is done once here; each choice keeps what
+Work the official code repeats for every term is done once here; each choice keeps what
 every term computes in expectation (it only changes which random draws are reused):
 
 1. The mirrored render shares the latent's mapping and tri-planes with the normal render: only the
@@ -34,10 +34,10 @@ every term computes in expectation (it only changes which random draws are reuse
 3. In ``D_main`` the pose loss and the fake logits use the same rendered fakes and the same D pass
    (the discriminator computes its pose head and its score from one backbone pass; while the blur
    is on and ``double_blur`` makes the score see a second blur, the same two D passes as the
-   reference's).
+   official code's).
 4. All ``G_main`` terms are backpropagated together (one backward instead of three).
 
-The reference's schedule (a generator pass, D calls and a backward per term) is not part of training:
+The official code's schedule (a generator pass, D calls and a backward per term) is not part of training:
 :mod:`pof3d.testing.reference_schedule` keeps it for the tests that compare both schedules' losses and
 gradients and for ``benchmarks/step.py --compare``.
 
@@ -66,7 +66,7 @@ from pof3d.layers import blur_radius, gaussian_blur, resize
 logger = logging.getLogger(__name__)
 
 # Figure of G_main and D_main: the fraction of the batch's latents with a pitch at or past a pole; a
-# non-zero value on any worker drops the phase's update (``loss.skip_past_pole``, as the reference).
+# non-zero value on any worker drops the phase's update (``loss.skip_past_pole``, as the official code).
 PAST_POLE = "pose/past_pole_fraction"
 DENSITY_POINTS = 1000  # random points per latent for the density regulariser (as EG3D)
 
@@ -132,7 +132,7 @@ class PoF3DLoss:
 
     def blurs_twice(self, sigma: float) -> bool:
         """Whether D scores images blurred twice: ``loss.double_blur``, a pose-aware D and a blur that
-        changes the image (radius floor(3 sigma) > 0; below that both of the reference's calls see the
+        changes the image (radius floor(3 sigma) > 0; below that both of the official code's calls see the
         same image)."""
         return self.cfg.loss.double_blur and self.cfg.model.pose_aware_d and blur_radius(sigma) > 0
 
@@ -141,7 +141,7 @@ class PoF3DLoss:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The image D scores and, when it is blurred twice, the pose D predicts from the image blurred once.
 
-        The reference calls D twice on one image dict, once for the pose and once for the score, and each
+        The official code calls D twice on one image dict, once for the pose and once for the score, and each
         call blurs the dict's image in place: the score sees it blurred twice. Without the second blur (or
         with the blur off) one D pass gives both, and the pose returned here is None.
         """
@@ -291,7 +291,7 @@ class PoF3DLoss:
     def d_r1(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
         """R1 with respect to the images D scores: the blurred reals and their blurred raw images.
 
-        As in the reference, whose D call replaces the image by its blurred version before the gradient is
+        As in the official code, whose D call replaces the image by its blurred version before the gradient is
         taken: the penalty is on D's own input gradient, with the blur outside the differentiated function.
         """
         with torch.no_grad():
@@ -311,7 +311,7 @@ class PoF3DLoss:
 
 
 def real_raw_image(real: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """A real image at the neural resolution, as D's raw input: plain bilinear, as the reference's
+    """A real image at the neural resolution, as D's raw input: plain bilinear, as the official code's
     ``filtered_resizing`` computes, or antialiased with ``loss.real_raw_antialias``."""
     return resize(real, cfg.model.neural_resolution, antialias=cfg.loss.real_raw_antialias)
 

@@ -29,13 +29,13 @@ class PoseLearner(nn.Module):
     """w ``[B, w_dim]`` -> pose ``[B, 2]`` = (yaw h, pitch v) in radians, EG3D convention.
 
     FC(w_dim -> hidden, leaky ReLU) -> FC(hidden -> 2), output shifted by the centre pose. With ``clamp``
-    (cars) h is kept in [0, 2 pi] and the pitch in [0, pi], by a hard clamp as in the reference unless
+    (cars) h is kept in [0, 2 pi] and the pitch in [0, pi], by a hard clamp as in the official code unless
     ``straight_through`` is set.
 
     The pitch is in the model's pitch coordinate (``model.pitch_output``, see
     :data:`pof3d.camera.PITCH_COORDINATES`), kept inside (1e-5, pi - 1e-5) either way:
 
-    - ``"eg3d"`` (default, the reference): EG3D's v. The camera's polar angle is
+    - ``"eg3d"`` (default, the official code): EG3D's v. The camera's polar angle is
       phi = arccos(1 - 2 v / pi), so the camera moves at 2 / (pi sin phi) per unit of v, without bound
       toward the poles: latents mapped near a pole send the shared pose weights gradients many times
       larger than anyone else's.
@@ -43,13 +43,13 @@ class PoseLearner(nn.Module):
       changes what is learned is measured in docs/fidelity.md ("Pitch at the poles").
 
     The whole model works in this coordinate (renderer, D's pose head and pseudo labels, the pose
-    losses), as the reference's does in its own; both agree at the centre (phi = v = pi/2), and
+    losses), as the official code's does in its own; both agree at the centre (phi = v = pi/2), and
     :func:`pof3d.camera.to_eg3d` converts for data and metrics.
 
     The layers are plain equalised-learning-rate layers (lr multiplier 1): the pose learner's learning
     rate is its own optimiser parameter group (``optim.pose_lr``, 2.5e-5 in the paper, which equals the
-    reference's G rate 0.0025 times its pose multiplier 0.01). Both layers start with the standard
-    initialisation (effective weights N(0, 1/fan_in), zero bias), as the reference's: on the mapping
+    official code's G rate 0.0025 times its pose multiplier 0.01). Both layers start with the standard
+    initialisation (effective weights N(0, 1/fan_in), zero bias), as the official code's: on the mapping
     network's w the initial poses spread about 45 degrees per axis around a random centre.
     ``init_scale`` multiplies the output layer's initial weights (0.1 starts within a few degrees).
     """
@@ -77,7 +77,7 @@ class PoseLearner(nn.Module):
     def past_pole(self, w: torch.Tensor) -> torch.Tensor:
         """``[B]`` bool: the pitch before any clamp lies at or beyond a pole (outside (0, pi)).
 
-        In the reference (faces, no clamp) such a latent's camera is NaN, and the training loop's
+        In the official code (faces, no clamp) such a latent's camera is NaN, and the training loop's
         ``nan_to_num`` then zeroes the whole update of the phase that rendered it; see
         ``loss.skip_past_pole``.
         """

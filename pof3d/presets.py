@@ -1,7 +1,7 @@
 """Named presets: every value the paper scripts (and the fixed benchmark size) set, in one place.
 
 Each preset is a plain function returning a fresh :class:`~pof3d.config.Config`; the dataclass
-defaults are the reference's FFHQ run (``ffhq.sh``: 256 px, trained from the 512 px data resized), so a
+defaults are the official code's FFHQ run (``ffhq.sh``: 256 px, trained from the 512 px data resized), so a
 preset lists only what differs. Select one with :func:`pof3d.config.load_config` (or ``--preset``), then
 override fields with ``--set``. The paper presets are ``ffhq256``, ``cats256`` and ``cars128``
 (``ffhq.sh``, ``cat.sh``, ``shapenet_cars.sh``); ``docs/fidelity.md`` lists where each value comes
@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pof3d.config import CARS_FOCAL, Config
+from pof3d.console import listing
 
 
 def _cars(cfg: Config) -> Config:
@@ -83,7 +85,7 @@ def _anchor_size(cfg: Config) -> Config:
 
 
 def anchor() -> Config:
-    """Fixed benchmark size; must not drift (the reference is timed at exactly this size)."""
+    """Fixed benchmark size; must not drift (the official code is timed at exactly this size)."""
     cfg = _anchor_size(_cars(Config(preset="anchor")))
     cfg.train.batch = 4
     return cfg
@@ -130,12 +132,25 @@ def tiny() -> Config:
     return cfg
 
 
-PRESETS: dict[str, Callable[[], Config]] = {
-    "tiny": tiny,
-    "anchor": anchor,
-    "ffhq256": ffhq256,
-    "cats256": cats256,
-    "cars128": cars128,
-    "ffhq512": ffhq512,
-    "anchor_faces": anchor_faces,
+@dataclass(frozen=True)
+class Preset:
+    """A named preset: the function that builds it and the line ``--help`` shows for it."""
+
+    build: Callable[[], Config]
+    summary: str
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(tiny, "CPU smoke and learning runs: 64 px from 32 px renders, about 1 kimg in minutes"),
+    "anchor": Preset(anchor, "the benchmark's fixed size: cars settings, 128 px from 64 px renders, fp32"),
+    "ffhq256": Preset(ffhq256, "the paper's FFHQ run (ffhq.sh): 256 px, 4x super-resolution from 64 px"),
+    "cats256": Preset(cats256, "the paper's cats run (cat.sh): 256 px, stronger R1 and pose terms"),
+    "cars128": Preset(cars128, "the paper's ShapeNet-cars run (shapenet_cars.sh): 128 px, cars camera"),
+    "ffhq512": Preset(ffhq512, "512 px FFHQ with 8x super-resolution; not a run of the paper"),
+    "anchor_faces": Preset(anchor_faces, "the anchor network with the paper's FFHQ settings (faces, 128 px)"),
 }
+
+
+def presets_help() -> str:
+    """The presets, one per line with their summary, for the ``--help`` of the commands that take one."""
+    return listing("presets", {name: p.summary for name, p in PRESETS.items()})

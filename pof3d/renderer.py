@@ -5,7 +5,7 @@ depths drawn from the (smoothed) opacity of the first pass. Both passes are comp
 EG3D's "mip" ray marcher: densities and features are averaged between consecutive samples and the
 density is activated as ``softplus(sigma - 1)``.
 
-Two choices differ in form, not in result, from the reference code:
+Two choices differ in form, not in result, from the official code code:
 - compositing is done with per-sample weights on the unsorted coarse and fine features, so the large
   feature tensors are never concatenated or re-ordered (only scalars per sample are sorted);
 - transmittance is ``exp(-cumsum(sigma * delta))`` instead of a cumulative product of ``1 - alpha``,

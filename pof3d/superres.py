@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 class SuperResolution(nn.Module):
     """(raw RGB ``[B,3,r,r]``, features ``[B,F,r,r]``, ws) -> RGB ``[B,3,R,R]`` for R/r in {1, 2, 4, 8}.
 
-    Two blocks with ``channels`` and ``channels // 2`` outputs, laid out as the reference's modules:
+    Two blocks with ``channels`` and ``channels // 2`` outputs, laid out as the official code's modules:
     2x and 4x first resize the inputs bilinearly to half the output size (a no-op for 2x), then one
     block at that size and one that upsamples 2x; 8x resizes to a quarter of the output size and both
     blocks upsample (EG3D's "8XDC", with 256 and 128 channels there). 1x has no upsampling at all.

@@ -12,15 +12,22 @@ import json
 import logging
 import sys
 
-from pof3d.distributed.plan import DEFAULT_EXPERIMENT, DEFAULT_PRESET, TrainRequest, plan_run
+from pof3d.config_fields import config_fields, format_fields
+from pof3d.console import configure_console
+from pof3d.distributed.plan import DEFAULT_EXPERIMENT, DEFAULT_PRESET, TrainRequest, base_config, plan_run
 from pof3d.errors import Pof3dError, TrainingError
-from pof3d.presets import PRESETS
+from pof3d.presets import PRESETS, presets_help
 
 logger = logging.getLogger("pof3d.train")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pof3d.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m pof3d.train",
+        description=__doc__.splitlines()[0],
+        epilog=presets_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), help=f"configuration preset ({DEFAULT_PRESET})")
     p.add_argument(
         "--config", metavar="PATH|URI",
@@ -53,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--print-config", action="store_true",
         help="resolve preset, resume point and overrides, print the plan as JSON and exit",
     )  # fmt: skip
+    p.add_argument(
+        "--list-fields", nargs="?", const="", metavar="SECTION",
+        help="list the config fields (of one section) with type, the preset's value and doc, and exit",
+    )  # fmt: skip
+    p.add_argument("--verbose", action="store_true", help="also show Ray's and MLflow's informational lines")
     return p
 
 
@@ -76,7 +88,9 @@ def request_from_args(args: argparse.Namespace) -> TrainRequest:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.list_fields is not None:
+        return list_fields(args, args.list_fields or None)
+    configure_console(args.verbose)
     if args.print_config:  # before any data or Ray work
         try:
             plan = plan_run(request_from_args(args))
@@ -102,6 +116,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(summary.line())
     print(f"MLflow UI: {summary.ui_command}")
+    return 0
+
+
+def list_fields(args: argparse.Namespace, section: str | None) -> int:
+    """``--list-fields [SECTION]``: print the fields with the values of the preset (or ``--config``), the
+    flags and ``--set`` applied."""
+    try:
+        fields = config_fields(base_config(request_from_args(args)), section)
+    except Pof3dError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    source = f"--config {args.config}" if args.config else f"preset {args.preset or DEFAULT_PRESET!r}"
+    print(f"config fields with the values of {source}; change one with --set PATH=VALUE")
+    print(format_fields(fields))
     return 0
 
 

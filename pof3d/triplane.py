@@ -2,7 +2,7 @@
 
 A 3D point inside the box of side ``box_warp`` is projected orthogonally onto three axis-aligned
 planes (xy, xz, zy; the third read at (z, x) with EG3D's projection, ``model.triplane_quirk``, the
-default as in the reference); the bilinearly sampled features of the three planes are averaged and
+default as in the official code); the bilinearly sampled features of the three planes are averaged and
 decoded by a one-hidden-layer MLP, as in EG3D.
 """
 

@@ -38,7 +38,15 @@ os.environ["AUTOSCALER_UPDATE_INTERVAL_S"] = "1"
 
 import psutil  # noqa: E402
 import ray  # noqa: E402
+from micro_config import MICRO  # noqa: E402  (tests/ is this script's folder, first on sys.path)
 from ray.cluster_utils import Cluster  # noqa: E402
+
+from pof3d.config import load_config  # noqa: E402
+from pof3d.distributed.resources import autoscaler_can_add_nodes, ensure_resources  # noqa: E402
+from pof3d.errors import ConfigError  # noqa: E402
+from pof3d.run_files import RunFiles  # noqa: E402
+from pof3d.storage import Location  # noqa: E402
+from pof3d.train import main  # noqa: E402
 
 CLUSTER_DID_NOT_START = 75  # EX_TEMPFAIL
 
@@ -148,10 +156,6 @@ class _Lines(logging.Handler):
 def autoscale(out: Path) -> None:
     """A 1-CPU head whose autoscaler may add one 2-CPU node: a run needing 2.25 CPUs waits for it; one
     needing more than the cluster can ever have gives up after its (short) wait."""
-    from pof3d.config import load_config
-    from pof3d.distributed.resources import autoscaler_can_add_nodes, ensure_resources
-    from pof3d.errors import ConfigError
-
     worker = {"cpu_node": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 1}}
     started = time.monotonic()
     cluster = start_cluster(head_cpus=1, worker_types=worker)
@@ -200,13 +204,6 @@ def node_loss(work: Path, run_uri: str, out: Path) -> None:
     stored at ``run_uri`` (an object store). Right after the first checkpoint (8 of 16 images) is there,
     the node of one Train worker is removed (its processes killed); the run goes on from that checkpoint
     on the head and the other node."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from micro_config import MICRO
-
-    from pof3d.run_files import RunFiles
-    from pof3d.storage import Location
-    from pof3d.train import main
-
     os.environ["POF3D_CACHE"] = str(work / "cache")
     # Ray Train gives a new worker group 60 s to start; on a loaded 2-core machine that can pass before
     # the actors are up, and each such attempt costs a minute (it does not count against max_failures).

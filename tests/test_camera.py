@@ -89,7 +89,7 @@ MIRRORS = [
 
 @pytest.mark.parametrize(("axis", "cars", "pivot", "m", "f"), MIRRORS)
 def test_mirrored_pose_is_reflected_camera(axis, cars, pivot, m, f):
-    """R' = M R F and o' = M o, the reference's construction of the mirrored camera."""
+    """R' = M R F and o' = M o, the official code's construction of the mirrored camera."""
     pose = random_poses(32, seed=1)
     c2w = pose_to_cam2world(pose, 2.7, pivot)
     mirrored = pose_to_cam2world(mirror_pose(pose, axis, cars), 2.7, pivot)

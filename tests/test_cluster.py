@@ -9,8 +9,6 @@ a fresh bucket there. The ``ray job submit`` of ``cluster/runtime_env.yaml`` aga
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import re
 import shlex
@@ -23,6 +21,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+import pof3d.studies.cli
 import pof3d.train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -338,14 +337,6 @@ def _slurm_env(storage: str) -> dict[str, str]:
             "SLURM_JOB_NUM_NODES": "2", "SLURM_GPUS_ON_NODE": "4"}  # fmt: skip
 
 
-@functools.cache
-def _ablation_module():
-    spec = importlib.util.spec_from_file_location("pof3d_sweeps_ablation", ROOT / "sweeps" / "ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _exact_flags(parser, args: list[str], where: str) -> None:
     """argparse accepts unambiguous prefixes (--run for --run-dir): configs must spell flags in full."""
     for token in args:
@@ -372,9 +363,9 @@ def test_every_command_parses_with_the_real_command_lines() -> None:
             # Cluster jobs are restarted unattended: each one continues its run instead of refusing it.
             assert parsed.resume == "auto", where
         else:
-            parser = _ablation_module().build_parser()
+            parser = pof3d.studies.cli.build_parser()  # sweeps/ablation.py runs this command
             parsed = parser.parse_args(args)
-            _ablation_module().request_from_args(parsed)  # checks the variant names
+            pof3d.studies.cli.request_from_args(parsed)  # checks the variant names
             assert parsed.storage.startswith("s3://"), f"{where}: a study on a node-local path"
         _exact_flags(parser, args, where)
 

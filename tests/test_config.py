@@ -29,7 +29,7 @@ def test_every_preset_round_trips_through_json(name: str) -> None:
     assert again.preset == name
 
 
-# The reference's paper scripts (ffhq.sh, cat.sh, shapenet_cars.sh) and the `--cfg` branches of its
+# The official code's paper scripts (ffhq.sh, cat.sh, shapenet_cars.sh) and the `--cfg` branches of its
 # train_geod.py / train.py that they select, written out: (resolution, gamma, dis_cam_weight,
 # pose_gd_weight, flip_type, samples per ray, ray_start, ray_end, box_warp, radius, pivot, h_mean).
 SCRIPTS = {
@@ -85,7 +85,7 @@ def test_ffhq512_is_ffhq256_at_512_px() -> None:
 
 
 def test_blur_fade_follows_the_reference_rule() -> None:
-    """The reference fades D's blur over batch * 200 / 32 kimg; tiny keeps a fixed 5 kimg."""
+    """The official code fades D's blur over batch * 200 / 32 kimg; tiny keeps a fixed 5 kimg."""
     assert effective_blur_fade_kimg(preset("ffhq256")) == 200.0
     assert effective_blur_fade_kimg(load_config("ffhq256", ["train.batch=8"])) == 50.0
     assert effective_blur_fade_kimg(load_config("cars128", ["train.batch=64"])) == 400.0
@@ -99,7 +99,7 @@ def test_blur_fade_follows_the_reference_rule() -> None:
 
 
 def test_ema_half_life_follows_the_reference_rule() -> None:
-    """The reference's EMA half-life is batch * 10 / 32 kimg (as many steps at any batch); tiny keeps 0.5."""
+    """The official code's EMA half-life is batch * 10 / 32 kimg (as many steps at any batch); tiny: 0.5."""
     assert effective_ema_kimg(preset("ffhq256")) == 10.0
     assert effective_ema_kimg(load_config("ffhq256", ["train.batch=8"])) == 2.5
     assert effective_ema_kimg(load_config("cats256", ["train.batch=64"])) == 20.0
@@ -232,7 +232,7 @@ def test_a_removed_field_in_a_saved_config_is_ignored_with_a_warning(caplog) -> 
 
 
 def test_density_region_is_cube_or_box() -> None:
-    assert preset("ffhq512").loss.density_reg_region == "cube"  # the reference's U[-1, 1]^3
+    assert preset("ffhq512").loss.density_reg_region == "cube"  # the official code's U[-1, 1]^3
     assert load_config("tiny", ["loss.density_reg_region=box"]).loss.density_reg_region == "box"
     with pytest.raises(ConfigError, match="density_reg_region='ball': expected cube or box"):
         load_config("tiny", ["loss.density_reg_region=ball"])

@@ -1,4 +1,4 @@
-"""Pose-aware dual discriminator: layout and size against the reference, conditioning, one backbone pass,
+"""Pose-aware dual discriminator: layout and size against the official code, conditioning, one backbone pass,
 gradient paths, refusal of old-layout weights; EMA."""
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _count(module: nn.Module) -> int:
 def test_parameter_count_at_anchor_matches_the_reference() -> None:
     cfg = anchor().model
     d = Discriminator(cfg)
-    # The reference's DualDiscriminator at this size (C = 128 channels at 4x4, cmap_dim 128):
+    # The official code's DualDiscriminator at this size (C = 128 channels at 4x4, cmap_dim 128):
     # blocks 1,365,632; epilogue conv 129*9*128 + 128; fc 2048*128 + 128; out 128*128 + 128;
     # mapping embed 2*128 + 128 and 8 layers of 128*128 + 128; pose head 2048*1024 + 1024, 1024*2 + 2.
     assert _count(d.blocks) == 1_365_632
@@ -99,7 +99,7 @@ def test_parameter_count_at_anchor_matches_the_reference() -> None:
     assert _count(d.cmap) == 384 + 8 * 16_512
     assert _count(d.pose_head) == 2_100_226
     assert _count(d) == 4_025_858
-    # Pose awareness off is the reference with c_dim = 0: no pose head, no mapping, out -> 1 logit.
+    # Pose awareness off is the official code with c_dim = 0: no pose head, no mapping, out -> 1 logit.
     cfg.pose_aware_d = False
     plain = Discriminator(cfg)
     assert _count(plain.out) == 129
@@ -129,7 +129,7 @@ def test_condition_mapping_is_eg3d_label_mapping(disc: Discriminator) -> None:
             x = torch.nn.functional.leaky_relu(x, 0.2) * math.sqrt(2)
         cmap = mapping(pose)
     torch.testing.assert_close(cmap, x, rtol=1e-5, atol=1e-6)
-    # The angles are not wrapped: a full turn of yaw is a different condition, as in the reference.
+    # The angles are not wrapped: a full turn of yaw is a different condition, as in the official code.
     assert not torch.allclose(cmap[1], cmap[2], atol=1e-3)
 
 
@@ -184,7 +184,7 @@ def test_backbone_runs_once_and_equals_two_pass_reference(disc: Discriminator) -
     finally:
         for h in hooks:
             h.remove()
-    # The reference's two passes: predict the pose, then score again conditioned on it (detached).
+    # The official code's two passes: predict the pose, then score again conditioned on it (detached).
     pose_pass = disc.predict_pose(disc.features(image, raw))
     score_pass = disc.score(disc.features(image, raw), pose_pass.detach())
     assert torch.allclose(pred, pose_pass, atol=1e-6)

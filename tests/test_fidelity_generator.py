@@ -1,6 +1,6 @@
-"""Generator-side behaviour checked against the reference implementation (VivianSZF/pof3d, on EG3D).
+"""Generator-side behaviour checked against the official code (VivianSZF/pof3d, on EG3D).
 
-The expected values are written out by hand from the reference's formulas, layer shapes and defaults,
+The expected values are written out by hand from the official code's formulas, layer shapes and defaults,
 not computed with our code; docs/fidelity.md lists which row each test covers.
 """
 
@@ -24,14 +24,14 @@ from pof3d.triplane import project_to_planes
 # Pose learner initialisation
 
 
-# Initial pose spread of the reference (StyleGAN2 init of mapping and pose layers, z -> w -> pose, w_dim
+# Initial pose spread of the official code (StyleGAN2 init of mapping and pose layers, z -> w -> pose, w_dim
 # 512): the std over latents of one freshly initialised network, averaged over 16 networks, is
 # 0.790 rad in yaw and 0.794 rad in pitch (45.3 and 45.5 degrees; +-0.04 from network to network).
 REFERENCE_INITIAL_SPREAD = 0.79
 
 
 def _reference_initial_poses(z: torch.Tensor, seed: int) -> torch.Tensor:
-    """The reference's initialisation written out: every FC layer's effective weight is N(0, 1/fan_in)
+    """The official code's initialisation written out: every FC layer's effective weight is N(0, 1/fan_in)
     (stored N(0,1)/lr_mult, used x lr_mult/sqrt(fan_in)), biases 0, leaky ReLU 0.2 with gain sqrt(2);
     z is normalised to unit RMS, two mapping layers, then FC(512, lrelu) -> FC(2, linear)."""
     g = torch.Generator().manual_seed(seed)
@@ -46,7 +46,7 @@ def _reference_initial_poses(z: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def test_initial_pose_spread_matches_the_reference_at_paper_width():
-    """At w_dim 512 our mapping + pose learner start with the reference's spread: ~45 degrees per axis
+    """At w_dim 512 our mapping + pose learner start with the official code's spread: ~45 degrees per axis
     over 4096 latents around a random centre; ``pose_init_scale`` scales spread and centre offset."""
     m = load_config("ffhq256").model
     assert (m.w_dim, m.pose_hidden, m.pose_init_scale) == (512, 512, 1.0)
@@ -61,7 +61,7 @@ def test_initial_pose_spread_matches_the_reference_at_paper_width():
         narrow = PoseLearner(m.w_dim, m.pose_hidden, init_scale=0.1)
         with torch.no_grad():
             w = mapping(z)[:, 0]
-            # The offset from the centre before the pole guard (the reference has none for faces).
+            # The offset from the centre before the pole guard (the official code has none for faces).
             pose = learner.out(learner.hidden(w))
             torch.testing.assert_close(learner(w)[:, 0], pose[:, 0] + math.pi / 2)
             # The same seed gives the same weights: init_scale scales the whole initial output.
@@ -80,7 +80,7 @@ def test_initial_pose_spread_matches_the_reference_at_paper_width():
 # Tri-plane projection
 
 
-# The reference's projection, written out by hand: grid = (2 / box_warp) * p @ inv(P_k), first two
+# The official code's projection, written out by hand: grid = (2 / box_warp) * p @ inv(P_k), first two
 # entries, with P_0 = I, P_1 = [[1,0,0],[0,0,1],[0,1,0]] and P_2 = [[0,0,1],[1,0,0],[0,1,0]] when
 # `wrong=True` (its default), so inv(P_2) = P_2^T reads (z, x); with `wrong=False` P_2 =
 # [[0,0,1],[0,1,0],[1,0,0]] reads (z, y). Points (0.1, -0.2, 0.3) at box 1 -> (0.2, -0.4, 0.6) and
@@ -117,7 +117,7 @@ def test_quirk_is_the_default_as_in_the_reference():
 
 
 def _layer(i: int, o: int) -> int:
-    """The reference's modulated 3x3 SynthesisLayer: affine FC(512 -> i), weight, bias, noise strength."""
+    """The official code's modulated 3x3 SynthesisLayer: affine FC(512 -> i), weight, bias, noise strength."""
     return 512 * i + i + o * i * 9 + o + 1
 
 

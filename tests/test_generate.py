@@ -101,7 +101,7 @@ def test_image_grid_and_pose_plot(tmp_path):
 
 def test_video_circles_the_pose_of_the_untruncated_latent(tmp_path):
     """With truncation the video's camera path starts from the latent's own learned pose (the
-    reference computes the pose before truncating w), not from the truncated w's pose."""
+    official code computes the pose before truncating w), not from the truncated w's pose."""
     torch.manual_seed(0)
     G = Generator(load_config("tiny", SMALL).model).eval()
     G.map(torch.randn(64, G.cfg.z_dim), update_w_avg=True)
@@ -267,7 +267,12 @@ def test_evaluate_generator_all_metrics_on_shards(checkpoint, sphere_shards, tmp
     }
     assert expected | moments | {"reprojection_error", "fid", "kid"} == set(results)
     assert all(np.isfinite(v) for v in results.values()), results
-    assert 0 <= results["js"] <= np.log(2) and 0 <= results["pose_error_deg"] <= 180
+    # The true poses are the shards' (yaw 90 +- 17 deg, pitch 90 +- 6 deg), not the synthetic sampler's;
+    # the joint JS is at least each marginal's (a marginal loses information) and an untrained pose
+    # learner is off the data's distribution.
+    assert results["true_yaw_mean_deg"] == pytest.approx(90, abs=10)
+    assert results["true_pitch_std_deg"] < results["true_yaw_std_deg"]
+    assert results["js"] >= max(results["js_yaw"], results["js_pitch"]) - 1e-12 and results["js"] > 0
     assert results["fid"] > 0 and results["depth_error"] >= 0
     assert len(list((tmp_path / "depth").glob("depth-estimator-*.pt"))) == 1
     # Same seed, same figures (the estimator now comes from the cache).
@@ -328,7 +333,7 @@ class _Recorder(torch.nn.Module):
 
 
 def test_fid_samples_use_constant_backbone_noise_and_no_truncation(tmp_path):
-    """Kept different from the reference's random noise: a checkpoint and seed always give the same set."""
+    """Kept different from the official code's random noise: a checkpoint and seed give the same set."""
     from pof3d.metrics.image_metrics import generate
     from pof3d.metrics.samples import EvalRun
 

@@ -98,7 +98,7 @@ def test_pose_learner_clamp_for_cars_is_hard_by_default():
     assert pose[:, 1].min() >= V_EPS and pose[:, 1].max() <= math.pi - V_EPS
     assert ((pose[:, 0] == 0.0) | (pose[:, 0] == 2 * math.pi)).all()
     pose[:, 0].sum().backward()
-    assert learner.out.weight.grad[0].abs().sum() == 0  # every yaw clamped: no gradient, as the reference
+    assert learner.out.weight.grad[0].abs().sum() == 0  # every yaw clamped: no gradient, as the official code
 
 
 def test_pose_learner_clamp_straight_through_keeps_gradient():
@@ -167,7 +167,7 @@ def test_truncation_psi_zero_gives_w_avg(G, tiny):
 
 
 def test_truncation_keeps_the_pose_of_the_untruncated_w(G, tiny):
-    """As the reference (its mapping computes the pose before truncating w): truncation changes the
+    """As the official code (its mapping computes the pose before truncating w): truncation changes the
     scene, not the view, unless ``model.pose_from_truncated_w``."""
     G.eval()
     G.map(torch.randn(64, tiny.z_dim), update_w_avg=True)
@@ -196,7 +196,7 @@ def _with_noise(G: Generator) -> Generator:
 
 
 def test_superresolution_runs_without_noise_by_default(tiny):
-    """The reference's super-resolution never injects noise (sr_noise_mode 'none', whatever G is called
+    """The official code's super-resolution never injects noise (sr_noise_mode 'none', whatever G is called
     with); ``model.sr_noise_mode=caller`` makes it follow the call's noise mode."""
     assert tiny.sr_noise_mode == "none"
     torch.manual_seed(0)
@@ -284,7 +284,7 @@ def test_count_parameters(G):
 def test_mixed_precision_setting_is_fp32_on_cpu():
     m = load_config("tiny", ["model.num_fp16_res=2"]).model
     G = Generator(m)
-    # As the reference: the backbone stays fp32 unless asked, the super-resolution follows num_fp16_res.
+    # As the official code: the backbone stays fp32 unless asked, the super-resolution follows num_fp16_res.
     assert not any(b.use_fp16 for b in G.backbone.blocks)
     assert all(b.use_fp16 for b in G.superres.blocks)
     m = load_config("tiny", ["model.num_fp16_res=2", "model.backbone_num_fp16_res=2"]).model

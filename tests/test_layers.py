@@ -38,7 +38,7 @@ def test_filters_have_exact_first_and_second_derivatives() -> None:
     assert torch.autograd.gradgradcheck(downsample2d, (x,))
 
 
-# The reference's D blur (training/loss_pose.py, run_D) written out at sigma = 1: radius floor(3 sigma) = 3,
+# The official code's D blur (training/loss_pose.py, run_D) at sigma = 1: radius floor(3 sigma) = 3,
 # taps 2^-(t / sigma)^2 = 2^-t^2 for t = -3..3, normalised by their sum 1 + 2 (1/2 + 1/16 + 1/512).
 SIGMA1_TAPS = torch.tensor([1 / 512, 1 / 16, 1 / 2, 1, 1 / 2, 1 / 16, 1 / 512]) / 2.12890625
 
@@ -78,7 +78,7 @@ def test_gaussian_blur_standard_deviation_is_085_sigma() -> None:
 
 def test_resize_is_plain_bilinear_unless_antialiased() -> None:
     """Shrinking 8 -> 2 px: plain bilinear reads pixels 1 and 2 of each 4 (half-pixel centres at 1.5 and
-    5.5) and misses the spike at pixel 3, as the reference's filtered_resizing does; antialiased sees it."""
+    5.5) and misses the spike at pixel 3, as the official filtered_resizing does; antialiased sees it."""
     x = torch.tensor([0.0, 2.0, 4.0, 9.0, 0.0, 0.0, 6.0, 0.0]).expand(1, 1, 8, 8)
     torch.testing.assert_close(resize(x, 2), torch.tensor([3.0, 3.0]).expand(1, 1, 2, 2))
     # Antialiased: a triangle 4 px wide each side, weights 1 - |d| / 4 over the pixels inside the image.

@@ -152,7 +152,7 @@ def test_dis_cam_switch_trains_pose_head(nets, real) -> None:
     assert head and _norm(head) == 0.0  # the score uses the detached prediction: no other path
     assert _norm({n: g for n, g in d1.items() if n.startswith("pose_head.")}) > 0
     assert "loss/D_pose" not in f0 and float(f1["loss/D_pose"]) > 0
-    assert 0 <= float(f1["pose/D_error_deg"]) < 180
+    assert "pose/D_error_deg" not in f0 and "pose/D_error_deg" in f1  # measured where the pose head trains
     _assert_linear(d0, d1, d2)
 
 
@@ -189,7 +189,7 @@ def _input_gradients(D, image, raw, at=None, pose=None) -> tuple[torch.Tensor, t
 
 @pytest.mark.parametrize("double_blur", [False, True])
 def test_r1_is_taken_at_the_blurred_input(nets, real, double_blur: bool) -> None:
-    """While the blur is on, R1 is D's input gradient at the images D scores (as the reference takes it):
+    """While the blur is on, R1 is D's input gradient at the images D scores (as the official code takes it):
     the reals blurred once, or twice with ``double_blur`` (conditioned on the pose from the once-blurred)."""
     _, D = nets
     f, _, _ = _run(nets, real, "D_r1", f"loss.double_blur={double_blur}")  # blur sigma 1
@@ -250,7 +250,7 @@ def test_density_switch(nets, real) -> None:
 def test_density_points_are_drawn_in_their_region(
     nets, real, monkeypatch, region: str, extent: float
 ) -> None:
-    """ "cube": U[-1, 1]^3 world units whatever box_warp is (the reference); "box": inside +-box_warp / 2."""
+    """ "cube": U[-1, 1]^3 world units whatever box_warp is (official code); "box": within +-box_warp/2."""
     G, _ = nets
     drawn = []
     density = G.density
@@ -298,7 +298,7 @@ def _assert_same(shared: tuple, ref: tuple) -> None:
 @pytest.mark.parametrize("double_blur", [True, False])
 @pytest.mark.parametrize("phase", ["G_main", "D_main", "D_r1"])
 def test_shared_passes_compute_the_reference_losses(nets, real, phase: str, double_blur: bool) -> None:
-    """Same latents, noise and coin: the shared schedule gives the reference's values and gradients."""
+    """Same latents, noise and coin: the shared schedule gives the official code's values and gradients."""
     blur = f"loss.double_blur={double_blur}"
     shared = _run(nets, real, phase, blur, seed=3)
     _assert_same(shared, _run(nets, real, phase, blur, seed=3, kind="reference"))
@@ -366,7 +366,7 @@ def test_blur_fades_linearly(nets) -> None:
 
 
 def test_blur_fade_length_scales_with_the_batch(nets) -> None:
-    """``blur_fade_kimg`` counts at batch 32, as the reference's option: the fade lasts as many steps
+    """``blur_fade_kimg`` counts at batch 32, as the official code's option: the fade lasts as many steps
     (unless ``blur_fade_scales_with_batch`` is off, as the tiny preset sets it)."""
     G, D = nets
     # The fade length itself (effective_blur_fade_kimg) is tested in test_config.py; here the loss reads it.
@@ -377,7 +377,7 @@ def test_blur_fade_length_scales_with_the_batch(nets) -> None:
 
 
 def test_a_blur_below_one_third_sigma_is_off(nets, real) -> None:
-    """The reference's radius floor(3 sigma) is 0 below sigma = 1/3: no blur, so no second D pass either."""
+    """The official code's radius floor(3 sigma) is 0 below sigma = 1/3: no blur, so no second D pass."""
     G, D = nets
     loss = PoF3DLoss(G, D, _cfg())
     assert not loss.blurs_twice(0.33) and loss.blurs_twice(0.34)
@@ -386,7 +386,7 @@ def test_a_blur_below_one_third_sigma_is_off(nets, real) -> None:
 
 
 def test_reals_raw_image_is_a_plain_bilinear_resize(nets, real) -> None:
-    """As the reference's filtered_resizing computes (its antialias flag is commented out), then blurred;
+    """As the official code's filtered_resizing computes (its antialias flag is commented out), then blurred;
     ``loss.real_raw_antialias`` gives the antialiased resize."""
     G, D = nets
     bilinear = torch.nn.functional.interpolate(real, size=(32, 32), mode="bilinear", align_corners=False)

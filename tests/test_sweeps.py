@@ -314,7 +314,7 @@ def test_two_variant_ablation_tracks_parent_children_and_table(ray_local, study_
     assert [r["variant"] for r in summary.table.rows] == ["full", "no_symmetry"]
     for row in summary.table.rows:
         assert row["status"] == "done" and row["kimg"] == pytest.approx(0.008)
-        assert 0.0 <= row["JS"] <= math.log(2) + 1e-6  # measured at the end of each trial
+        assert row["JS"] > 0  # measured at the end of each trial: the untrained poses are off the data's
         assert math.isfinite(row["loss/G_adv"]) and math.isfinite(row["loss/D_real"])
     assert row["loss/G_sym"] is None  # the no_symmetry trial has no symmetry term at all
     assert summary.table.rows[0]["loss/G_sym"] is not None

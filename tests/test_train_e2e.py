@@ -88,7 +88,7 @@ def test_embedded_default_tracks_params_metrics_and_artifacts(finished_run, caps
     history = client.get_metric_history(run.info.run_id, "loss/G_adv")
     assert [m.step for m in history] == [4, 8, 12, 16]  # step = images seen
     assert "perf/images_per_sec" in run.data.metrics and "perf/data_wait_share" in run.data.metrics
-    assert 0.0 <= run.data.metrics["eval/js"] <= 1.0  # evaluated on rank 0 at kimg 0.016
+    assert run.data.metrics["eval/js"] > 0  # evaluated on rank 0 at kimg 0.016; untrained poses are off
     # Sample grids and pose plots as MLflow image series with a step per snapshot (the UI's slider).
     for key in ("samples", "poses"):
         assert _image_steps(client, run.info.run_id, key) == [8, 16], key
@@ -178,7 +178,7 @@ def test_time_limit_ends_the_run_like_its_target_and_resume_continues_it(ray_loc
     out = capsys.readouterr().out
     assert "in 1 ticks (stopped at the time limit after 0.004 kimg; --resume" in out, out[-2000:]
     (tick,) = _ticks(run_dir)
-    assert tick["images_seen"] == 4 and 0.0 <= tick["eval/js"] <= 1.0  # the final evaluation
+    assert tick["images_seen"] == 4 and tick["eval/js"] > 0  # the final evaluation
     _, _, progress = load_checkpoint(latest_checkpoint(run_dir))
     assert progress["images_seen"] == 4 and progress["step"] == 1
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")

@@ -51,8 +51,9 @@ def test_tick_meter_averages_figures_and_measures_throughput() -> None:
     assert out["perf/data_wait_share"] == pytest.approx(1.0 / 8.0)
     assert out["perf/eta_sec"] == pytest.approx(40.0)  # 80 images left at 2 img/s
     line = progress_line(3, 20, 100, out)
-    assert line.startswith("tick 3") and "kimg 0.020/0.1" in line and "G_adv 2.000" in line
-    assert "h_mean_deg 90.0" in line and "eta 0m40s" in line
+    assert line.startswith("tick 3 | kimg 0.020/0.1 | G adv 2 | pose h 90.0° |") and "eta 0m40s" in line
+    assert "gpu" not in line  # a CPU run has no GPU memory to show
+    assert progress_line(3, 20, 100, out | {"perf/gpu_mem_peak_gb": 3.14}).endswith(" | gpu 3.1 GiB peak")
     second = meter.close(images_seen=20)  # the meter restarted: no figures carried over
     assert "loss/G_adv" not in second and second["perf/images_per_sec"] == 0.0
     assert format_eta(math.inf) == "?" and format_eta(3725) == "1h02m"

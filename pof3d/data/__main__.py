@@ -13,7 +13,9 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
+from pof3d.data.convert import convert
 from pof3d.data.shards import DEFAULT_SHARD_MB, iter_rows, read_manifest, verify
+from pof3d.data.synthetic import generate
 from pof3d.errors import Pof3dError
 
 log = logging.getLogger("pof3d.data")
@@ -55,8 +57,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _synthetic(args: argparse.Namespace) -> str:
-    from pof3d.data.synthetic import generate
-
     with tqdm(total=args.n, unit="img", desc="render") as bar:
         out = generate(
             args.out,
@@ -76,8 +76,6 @@ def _synthetic(args: argparse.Namespace) -> str:
 
 
 def _convert(args: argparse.Namespace) -> str:
-    from pof3d.data.convert import convert
-
     with tqdm(unit="file", desc="convert") as bar:
         out = convert(
             args.src, args.out, args.resolution, args.skip_bad, args.shard_mb, args.overwrite, bar.update

@@ -300,14 +300,22 @@ def stream_epochs(rows: int) -> int:
 
 
 def ingest_options() -> Any:
-    """Ray Train's default ingest options with ``preserve_order``: Train replaces a dataset's execution
-    options with these (``DataConfig(execution_options=...)``), and a multi-epoch stream needs its blocks
-    in order so that its epochs follow one another."""
-    from ray.train import DataConfig
+    """Ray Train's default ingest options (the current ``DataContext``'s) with ``preserve_order``: Train
+    replaces a dataset's execution options with these (``DataConfig(execution_options=...)``), and a
+    multi-epoch stream needs its blocks in order so that its epochs follow one another.
 
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = True
-    return options
+    Built here rather than by ``DataConfig.default_ingest_options()``, which copies the deprecated
+    ``exclude_resources`` (zero unless set, and the project never sets it) and so raises a
+    ``RayDeprecationWarning`` in every run.
+    """
+    from ray.data import DataContext, ExecutionOptions
+
+    current = DataContext.get_current().execution_options
+    return ExecutionOptions(
+        resource_limits=current.resource_limits,
+        preserve_order=True,
+        verbose_progress=current.verbose_progress,
+    )
 
 
 def make_dataset(

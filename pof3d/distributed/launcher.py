@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pof3d.config import Config
+from pof3d.console import quiet_dataset, train_logging_config, verbose
+from pof3d.data.streaming import ingest_options, make_dataset
 from pof3d.distributed.plan import RunPlan
 from pof3d.distributed.progress import deadline
 from pof3d.distributed.resources import check_resources
@@ -61,8 +63,6 @@ def launch(plan: RunPlan, callbacks: list[Any] = ()) -> LaunchResult:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pof3d.data.streaming import ingest_options, make_dataset
-
     cfg = plan.cfg
     check_resources(cfg, ray.cluster_resources())
     t = cfg.train
@@ -73,7 +73,7 @@ def launch(plan: RunPlan, callbacks: list[Any] = ()) -> LaunchResult:
     dataset = make_dataset(
         plan.data_uri, xflip=cfg.data.xflip, seed=cfg.data.shuffle_seed, shuffle=True, epochs=None
     )
-    dataset.context.enable_progress_bars = False  # keep the per-tick lines readable in job logs
+    quiet_dataset(dataset)  # keep the per-tick lines readable in job logs
     # Fixed here, so that workers restarted after a failure keep the launch's deadline.
     plan = dataclasses.replace(plan, deadline=deadline(t.time_limit_min, time.time()))
     # Ray Train writes checkpoints to ROOT/checkpoints through the same filesystem as the project's own
@@ -81,7 +81,8 @@ def launch(plan: RunPlan, callbacks: list[Any] = ()) -> LaunchResult:
     fs, root_path = plan.root.fs()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"plan": plan},
+        # The console choice travels with the plan's launch, for workers on nodes of a joined cluster.
+        train_loop_config={"plan": plan, "verbose": verbose()},
         scaling_config=ScalingConfig(
             num_workers=t.workers, use_gpu=t.gpus_per_worker > 0, resources_per_worker=resources
         ),
@@ -95,6 +96,7 @@ def launch(plan: RunPlan, callbacks: list[Any] = ()) -> LaunchResult:
             failure_config=FailureConfig(max_failures=t.max_failures),
             callbacks=list(callbacks),
             worker_runtime_env=worker_runtime_env(cfg),
+            logging_config=train_logging_config(),
         ),
     )
     logger.info(

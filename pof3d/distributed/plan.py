@@ -22,7 +22,9 @@ import pyarrow.fs as pafs
 
 from pof3d.checkpoint import MANIFEST_FILE, find_latest, read_progress
 from pof3d.config import Config, apply_overrides, load_config
+from pof3d.data.synthetic import ensure_synthetic
 from pof3d.errors import CheckpointError, ConfigError
+from pof3d.metrics.suite import resolve_metrics
 from pof3d.run_files import CONFIG_FILE, RunFiles
 from pof3d.storage import Location, check_reachable
 from pof3d.tracking import default_tracking_uri, run_name
@@ -133,8 +135,6 @@ def plan_run(request: TrainRequest) -> RunPlan:
     overrides = flag_overrides(request) + list(request.overrides)
     if request.config and request.resume:
         raise ConfigError("--config starts a new run and --resume continues one; pass only one of them")
-    if request.config and request.preset:
-        raise ConfigError("--config and --preset both name the base config; pass only one of them")
     root = Location.parse(request.run_dir) if request.run_dir else None
     if root is not None:
         check_reachable(root)
@@ -153,10 +153,7 @@ def plan_run(request: TrainRequest) -> RunPlan:
             )
     else:
         progress, images = {}, 0
-        if request.config:
-            cfg = apply_overrides(_config_file(request.config), overrides)
-        else:
-            cfg = load_config(request.preset or DEFAULT_PRESET, overrides)
+        cfg = base_config(request)
         if root is None:
             root = new_run_root(cfg.preset)
             check_reachable(root)
@@ -186,6 +183,16 @@ def plan_run(request: TrainRequest) -> RunPlan:
         resume_from=resume_from,
         resume_images=images,
     )
+
+
+def base_config(request: TrainRequest) -> Config:
+    """The config a new run starts from: the ``--config`` file or the preset, flags and ``--set`` on top."""
+    if request.config and request.preset:
+        raise ConfigError("--config and --preset both name the base config; pass only one of them")
+    overrides = flag_overrides(request) + list(request.overrides)
+    if request.config:
+        return apply_overrides(_config_file(request.config), overrides)
+    return load_config(request.preset or DEFAULT_PRESET, overrides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,8 +315,6 @@ def _check_eval_metrics(cfg: Config) -> None:
     """Unknown metric names would otherwise fail on rank 0 at the first evaluation, mid-run."""
     if cfg.train.eval_kimg <= 0:
         return
-    from pof3d.metrics.suite import resolve_metrics
-
     try:
         resolve_metrics([m for m in cfg.train.eval_metrics.split(",") if m.strip()])
     except ConfigError as exc:
@@ -318,8 +323,6 @@ def _check_eval_metrics(cfg: Config) -> None:
 
 def synthetic_data(cfg: Config) -> str:
     """The built-in synthetic set, generated into the cache on first use."""
-    from pof3d.data.synthetic import ensure_synthetic
-
     d = cfg.data
     path = ensure_synthetic(
         default_cache_dir(),

@@ -121,17 +121,47 @@ def format_eta(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def device_memory(device: torch.device | str) -> dict[str, float]:
+    """``perf/gpu_mem_peak_gb``: the most GPU memory tensors held since the previous call (the peak is
+    reset), in GiB; nothing on a CPU device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return {"perf/gpu_mem_peak_gb": peak}
+
+
 def progress_line(tick: int, images_seen: int, target_images: int, figures: dict[str, float]) -> str:
-    """One concise line: tick, kimg, losses, pose statistics, throughput, ETA."""
-    parts = [f"tick {tick:<4d}", f"kimg {images_seen / 1000:.3f}/{target_images / 1000:g}"]
-    for name in sorted(figures):
-        if name.startswith("loss/"):
-            parts.append(f"{name[5:]} {figures[name]:.3f}")
-    for name in sorted(figures):
-        if name.startswith("pose/"):
-            parts.append(f"{name[5:]} {figures[name]:.1f}")
-    parts.append(f"img/s {figures['perf/images_per_sec']:.1f}")
-    parts.append(f"sec/kimg {figures['perf/sec_per_kimg']:.1f}")
+    """One concise line: tick, kimg, losses by network, pose statistics, throughput, ETA, GPU memory.
+
+    Every figure is in ``metrics.jsonl`` and MLflow at full precision; the line is for reading ``ray job
+    logs`` at a glance, so losses get three significant digits and are grouped by network (``G adv 1.55
+    sym 1.55 | D real 0.597 ...``), and the pose learner's yaw and pitch read as mean±std in degrees.
+    """
+    parts = [f"tick {tick}", f"kimg {images_seen / 1000:.3f}/{target_images / 1000:g}"]
+    losses = {name[5:]: value for name, value in figures.items() if name.startswith("loss/")}
+    for net in sorted({name.split("_", 1)[0] for name in losses}):
+        terms = sorted(name for name in losses if name.split("_", 1)[0] == net)
+        text = " ".join(
+            f"{name.split('_', 1)[1] if '_' in name else name} {losses[name]:.3g}" for name in terms
+        )
+        parts.append(f"{net} {text}")
+    pose = {name[5:]: value for name, value in figures.items() if name.startswith("pose/")}
+    stats = []
+    for axis in ("h", "v"):
+        mean, std = pose.pop(f"{axis}_mean_deg", None), pose.pop(f"{axis}_std_deg", None)
+        if mean is not None:
+            stats.append(f"{axis} {mean:.1f}" + (f"±{std:.1f}°" if std is not None else "°"))
+    stats += [
+        f"{name[:-4]} {pose[name]:.3g}°" if name.endswith("_deg") else f"{name} {pose[name]:.3g}"
+        for name in sorted(pose)
+    ]
+    if stats:
+        parts.append("pose " + " ".join(stats))
+    parts.append(f"{figures['perf/images_per_sec']:.1f} img/s {figures['perf/sec_per_kimg']:.1f} s/kimg")
     parts.append(f"data-wait {100 * figures['perf/data_wait_share']:.0f}%")
     parts.append(f"eta {format_eta(figures['perf/eta_sec'])}")
+    if "perf/gpu_mem_peak_gb" in figures:
+        parts.append(f"gpu {figures['perf/gpu_mem_peak_gb']:.1f} GiB peak")
     return " | ".join(parts)

@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 
 from pof3d.config import Config
+from pof3d.data.streaming import DECODE_CPUS
 from pof3d.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,6 @@ class Need:
 
     @classmethod
     def of(cls, cfg: Config) -> Need:
-        from pof3d.data.streaming import DECODE_CPUS
-
         t = cfg.train
         worker = {"CPU": t.cpus_per_worker}
         if t.gpus_per_worker > 0:
@@ -80,8 +79,6 @@ class Need:
 
 def shortfall(cfg: Config, available: dict[str, float]) -> str | None:
     """Why ``train.workers`` x per-worker resources cannot run on ``available``; None if they can."""
-    from pof3d.data.streaming import DECODE_CPUS
-
     t = cfg.train
     cpus, gpus = t.workers * t.cpus_per_worker, t.workers * t.gpus_per_worker
     have_cpu, have_gpu = float(available.get("CPU", 0.0)), float(available.get("GPU", 0.0))

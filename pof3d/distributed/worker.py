@@ -22,9 +22,15 @@ import torch
 
 from pof3d.checkpoint import load_checkpoint, read_progress, save_checkpoint
 from pof3d.config import Config
+from pof3d.console import quiet_train_worker
+from pof3d.data.streaming import iter_train_batches
 from pof3d.distributed.plan import RunPlan
-from pof3d.distributed.progress import TickMeter, TimeLimit, next_boundary, progress_line
+from pof3d.distributed.progress import TickMeter, TimeLimit, device_memory, next_boundary, progress_line
 from pof3d.errors import CheckpointError, DataError, TrainingError
+from pof3d.loop import Trainer
+from pof3d.metrics import evaluate_generator
+from pof3d.metrics.spread import distributed_spread
+from pof3d.plots import plot_pose_distribution, save_image_grid
 from pof3d.run_files import RunFiles
 from pof3d.storage import Location, as_local_dir
 from pof3d.tracking import Tracker
@@ -49,14 +55,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
 
     _configure_logging()
+    quiet_train_worker(config.get("verbose", False))
     plan: RunPlan = config["plan"]
     cfg, files = plan.cfg, plan.files
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = _device(cfg)
     files.write_pid(rank, os.getpid())
-
-    from pof3d.loop import Trainer
 
     trainer = Trainer(cfg, device=device, seed=cfg.train.seed)
     progress = _resume(trainer, files, plan.resume_from, device)
@@ -130,7 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             continue
         tick += 1
         next_tick = next_boundary(trainer.images_seen, cfg.train.tick_kimg)
-        metrics = meter.close(trainer.images_seen)
+        metrics = meter.close(trainer.images_seen) | device_memory(device)
         metrics["perf/eta_sec"] = min(metrics["perf/eta_sec"], time_limit.remaining())
         snapshot = done or trainer.images_seen >= next_snapshot
         if snapshot:
@@ -211,8 +216,6 @@ def _images_seen(checkpoint: Location) -> int:
 def _endless_batches(shard: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     """Epoch after epoch of full batches from this worker's shard of the streaming dataset (one pass of
     the loop is one execution, which holds several epochs on small sets); images float32 in [-1, 1]."""
-    from pof3d.data.streaming import iter_train_batches
-
     while True:
         empty = True
         for batch in iter_train_batches(shard, batch_size, drop_last=True):
@@ -270,9 +273,6 @@ def _replica_spread(trainer: Any) -> float:
 
 
 def _evaluate(trainer: Any, cfg: Config, data_uri: str, device: torch.device) -> dict[str, float]:
-    from pof3d.metrics import evaluate_generator
-    from pof3d.metrics.spread import distributed_spread
-
     names = [m.strip() for m in cfg.train.eval_metrics.split(",") if m.strip()]
     try:
         results = evaluate_generator(
@@ -346,8 +346,6 @@ def _report(
 
 
 def _sample_grid(trainer: Any, path: Path) -> Path:
-    from pof3d.plots import save_image_grid
-
     g = trainer.G_ema
     z = _fixed_latents(g, SAMPLE_COUNT)
     with torch.no_grad():
@@ -356,8 +354,6 @@ def _sample_grid(trainer: Any, path: Path) -> Path:
 
 
 def _pose_plot(trainer: Any, path: Path, true_poses: list[np.ndarray]) -> Path:
-    from pof3d.plots import plot_pose_distribution
-
     truth = np.concatenate(true_poses) if true_poses else None
     if truth is not None:
         truth = truth[np.isfinite(truth).all(axis=1)]

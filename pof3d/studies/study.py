@@ -21,8 +21,10 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pof3d.config import Config, load_config
+from pof3d.distributed.launcher import connect
 from pof3d.distributed.plan import prepare_tracking_store, storage_base, synthetic_data
 from pof3d.errors import ConfigError
+from pof3d.metrics.suite import resolve_metrics
 from pof3d.storage import Location, check_reachable
 from pof3d.studies import mlflow_wiring
 from pof3d.studies.resources import TRIAL_DRIVER_CPU, TrialFootprint, plan_concurrency
@@ -30,6 +32,7 @@ from pof3d.studies.results import Table, TrialRecord, build_table, variant_metri
 from pof3d.studies.space import SearchSpace, load_space
 from pof3d.studies.trainable import SEARCH_VARIANT, StudySetup, run_trial
 from pof3d.studies.variants import VARIANTS, parse_variants, variant_overrides
+from pof3d.tracking import ui_command
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +84,6 @@ class StudySummary:
     finished: bool
 
     def line(self) -> str:
-        from pof3d.tracking import ui_command
-
         state = "finished" if self.finished else "interrupted (continue with --resume)"
         return (
             f"study {self.study_dir.name} {state}: {len(self.table.rows)} row(s) in "
@@ -123,8 +124,6 @@ def evaluation_overrides(request: StudyRequest, cfg: Config, space: SearchSpace 
     if not _user_set(request, "train.eval_metrics"):
         groups = [g.strip() for g in DEFAULT_EVAL_METRICS.split(",")]
     wanted = [m.split("/", 1)[1] for m in (space.metrics if space else ()) if m.startswith("eval/")]
-    from pof3d.metrics.suite import resolve_metrics
-
     try:
         wanted_groups = resolve_metrics(wanted) if wanted else []
     except Exception as exc:  # the metrics module names what it knows
@@ -215,8 +214,6 @@ def run_study(
             load_config(request.preset, base + variant_overrides(variant, cfg))
     base += evaluation_overrides(request, cfg, space)
     cfg = load_config(request.preset, base)
-
-    from pof3d.distributed.launcher import connect
 
     connect(None)
     concurrency = plan_concurrency(

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from pof3d.config import load_config
+from pof3d.distributed.driver import run_training
 from pof3d.distributed.plan import RESUME_AUTO, TrainRequest, plan_run
 from pof3d.errors import TrainingError
 from pof3d.storage import Location
 from pof3d.studies.mlflow_wiring import child_tags
 from pof3d.studies.variants import variant_overrides
+from pof3d.tracking import run_name
 
 logger = logging.getLogger(__name__)
 
@@ -74,9 +76,6 @@ def run_trial(config: dict[str, Any], setup: StudySetup) -> None:
     """Tune entry point (bind ``setup`` with ``functools.partial``)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from pof3d.distributed.driver import run_training
-    from pof3d.tracking import run_name
 
     trial_id = ray.tune.get_context().get_trial_id()
     variant = config.get("variant", SEARCH_VARIANT)

@@ -10,9 +10,19 @@ so they stay meaningful for presets with another base rate.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pof3d.config import Config
+from pof3d.console import listing
 from pof3d.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ablation row: the poster's label for it and the overrides that make it from a config."""
+
+    description: str
+    overrides: Callable[[Config], list[str]]
 
 
 def _full(cfg: Config) -> list[str]:
@@ -35,21 +45,18 @@ def _pose_lr(scale: float) -> Callable[[Config], list[str]]:
     return overrides
 
 
-VARIANTS: dict[str, Callable[[Config], list[str]]] = {
-    "full": _full,
-    "no_symmetry": _no_symmetry,
-    "no_pose_aware_d": _no_pose_aware_d,
-    "pose_lr_x10": _pose_lr(10.0),
-    "pose_lr_x0.1": _pose_lr(0.1),
+VARIANTS: dict[str, Variant] = {
+    "full": Variant("Ours (full model)", _full),
+    "no_symmetry": Variant("w/o symmetry loss", _no_symmetry),
+    "no_pose_aware_d": Variant("w/o pose-aware D", _no_pose_aware_d),
+    "pose_lr_x10": Variant("pose lr x10 (2.5e-4 at the paper's rate)", _pose_lr(10.0)),
+    "pose_lr_x0.1": Variant("pose lr x0.1 (2.5e-6 at the paper's rate)", _pose_lr(0.1)),
 }
 
-DESCRIPTIONS: dict[str, str] = {
-    "full": "Ours (full model)",
-    "no_symmetry": "w/o symmetry loss",
-    "no_pose_aware_d": "w/o pose-aware D",
-    "pose_lr_x10": "pose lr x10 (2.5e-4 at the paper's rate)",
-    "pose_lr_x0.1": "pose lr x0.1 (2.5e-6 at the paper's rate)",
-}
+
+def variants_help() -> str:
+    """The variants with the poster's label of each, for the study command's ``--help``."""
+    return listing("ablation variants", {name: v.description for name, v in VARIANTS.items()})
 
 
 def parse_variants(text: str | list[str]) -> list[str]:
@@ -71,4 +78,4 @@ def variant_overrides(name: str, cfg: Config) -> list[str]:
     """The ``--set`` strings that turn ``cfg`` (the preset plus user overrides) into variant ``name``."""
     if name not in VARIANTS:
         raise ConfigError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
-    return VARIANTS[name](cfg)
+    return VARIANTS[name].overrides(cfg)

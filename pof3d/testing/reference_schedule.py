@@ -1,4 +1,4 @@
-"""The reference implementation's schedule of passes, for checking and timing the shared passes.
+"""The official code's schedule of passes, for checking and timing the shared passes.
 
 The official loss (``training/loss_pose.py`` of PoF3D, on EG3D) gives every term its own work: a full
 generator pass, its own discriminator calls and its own backward. With a pose-conditioned D each scored
@@ -7,7 +7,7 @@ image goes through two D calls, one that predicts the pose and one that scores c
 blocks, so that, from the same random state, it must give :class:`pof3d.loss.PoF3DLoss`'s losses and
 gradients; ``tests/test_losses.py`` checks this and ``benchmarks/step.py --compare`` times both.
 
-D's inputs travel in a dict, as in the reference: every D call blurs ``img["image"]`` and stores the
+D's inputs travel in a dict, as in the official code: every D call blurs ``img["image"]`` and stores the
 result back in the dict, so a score call after a pose call sees the image blurred twice (with
 ``loss.double_blur=false`` the score call does not blur again, which is what the library's single pass
 computes).
@@ -29,7 +29,7 @@ Images = dict[str, torch.Tensor]
 
 
 class ReferenceSchedule(PoF3DLoss):
-    """:class:`PoF3DLoss` with the reference's schedule for ``G_main``, ``D_main`` and ``D_r1``.
+    """:class:`PoF3DLoss` with the official code's schedule for ``G_main``, ``D_main`` and ``D_r1``.
 
     ``G_density`` is a single pass in both schedules and is inherited unchanged.
     """
@@ -41,7 +41,7 @@ class ReferenceSchedule(PoF3DLoss):
         return super().accumulate_gradients(dataclasses.replace(phase, run=run), real, gain, images_seen)
 
     # ------------------------------------------------------------------------------------------
-    # The reference's D calls
+    # The official code's D calls
 
     def predict_pose(self, img: Images, sigma: float) -> torch.Tensor:
         """A pose call: blur the dict's image in place of the entry, then D's pose head."""
@@ -137,7 +137,7 @@ class ReferenceSchedule(PoF3DLoss):
         return figures
 
     def reference_d_r1(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:
-        """R1 on reals through the reference's D calls, with respect to the dict's entries after them.
+        """R1 on reals through the official code's D calls, with respect to the dict's entries after them.
 
         Those are the tensors the score call received: the blurred image (the D calls replaced the entry)
         and the raw image, blurred before it went into the dict.

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import matplotlib
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+
+from pof3d.data.synthetic import sample_poses
 
 # The poster's FFHQ ablation (FID, depth, pose, RE, JS), row by row, for the side-by-side table.
 POSTER_FFHQ = {
@@ -97,8 +98,6 @@ def _finite(value: object) -> bool:
 
 @functools.cache
 def true_pose_std_deg(kind: str = "faces", n: int = 200_000) -> tuple[float, float]:
-    from pof3d.data.synthetic import sample_poses
-
     poses = sample_poses(kind, n, np.random.default_rng(0))
     return tuple(float(s) for s in np.degrees(poses.std(axis=0)))  # type: ignore[return-value]
 

@@ -1,0 +1,82 @@
+"""What a run prints: the tick lines, not Ray's per-report and data-plan chatter (unless verbose)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from micro_config import MICRO
+
+from pof3d import console
+from pof3d.data.streaming import ingest_options
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def verbose_env(monkeypatch):
+    """Set or clear POF3D_VERBOSE for one test."""
+
+    def set_verbose(value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+        else:
+            monkeypatch.setenv(console.VERBOSE_ENV, value)
+
+    return set_verbose
+
+
+def test_ray_train_logs_at_warning_unless_verbose(verbose_env) -> None:
+    verbose_env(None)
+    assert console.train_logging_config().log_level == "WARNING"
+    verbose_env("1")
+    assert console.train_logging_config().log_level == "INFO"
+
+
+def test_ray_data_announces_executions_only_when_verbose(ray_local, verbose_env) -> None:
+    for value, announced in ((None, False), ("1", True)):
+        verbose_env(value)
+        dataset = ray_local.data.range(4)
+        console.quiet_dataset(dataset)
+        assert dataset.context.print_on_execution_start is announced
+        assert dataset.context.enable_progress_bars is False
+
+
+def test_ingest_options_raise_no_deprecation_warning(recwarn) -> None:
+    # (Creating Ray Data's context warns about Ray's own deprecated defaults; those are not ours.)
+    options = ingest_options()
+    assert options.preserve_order
+    assert not [w for w in recwarn if "exclude_resources" in str(w.message)]
+
+
+@pytest.mark.slow
+def test_default_command_prints_tick_lines_and_no_ray_chatter(ray_local, tmp_path) -> None:
+    """The real CLI in a subprocess (joining the session's Ray), two ticks long."""
+    sets = [arg for item in MICRO for arg in ("--set", item)]
+    argv = [sys.executable, "-m", "pof3d.train", "--kimg", "0.008", "--batch", "4", *sets]
+    argv += ["--run-dir", str(tmp_path / "run"), "--address", ray_local.get_runtime_context().gcs_address]
+    env = dict(os.environ, POF3D_CACHE=str(tmp_path / "cache"))
+    env.pop(console.VERBOSE_ENV, None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-5000:]
+    ticks = [line for line in out.splitlines() if "pof3d.distributed.worker: tick " in line]
+    assert len(ticks) == 2 and "kimg 0.008/0.008" in ticks[-1], out[-5000:]
+    for chatter in ("Reporting training result", "TrainingReport(", "Execution plan of Dataset", "Deprecat"):
+        assert chatter not in out, f"{chatter!r} in the output:\n{out[-5000:]}"
+    assert "trained to kimg 0.008 in 2 ticks" in out
+
+
+def test_ray_trains_per_report_line_is_dropped_unless_verbose() -> None:
+    from ray.train.v2._internal.execution import context
+
+    report_logger = logging.getLogger(context.__file__)  # where Ray 2.60 logs "Reporting training result"
+    console.quiet_train_worker(False)
+    assert not report_logger.isEnabledFor(logging.INFO) and report_logger.isEnabledFor(logging.WARNING)
+    console.quiet_train_worker(True)
+    assert report_logger.isEnabledFor(logging.INFO)
