@@ -82,12 +82,16 @@ def _signature(cfg: Config) -> Any:
 
 def log_generator(tracking_uri: str, run_id: str, artifacts: dict[str, str], step: int) -> str:
     """Log the staged generator as the MLflow model ``generator`` of run ``run_id`` at ``step``; returns
-    its model URI. MLflow's model logging reads the process-wide tracking URI, which is set here."""
+    its model URI. MLflow's model logging reads the process-wide tracking URI and experiment, which are
+    set here (rank 0 logs nothing else through them)."""
     import mlflow
     from mlflow.models import Model
 
     cfg = Config.from_json(Path(artifacts["config"]).read_text())
     mlflow.set_tracking_uri(tracking_uri)
+    # With no active run MLflow files a model under the default experiment, and with a local store puts
+    # its files in ./mlruns of whatever directory the worker runs in: use the run's experiment instead.
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient(tracking_uri).get_run(run_id).info.experiment_id)
     with warnings.catch_warnings():
         # MLflow suggests an input example; validating one would load the model once more on rank 0.
         warnings.filterwarnings("ignore", message=".*input example", category=UserWarning)

@@ -106,7 +106,7 @@ def test_embedded_default_tracks_params_metrics_and_artifacts(finished_run, caps
     )
 
 
-def test_the_final_generator_is_an_mlflow_model_that_generates(finished_run) -> None:
+def test_the_final_generator_is_an_mlflow_model_that_generates(finished_run, monkeypatch) -> None:
     """The logged model, loaded back with MLflow, turns latents into the images the checkpoint's G_ema
     makes of them."""
     import mlflow
@@ -121,7 +121,10 @@ def test_the_final_generator_is_an_mlflow_model_that_generates(finished_run) -> 
     (run,) = client.search_runs([client.get_experiment_by_name("pof3d").experiment_id])
     (output,) = run.outputs.model_outputs
     assert output.step == 16
-    mlflow.set_tracking_uri(uri)
+    assert client.get_logged_model(output.model_id).experiment_id == run.info.experiment_id
+    # models:/ resolves against the process's tracking URI; set through the environment (restored after
+    # the test) because mlflow.set_tracking_uri would also export it to every later run of this session.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
     cfg, G, _, _ = load_models(latest_checkpoint(run_dir))
     z = np.random.default_rng(0).standard_normal((2, cfg.model.z_dim)).astype(np.float32)
