@@ -13,6 +13,7 @@ import optuna
 import pytest
 from micro_config import MICRO as MICRO_MODEL
 from mlflow.tracking import MlflowClient
+from scoped_env import isolated_run_env
 
 from pof3d.config import apply_overrides, preset
 from pof3d.errors import ConfigError
@@ -278,18 +279,9 @@ MICRO = [*MICRO_MODEL, "train.eval_metrics=pose,js"]
 @pytest.fixture(scope="module")
 def study_env(tmp_path_factory):
     """Synthetic-set cache and run root of these tests in a temporary folder."""
-    import os
-
     root = tmp_path_factory.mktemp("study-env")
-    saved = {k: os.environ.get(k) for k in ("POF3D_CACHE", "POF3D_STORAGE", "MLFLOW_TRACKING_URI")}
-    os.environ.update(POF3D_CACHE=str(root / "cache"), POF3D_STORAGE=str(root / "runs"))
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    yield root
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with isolated_run_env(root):
+        yield root
 
 
 def _request(root: Path, name: str, **kwargs):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from micro_config import MICRO
 from mlflow.tracking import MlflowClient
 from mlflow_server import MlflowServer
+from scoped_env import isolated_run_env
 
 from pof3d.run_files import RunFiles, read_metrics_log
 from pof3d.storage import Location
@@ -135,15 +135,8 @@ def test_calls_made_while_the_server_is_away_are_kept_or_back_filled(server, tmp
 
 @pytest.fixture
 def train_env(tmp_path):
-    saved = {k: os.environ.get(k) for k in ("POF3D_CACHE", "POF3D_STORAGE", "MLFLOW_TRACKING_URI")}
-    os.environ.update(POF3D_CACHE=str(tmp_path / "cache"), POF3D_STORAGE=str(tmp_path / "runs"))
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    yield tmp_path
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with isolated_run_env(tmp_path):
+        yield tmp_path
 
 
 @pytest.mark.slow

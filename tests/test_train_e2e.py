@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from micro_config import MICRO
 from mlflow.tracking import MlflowClient
+from scoped_env import isolated_run_env
 
 from pof3d.checkpoint import latest_checkpoint, load_checkpoint
 from pof3d.run_files import RunFiles
@@ -55,15 +56,8 @@ def _assert_continuous(ticks: list[dict], per_tick: int) -> None:
 def _isolated_dirs(tmp_path_factory):
     """The synthetic-set cache and default run root of these tests live in a temporary folder."""
     root = tmp_path_factory.mktemp("train-env")
-    saved = {k: os.environ.get(k) for k in ("POF3D_CACHE", "POF3D_STORAGE", "MLFLOW_TRACKING_URI")}
-    os.environ.update(POF3D_CACHE=str(root / "cache"), POF3D_STORAGE=str(root / "runs"))
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with isolated_run_env(root):
+        yield
 
 
 @pytest.fixture(scope="module")
