@@ -165,6 +165,9 @@ class TrainConfig:
     snapshot_kimg: float = 200.0  #: checkpoint + sample grid cadence, in kimg
     eval_kimg: float = 0.0  #: evaluation cadence in kimg; 0 = no metrics during training
     eval_metrics: str = "pose,js"  #: comma-separated metrics of the evaluations during training
+    #: generated images per evaluation during training (image metrics, depth) and real images for D's
+    #: pose error; JS always draws at least 10,000 poses
+    eval_samples: int = 1000
     seed: int = 0  #: random seed of the networks and the latents
     workers: int = 1  #: Ray Train workers (data-parallel replicas)
     gpus_per_worker: float = 0.0  #: GPUs per worker (0 = CPU)
@@ -345,6 +348,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.pose_init_scale={m.pose_init_scale}: expected a positive number")
     if loss.density_reg_region not in ("cube", "box"):
         raise ConfigError(f"loss.density_reg_region={loss.density_reg_region!r}: expected cube or box")
+    if t.eval_samples < 2:
+        raise ConfigError(f"train.eval_samples={t.eval_samples}: expected at least 2 (FID needs two images)")
     if cfg.data.synthetic_poses not in ("faces", "cars"):
         raise ConfigError(f"data.synthetic_poses={cfg.data.synthetic_poses!r}: expected faces or cars")
     positive = {

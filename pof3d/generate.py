@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from pof3d.config import Config
-from pof3d.data.synthetic import sample_poses
+from pof3d.data.synthetic_scene import sample_poses
 from pof3d.errors import ConfigError, Pof3dError
 from pof3d.evaluate import load_models
 from pof3d.generator import Generator

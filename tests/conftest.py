@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray for the whole test session, temporary dirs, fixed seeds."""
+"""Shared fixtures: the session's S3-compatible server and local Ray, fresh buckets, one torch thread."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import re
 
 import pytest
+import torch
 from scoped_env import scoped_env
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -65,6 +66,15 @@ def ray_local(s3_server):
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for tests on tiny tensors: as fast, and no fight with other processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -194,6 +194,7 @@ def test_overrides_do_not_mutate_the_input() -> None:
         ("model.neural_resolution=48", "model.image_resolution=64 must be 1, 2, 4 or 8 times"),
         ("loss.symmetry_mode=diagonal", "loss.symmetry_mode='diagonal'"),
         ("train.workers=3", "train.batch=8 must be divisible by train.workers=3"),
+        ("train.eval_samples=1", "train.eval_samples=1: expected at least 2"),
     ],
 )
 def test_bad_overrides_are_clear_errors(override: str, message: str) -> None:

@@ -17,7 +17,7 @@ from PIL import Image
 from pof3d.camera import intrinsics, pose_to_cam2world, to_label
 from pof3d.config import load_config
 from pof3d.data.convert import convert
-from pof3d.data.shards import iter_rows, read_manifest
+from pof3d.data.shard_reader import iter_rows, read_manifest
 from pof3d.discriminator import Discriminator
 from pof3d.errors import DataError
 from pof3d.generator import Generator

@@ -17,7 +17,8 @@ from pof3d.camera import intrinsics, pose_to_cam2world, to_label
 from pof3d.data import shards
 from pof3d.data.__main__ import main
 from pof3d.data.convert import convert
-from pof3d.data.shards import ShardWriter, iter_rows, load_arrays, read_manifest, verify
+from pof3d.data.shard_reader import iter_rows, load_arrays, read_manifest, verify
+from pof3d.data.shards import ShardWriter
 from pof3d.errors import DataError
 
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pof3d.data.shards import iter_rows
+from pof3d.data.shard_reader import iter_rows
 from pof3d.data.streaming import _poses, ingest_options, iter_train_batches, make_dataset
 from pof3d.data.synthetic import generate
 from pof3d.errors import DataError

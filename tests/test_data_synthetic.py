@@ -11,8 +11,9 @@ import torch
 
 from pof3d.camera import from_label, pose_from_cam2world
 from pof3d.config import load_config
-from pof3d.data.shards import iter_rows, read_manifest
-from pof3d.data.synthetic import SETTINGS, ensure_synthetic, generate, make_instance, render, sample_poses
+from pof3d.data.shard_reader import iter_rows, read_manifest
+from pof3d.data.synthetic import ensure_synthetic, generate
+from pof3d.data.synthetic_scene import SETTINGS, make_instance, render, sample_poses
 from pof3d.errors import DataError
 
 

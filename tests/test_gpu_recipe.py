@@ -113,8 +113,10 @@ def test_dry_mode_runs_the_recipe_end_to_end_and_writes_the_tables(tmp_path) -> 
         assert (out / "figures" / name).stat().st_size > 1000, name
     run = (out / "run.md").read_text()
     assert "CPU (dry run" in run and "trained to kimg 0.032" in run and "(exit 0)" in run
+    assert "metrics (64 samples) " in done.stdout  # the dry run's evaluation is small
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     (tracked,) = client.search_runs([client.get_experiment_by_name("synthetic-poses").experiment_id])
     assert tracked.info.status == "FINISHED"
     assert tracked.data.params["train.time_limit_min"] == "60.0"  # one hour, the default bound
+    assert tracked.data.params["train.eval_samples"] == "64"
     assert "eval/js" in tracked.data.metrics and "eval/fd_random" in tracked.data.metrics

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from pof3d.data.convert import convert
-from pof3d.data.shards import DEFAULT_SHARD_MB, iter_rows, read_manifest, verify
+from pof3d.data.shard_reader import iter_rows, read_manifest, verify
+from pof3d.data.shards import DEFAULT_SHARD_MB
 from pof3d.data.synthetic import generate
 from pof3d.errors import Pof3dError
 

@@ -33,7 +33,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.exceptions import RayError
 
 from pof3d.data.shard_io import first_rows, open_parquet, read_group, row_location, undecodable
-from pof3d.data.shards import check_shards, read_manifest, resolve
+from pof3d.data.shard_reader import check_shards, read_manifest, resolve
 from pof3d.errors import DataError
 
 if TYPE_CHECKING:

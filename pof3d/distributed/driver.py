@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pof3d.data.shards import check_shards
+from pof3d.data.shard_reader import check_shards
 from pof3d.distributed.launcher import connect, launch
 from pof3d.distributed.plan import RunPlan, TrainRequest, plan_run, prepare_tracking_store, synthetic_data
 from pof3d.distributed.resources import ensure_resources

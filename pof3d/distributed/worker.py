@@ -281,6 +281,7 @@ def _evaluate(trainer: Any, cfg: Config, data_uri: str, device: torch.device) ->
             cfg,
             data_uri,
             names,
+            num_samples=cfg.train.eval_samples,
             device=device,
             seed=cfg.train.seed,
             spread=distributed_spread(device),

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pof3d.data.shards import load_arrays
+from pof3d.data.shard_reader import load_arrays
 from pof3d.layers import resize
 from pof3d.metrics import depth as depthlib
 from pof3d.metrics import fid as fidlib

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pof3d.config import Config
-from pof3d.data.shards import read_manifest
+from pof3d.data.shard_reader import read_manifest
 
 BATCH = 16  # generated samples per forward pass
 FOREGROUND_DEPTH = 0.95  # rendered depth below ray_start + this * (ray_end - ray_start) is foreground

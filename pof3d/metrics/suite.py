@@ -18,8 +18,8 @@ import torch
 
 from pof3d.camera import pose_to_cam2world, to_eg3d
 from pof3d.config import Config
-from pof3d.data.shards import iter_rows, load_arrays
-from pof3d.data.synthetic import sample_poses
+from pof3d.data.shard_reader import iter_rows, load_arrays
+from pof3d.data.synthetic_scene import sample_poses
 from pof3d.errors import ConfigError
 from pof3d.layers import resize
 from pof3d.loss import real_raw_image
@@ -223,5 +223,5 @@ def evaluate_generator(
         if D is not None:
             D.train(modes[1])
     summary = ", ".join(f"{k}={v:.4g}" for k, v in results.items())
-    log.info("metrics %s in %.1f s", summary, time.perf_counter() - started)
+    log.info("metrics (%d samples) %s in %.1f s", num_samples, summary, time.perf_counter() - started)
     return results

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pof3d.config import load_config
-from pof3d.data.shards import load_arrays
+from pof3d.data.shard_reader import load_arrays
 from pof3d.data.synthetic import ensure_synthetic
 from pof3d.loop import Trainer
 

@@ -26,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from pof3d.data.synthetic import sample_poses
+from pof3d.data.synthetic_scene import sample_poses
 
 # The poster's FFHQ ablation (FID, depth, pose, RE, JS), row by row, for the side-by-side table.
 POSTER_FFHQ = {
