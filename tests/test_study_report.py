@@ -87,13 +87,35 @@ def test_report_refuses_a_folder_without_metrics(tmp_path, capsys):
     assert "NAME=RUN_DIR" in capsys.readouterr().err
 
 
-def test_pose_gradients_names_each_term_and_follows_the_weights():
-    """The per-term pose-learner gradients: every active G term appears with a finite, non-zero norm,
-    and a term whose weight is zero is not reported."""
+def _pose_gradients_module():
     path = Path(__file__).resolve().parents[1] / "studies" / "synthetic_poses" / "pose_gradients.py"
     spec = importlib.util.spec_from_file_location("pose_gradients", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_spread_pull_is_the_derivative_of_the_loss_under_a_wider_spread():
+    module = _pose_gradients_module()
+    angles = torch.tensor([[1.0, 1.5], [1.4, 1.7], [2.2, 1.6], [1.7, 1.2]], dtype=torch.float64)
+    target = torch.tensor([1.6, 1.55], dtype=torch.float64)
+
+    def loss(eps: torch.Tensor) -> torch.Tensor:  # eps per column; wider by (1 + eps) about the mean
+        mean = angles.mean(dim=0)
+        return ((mean + (1 + eps) * (angles - mean) - target) ** 2).sum(dim=0)
+
+    x = angles.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(((x - target) ** 2).sum(), x)
+    eps = torch.full((2,), 1e-6, dtype=torch.float64)
+    numeric = (loss(eps) - loss(-eps)) / (2 * eps)
+    torch.testing.assert_close(module.spread_pull(grad, angles), numeric)
+    assert (module.spread_pull(grad, angles) > 0).all()  # spreads wider than the target's point: narrow
+
+
+def test_pose_gradients_names_each_term_and_follows_the_weights():
+    """The per-term pose-learner gradients: every active G term appears with a finite, non-zero norm,
+    and a term whose weight is zero is not reported."""
+    module = _pose_gradients_module()
     torch.manual_seed(0)
     cfg = load_config("tiny")
     G, D = Generator(cfg.model).eval(), Discriminator(cfg.model).eval()
@@ -101,6 +123,7 @@ def test_pose_gradients_names_each_term_and_follows_the_weights():
     for term in ("adversarial", "mirror left_right", "mirror up_down", "pose regulariser"):
         assert full[f"{term}: ‖grad‖ on pose learner"] > 0, term
         assert math.isfinite(full[f"{term}: d/d pitch (per deg)"])
+        assert math.isfinite(full[f"{term}: d/d log yaw spread"])
     assert "D pose error on fakes (deg)" in full
     cfg = load_config("tiny", ["loss.symmetry_weight=0", "loss.pose_gd_weight=0"])
     only_adv = module.pose_gradients(G, D, cfg, images_seen=0, batches=1, batch=4)

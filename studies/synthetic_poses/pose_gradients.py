@@ -3,8 +3,12 @@
     python studies/synthetic_poses/pose_gradients.py runs/long-faithful/checkpoints/checkpoint-kimg*
 
 For each checkpoint (the training G, not the EMA) and ``--batches`` fresh latent batches: the norm of
-the gradient that each G term sends to the pose learner's weights, and the mean gradient on the learned
-pitch and yaw (per degree; negative means a gradient step raises the angle). Terms: the adversarial
+the gradient that each G term sends to the pose learner's weights, the mean gradient on the learned
+pitch and yaw (per degree; negative means a gradient step raises the angle), and how each term pulls on
+the spread of each angle: d loss / d log(spread), the change of the loss when every sample's deviation
+from the batch mean grows by a factor (1 + eps), per eps (positive means a gradient step narrows the
+spread; the batch-mean pulls above cancel between samples on either side of the mean, this does not).
+Terms: the adversarial
 loss, the mirrored-camera loss for each mirror (each weighted by its probability, one half, as the
 coin per batch makes it in expectation) and the pose regulariser. Also D's pose error on those fakes.
 """
@@ -24,6 +28,12 @@ from pof3d.config import Config
 from pof3d.discriminator import Discriminator
 from pof3d.generator import Generator
 from pof3d.loss import PoF3DLoss
+
+
+def spread_pull(grad: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """d loss / d eps per column at eps = 0, where every angle becomes mean + (1 + eps) * (angle - mean):
+    the chain rule over the samples, given the loss's gradient ``grad`` [B, 2] at ``angles`` [B, 2]."""
+    return (grad * (angles - angles.mean(dim=0))).sum(dim=0)
 
 
 def pose_gradients(
@@ -63,10 +73,13 @@ def pose_gradients(
             norm = torch.sqrt(sum((g.square().sum() for g in grads[:-1] if g is not None), torch.zeros(())))
             on_pose = grads[-1] if grads[-1] is not None else torch.zeros_like(angles)
             per_degree = on_pose.mean(dim=0) * math.pi / 180
+            pull = spread_pull(on_pose, angles.detach())
             for key, value in (
                 (f"{name}: ‖grad‖ on pose learner", float(norm)),
                 (f"{name}: d/d pitch (per deg)", float(per_degree[1])),
                 (f"{name}: d/d yaw (per deg)", float(per_degree[0])),
+                (f"{name}: d/d log pitch spread", float(pull[1])),
+                (f"{name}: d/d log yaw spread", float(pull[0])),
             ):
                 sums[key] = sums.get(key, 0.0) + value
     return {k: v / batches for k, v in sums.items()}
