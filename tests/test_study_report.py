@@ -125,6 +125,12 @@ def test_pose_gradients_names_each_term_and_follows_the_weights():
         assert math.isfinite(full[f"{term}: d/d pitch (per deg)"])
         assert math.isfinite(full[f"{term}: d/d log yaw spread"])
     assert "D pose error on fakes (deg)" in full
+    views = module.view_sensitivity(G, n=2)
+    assert views.keys() == {"image change per deg of yaw", "image change per deg of pitch"}
+    assert all(0 < v < 1 for v in views.values()), views
+    data = module.data_view_sensitivity(cfg, n=2)
+    # The synthetic faces have a clear front: their renders change with yaw, more than with pitch.
+    assert data["image change per deg of yaw"] > data["image change per deg of pitch"] > 0
     cfg = load_config("tiny", ["loss.symmetry_weight=0", "loss.pose_gd_weight=0"])
     only_adv = module.pose_gradients(G, D, cfg, images_seen=0, batches=1, batch=4)
     assert {k.split(":")[0] for k in only_adv if ":" in k} == {"adversarial"}
