@@ -49,7 +49,7 @@ import torch
 from pof3d.checkpoint import STATE_FILE, load_checkpoint, save_checkpoint
 from pof3d.config import load_config
 from pof3d.loop import Trainer
-from pof3d.storage import Location, as_local_dir
+from pof3d.storage import S3_CONNECT_TIMEOUT_S, S3_REQUEST_TIMEOUT_S, Location, as_local_dir
 
 BUCKET = "pof3d-bench"
 OLD_READS_MAX_MB = 256  # 1 MiB reads slow down with the object's size on the test server: skip above
@@ -87,6 +87,11 @@ def start_s3() -> tuple[multiprocessing.Process, pafs.S3FileSystem]:
         endpoint_override=f"127.0.0.1:{port}",
         scheme="http",
         allow_bucket_creation=True,
+        # Completing a multipart upload of a large checkpoint takes the in-memory server seconds; with
+        # the S3 client's short default timeout the client retries the completion, which then fails on
+        # the server (the upload is already completed). pof3d's own client waits as long.
+        request_timeout=S3_REQUEST_TIMEOUT_S,
+        connect_timeout=S3_CONNECT_TIMEOUT_S,
     )
     fs.create_dir(BUCKET)
     return server, fs
