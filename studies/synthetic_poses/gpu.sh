@@ -15,7 +15,8 @@
 #
 # Environment:
 #   POF3D_RECIPE_DRY=1    the same pipeline on CPU at the tiny preset for 0.032 kimg, evaluated on 64
-#                         samples (no GPU needed; tests/test_gpu_recipe.py runs it)
+#                         samples and without the depth error, whose estimator trains for about a minute
+#                         on first use (no GPU needed; tests/test_gpu_recipe.py runs it)
 #   POF3D_RECIPE_RUN_DIR  run directory (default runs/synthetic-poses-gpu; dry: a new runs/synthetic-poses-dry-*)
 #   POF3D_RECIPE_OUT      folder for results.md, run.md and figures/ (default studies/synthetic_poses/gpu;
 #                         dry: RUN_DIR/report)
@@ -50,6 +51,7 @@ if [[ "${POF3D_RECIPE_DRY:-0}" != "0" ]]; then
   DEVICE="CPU (dry run: tiny preset, 0.032 kimg, 64 evaluation samples)"
   RUN_DIR="${POF3D_RECIPE_RUN_DIR:-runs/synthetic-poses-dry-$STAMP}"
   OUT="${POF3D_RECIPE_OUT:-$RUN_DIR/report}"
+  METRICS="pose,js,fd_random,kd_random"
   SETUP=(--preset tiny --kimg 0.032
     --set data.synthetic_n=256 --set train.tick_kimg=0.008 --set train.snapshot_kimg=0.016
     --set train.eval_kimg=0.032 --set train.eval_samples=64)
