@@ -10,6 +10,8 @@ import pytest
 import torch
 from scoped_env import scoped_env
 
+pytest_plugins = ["loss_setup"]  # the loss tests' fixtures (tests/loss_setup.py)
+
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 

@@ -1,7 +1,9 @@
-"""The tiny networks, real batch and config of the loss tests (test_losses.py, test_loss_inputs.py)."""
+"""The tiny networks, real batch and config of the loss tests (test_losses.py, test_loss_inputs.py): a pytest
+plugin of tests/conftest.py, so the ``nets`` and ``real`` fixtures are defined once."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pof3d.config import Config, load_config
@@ -24,3 +26,13 @@ def tiny_nets() -> tuple[Generator, Discriminator]:
 
 def real_batch() -> torch.Tensor:
     return torch.rand(B, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def nets() -> tuple[Generator, Discriminator]:
+    return tiny_nets()
+
+
+@pytest.fixture(scope="module")
+def real() -> torch.Tensor:
+    return real_batch()

@@ -8,22 +8,9 @@ import random
 import pytest
 import torch
 from loss_setup import loss_cfg as _cfg
-from loss_setup import real_batch, tiny_nets
 
-from pof3d.discriminator import Discriminator
-from pof3d.generator import Generator
 from pof3d.layers import gaussian_blur, resize
 from pof3d.loss import PoF3DLoss
-
-
-@pytest.fixture(scope="module")
-def nets() -> tuple[Generator, Discriminator]:
-    return tiny_nets()
-
-
-@pytest.fixture(scope="module")
-def real() -> torch.Tensor:
-    return real_batch()
 
 
 def test_mirror_coin_and_modes(nets) -> None:

@@ -18,27 +18,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from loss_setup import B, real_batch, tiny_nets
+from loss_setup import B
 from loss_setup import loss_cfg as _cfg
 
 from pof3d.config import Config
 from pof3d.discriminator import Discriminator
-from pof3d.generator import Generator
 from pof3d.layers import gaussian_blur, resize
 from pof3d.loss import Phase, PoF3DLoss, schedule
 from pof3d.testing.reference_schedule import ReferenceSchedule
 
 SCHEDULES = {"shared": PoF3DLoss, "reference": ReferenceSchedule}
-
-
-@pytest.fixture(scope="module")
-def nets() -> tuple[Generator, Discriminator]:
-    return tiny_nets()
-
-
-@pytest.fixture(scope="module")
-def real() -> torch.Tensor:
-    return real_batch()
 
 
 def _phase(cfg: Config, name: str) -> Phase:

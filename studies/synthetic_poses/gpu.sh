@@ -46,7 +46,6 @@ fi
 MINUTES="$(awk -v h="$HOURS" 'BEGIN { printf "%g", h * 60 }')"
 
 STAMP="$(date +%Y%m%d-%H%M%S)"
-METRICS="pose,js,depth,fd_random,kd_random"
 if [[ "${POF3D_RECIPE_DRY:-0}" != "0" ]]; then
   DEVICE="CPU (dry run: tiny preset, 0.032 kimg, 64 evaluation samples)"
   RUN_DIR="${POF3D_RECIPE_RUN_DIR:-runs/synthetic-poses-dry-$STAMP}"
@@ -70,6 +69,7 @@ if not torch.cuda.is_available():
 print(torch.cuda.get_device_name(0))')"; then
     exit 2
   fi
+  METRICS="pose,js,depth,fd_random,kd_random"
   RUN_DIR="${POF3D_RECIPE_RUN_DIR:-runs/synthetic-poses-gpu}"
   OUT="${POF3D_RECIPE_OUT:-studies/synthetic_poses/gpu}"
   # A few CPUs for the worker's host-side work, leaving the rest to Ray Data's decoding.
