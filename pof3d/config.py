@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from pof3d.config_choices import check_choices
 from pof3d.config_fields import valid_fields
 from pof3d.errors import ConfigError
 
@@ -80,10 +81,10 @@ class ModelConfig:
     cmap_dim: int = 512  #: size of D's pose embedding (the projection's dimension)
     cmap_layers: int = 8  #: layers of the pose-to-cmap mapping (EG3D's label mapping depth)
     pose_aware_d: bool = True  #: D predicts the pose and scores images conditioned on it
-    #: mixed precision (GPU only): D's num_fp16_res highest-resolution blocks and, when > 0, the
-    #: super-resolution blocks in fp16
+    #: reduced-precision layers (train.precision auto on a GPU, or fp16): D's num_fp16_res highest-resolution
+    #: blocks and, when > 0, the super-resolution blocks
     num_fp16_res: int = 4
-    backbone_num_fp16_res: int = 0  #: fp16 blocks of the tri-plane backbone, counted apart (official code: 0)
+    backbone_num_fp16_res: int = 0  #: reduced-precision blocks of the tri-plane backbone (official code: 0)
 
 
 @dataclass
@@ -185,6 +186,11 @@ class TrainConfig:
     #: at once
     resource_wait_min: float = 30.0
     compile: bool = False  #: torch.compile the training step
+    #: arithmetic of the training phases: auto (the official code's fp16/bf16 layers per
+    #: model.num_fp16_res on a GPU, fp32 on a CPU), fp32, bf16 (G's and D's convolutions and matrix
+    #: products in bfloat16, any device) or fp16 (the num_fp16_res layers in float16, clamped to +-256,
+    #: any device); pose learner, rendering, losses and optimiser stay fp32 (docs/training-step.md#precision)
+    precision: str = "auto"
     retain_cpu_memory: bool = True  #: CPU workers keep freed memory (pof3d/host_memory.py)
 
 
@@ -336,22 +342,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"model.{name}={value}: expected a power of two >= 4")
     if m.ray_start >= m.ray_end or m.ray_start < 0:
         raise ConfigError(f"model.ray_start={m.ray_start} must be >= 0 and below model.ray_end={m.ray_end}")
-    if cfg.model.pitch_output not in ("polar", "eg3d"):
-        raise ConfigError(f"model.pitch_output={cfg.model.pitch_output!r}: expected polar or eg3d")
-    if loss.symmetry_mode not in ("flip_both", "flip_both_cars", "left_right"):
-        raise ConfigError(
-            f"loss.symmetry_mode={loss.symmetry_mode!r}: expected flip_both, flip_both_cars or left_right"
-        )
-    if m.sr_noise_mode not in ("none", "random", "const", "caller"):
-        raise ConfigError(f"model.sr_noise_mode={m.sr_noise_mode!r}: expected none, random, const or caller")
+    check_choices(cfg)  # the fields of named values, e.g. loss.symmetry_mode, train.precision
     if not m.pose_init_scale > 0:
         raise ConfigError(f"model.pose_init_scale={m.pose_init_scale}: expected a positive number")
-    if loss.density_reg_region not in ("cube", "box"):
-        raise ConfigError(f"loss.density_reg_region={loss.density_reg_region!r}: expected cube or box")
     if t.eval_samples < 2:
         raise ConfigError(f"train.eval_samples={t.eval_samples}: expected at least 2 (FID needs two images)")
-    if cfg.data.synthetic_poses not in ("faces", "cars"):
-        raise ConfigError(f"data.synthetic_poses={cfg.data.synthetic_poses!r}: expected faces or cars")
     positive = {
         "train.batch": t.batch,
         "train.workers": t.workers,

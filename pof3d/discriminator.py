@@ -18,21 +18,20 @@ pose head and to the projection. The results are identical and half of D's work 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 
 import torch
 from torch import nn
 
+from pof3d import precision
 from pof3d.config import ModelConfig
 from pof3d.errors import CheckpointError
 from pof3d.layers import Conv2dLayer, FullyConnected, MinibatchStd, resize
+from pof3d.precision import clamp_half
 
 logger = logging.getLogger(__name__)
 
-# EG3D clamps conv outputs of fp16 blocks to +-256 so that half precision cannot overflow.
-FP16_CLAMP = 256.0
 # The conditioning mapping's layers train 100x slower than the rest of D, as EG3D's label mapping
 # (the official code's MappingNetwork default, which its D keeps); its embedding trains at full rate.
 CMAP_LR_MULT = 0.01
@@ -61,14 +60,11 @@ class DiscriminatorBlock(nn.Module):
         if self.fromrgb is not None:
             x = self.fromrgb(img)
         assert x is not None
-        y = _clamp_half(self.skip(x, gain=SKIP_GAIN))
-        x = _clamp_half(self.conv0(x))
-        x = _clamp_half(self.conv1(x, gain=SKIP_GAIN))
+        # The official code clamps float16 conv outputs to +-256 (precision.FP16_CLAMP); other dtypes pass.
+        y = clamp_half(self.skip(x, gain=SKIP_GAIN))
+        x = clamp_half(self.conv0(x))
+        x = clamp_half(self.conv1(x, gain=SKIP_GAIN))
         return y + x
-
-
-def _clamp_half(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp(-FP16_CLAMP, FP16_CLAMP) if x.dtype == torch.float16 else x
 
 
 class ConditionMapping(nn.Module):
@@ -142,43 +138,47 @@ class Discriminator(nn.Module):
         else:
             self.out = FullyConnected(width, 1)
 
-    def _precision(
-        self, block: DiscriminatorBlock, device: torch.device
-    ) -> contextlib.AbstractContextManager:
-        if block.use_fp16 and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
-
     def features(self, image: torch.Tensor, image_raw: torch.Tensor) -> torch.Tensor:
-        """The backbone: dual input -> residual blocks -> minibatch std, conv -> ``[B, width * 16]``."""
+        """The backbone: dual input -> residual blocks -> minibatch std, conv -> ``[B, width * 16]``.
+
+        Each block computes in the dtype pof3d/precision.py gives it; the features are float32 unless
+        ``train.precision=bf16`` (then bfloat16, which the heads read under the same autocast).
+        """
         self._check_images(image, image_raw)
         img = torch.cat((image, resize(image_raw, self.resolution)), dim=1)
         img = img.contiguous(memory_format=torch.channels_last)  # convolutions run fastest in this layout
         x: torch.Tensor | None = None
         for block in self.blocks:
-            if x is not None and not block.use_fp16:
-                x = x.float()
-            with self._precision(block, img.device):
+            dtype = precision.part_dtype(img.device, "D", block.use_fp16)
+            if x is not None and dtype is None:
+                x = x.float()  # a float32 block after reduced-precision ones
+            with precision.autocast(img.device, dtype):
                 x = block(x, img)
         assert x is not None
         x = self.mbstd(x.float())
-        return self.conv(x).flatten(1)
+        with precision.region(img.device, "D"):
+            return self.conv(x).flatten(1)
 
     def predict_pose(self, features: torch.Tensor) -> torch.Tensor:
-        """Pose head: the raw (h, v) regressed from the flattened 4x4 features."""
+        """Pose head: the raw (h, v) regressed from the flattened 4x4 features (float32)."""
         if not self.pose_aware:
             raise ValueError("this discriminator was built with pose_aware_d=False and has no pose head")
-        return self.pose_head(features)
+        with precision.region(features.device, "D"):
+            pose = self.pose_head(features)
+        return pose.float()  # the pose loss and the pose regulariser's target are float32
 
     def score(self, features: torch.Tensor, pose: torch.Tensor | None) -> torch.Tensor:
-        """Real/fake logits ``[B, 1]``: projection on ``cmap(pose)``, or a plain linear score."""
-        out = self.out(self.fc(features))
-        if not self.pose_aware:
-            return out
-        if pose is None:
+        """Real/fake logits ``[B, 1]`` (float32): projection on ``cmap(pose)``, or a plain linear score."""
+        if self.pose_aware and pose is None:
             raise ValueError("a pose-aware discriminator needs a pose to score with")
-        cmap = self.cmap(pose)
-        return (out * cmap).sum(dim=1, keepdim=True) / math.sqrt(self.cmap_dim)
+        with precision.region(features.device, "D"):
+            out = self.out(self.fc(features))
+            cmap = self.cmap(pose) if self.pose_aware else None
+        # The projection and everything after it (the losses, R1's gradient) are float32.
+        out = out.float()
+        if cmap is None:
+            return out
+        return (out * cmap.float()).sum(dim=1, keepdim=True) / math.sqrt(self.cmap_dim)
 
     def forward(
         self, image: torch.Tensor, image_raw: torch.Tensor, pose: torch.Tensor | None = None

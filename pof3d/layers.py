@@ -65,12 +65,18 @@ class _DepthwiseFilter(torch.autograd.Function):
     time: one small convolution per channel. On a GPU that is thousands of kernel launches per R1 step
     (0.56 s of the 0.58 s R1 phase at ``anchor``, 12 s at ``ffhq512``). Here the backward pass is a
     ``conv_transpose2d`` recorded as an ordinary op, so the second derivative is one grouped ``conv2d``.
-    The filter is a constant: it gets no gradient.
+    The filter is a constant: it gets no gradient. It computes in the dtype of ``x`` even under autocast:
+    the backward pass convolves the output's gradient with the saved kernel, so both must share a dtype
+    (CPU autocast, for one, hands a reflect-padded bfloat16 input on as float32), and a fixed low-pass
+    filter gains nothing from reduced precision.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(kernel)
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.conv2d(x, kernel, groups=x.shape[1])
         return F.conv2d(x, kernel, groups=x.shape[1])
 
     @staticmethod

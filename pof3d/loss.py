@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pof3d import precision
 from pof3d.batch_scaling import effective_blur_fade_kimg
 from pof3d.camera import angular_error, mirror_pose
 from pof3d.config import Config
@@ -189,7 +190,9 @@ class PoF3DLoss:
         if not phase.active:
             return {}
         other = self.D if phase.network == "G" else self.G
-        with frozen(other):
+        # G and D compute in train.precision's dtypes during the phase (pof3d/precision.py); the losses,
+        # R1's penalty and every backward pass here run outside their autocast regions, in float32.
+        with frozen(other), precision.training(self.cfg.train.precision):
             return phase.run(self, real, gain, self.blur_sigma(images_seen))
 
     def g_main(self, real: torch.Tensor, gain: float, sigma: float) -> Figures:

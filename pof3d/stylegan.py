@@ -7,14 +7,15 @@ module, which is the same kind of block conditioned on the last w.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 
 import torch
 from torch import nn
 
+from pof3d import precision
 from pof3d.layers import FullyConnected, ModulatedConv2d, upsample2d
+from pof3d.precision import clamp_half
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,10 @@ class MappingNetwork(nn.Module):
     ) -> torch.Tensor:
         """Return ws ``[B, num_ws, w_dim]``; ``update_w_avg`` is for training steps only."""
         x = normalize_2nd_moment(z.to(torch.float32))
-        for layer in self.layers:
-            x = layer(x)
+        with precision.region(z.device, "G"):
+            for layer in self.layers:
+                x = layer(x)
+        x = x.float()  # w feeds the pose learner and the running mean, which stay float32
         if update_w_avg:
             with torch.no_grad():
                 self.w_avg.copy_(x.detach().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))
@@ -72,17 +75,6 @@ class MappingNetwork(nn.Module):
     def truncate(self, ws: torch.Tensor, truncation_psi: float) -> torch.Tensor:
         """ws pulled toward ``w_avg``: ``w_avg + psi * (ws - w_avg)`` (psi = 1 returns ws itself)."""
         return ws if truncation_psi == 1.0 else self.w_avg.lerp(ws, truncation_psi)
-
-
-def autocast_region(enabled: bool, x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast for a high-resolution block on CUDA; a no-op on CPU.
-
-    bfloat16 has float32's exponent range, so unlike float16 it needs neither a loss scaler nor
-    EG3D's activation clamping.
-    """
-    if enabled and x.is_cuda:
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class SynthesisBlock(nn.Module):
@@ -132,11 +124,13 @@ class SynthesisBlock(nn.Module):
             # convolutions run on it without reordering to and from their blocked formats.
             x = self.const.unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast_region(self.use_fp16, x):
+        # The official code clamps the conv outputs of its float16 blocks (conv_clamp=256); clamp_half
+        # passes other dtypes unchanged.
+        with precision.region(x.device, "G", self.use_fp16):
             if self.conv0 is not None:
-                x = self.conv0(x, next(w_iter), noise_mode)
-            x = self.conv1(x, next(w_iter), noise_mode)
-            y = self.torgb(x, next(w_iter)).float()
+                x = clamp_half(self.conv0(x, next(w_iter), noise_mode))
+            x = clamp_half(self.conv1(x, next(w_iter), noise_mode))
+            y = clamp_half(self.torgb(x, next(w_iter))).float()
         if img is not None:
             img = upsample2d(img) if self.up else img
             y = img + y
@@ -146,8 +140,9 @@ class SynthesisBlock(nn.Module):
 class SynthesisNetwork(nn.Module):
     """StyleGAN2 synthesis from 4x4 up to ``resolution`` with ``out_channels`` output channels.
 
-    Channels at resolution r are ``min(channel_base // r, channel_max)``. With ``num_fp16_res > 0`` the
-    highest resolutions run under bfloat16 autocast on CUDA (EG3D's rule for which ones).
+    Channels at resolution r are ``min(channel_base // r, channel_max)``. The ``num_fp16_res`` highest
+    resolutions (EG3D's rule for which ones) are the blocks that ``train.precision`` auto and fp16 run in
+    reduced precision (pof3d/precision.py).
     """
 
     def __init__(
