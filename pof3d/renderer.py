@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pof3d.config import ModelConfig
-from pof3d.triplane import TriplaneDecoder, channels_last, sample_triplanes
+from pof3d.triplane import RGB_AFFINE, TriplaneDecoder, channels_last, sample_plane_sum, sample_triplanes
 
 log = logging.getLogger(__name__)
 
@@ -126,41 +126,56 @@ class VolumeRenderer(nn.Module):
         self.white_background = m.white_background
         self.box_warp, self.quirk = m.box_warp, m.triplane_quirk
 
-    def density(self, planes: torch.Tensor, decoder: TriplaneDecoder, points: torch.Tensor) -> torch.Tensor:
+    def density(self, planes: torch.Tensor, decoder: nn.Module, points: torch.Tensor) -> torch.Tensor:
         """Raw (not activated) density ``[B, N, 1]`` at world ``points`` ``[B, N, 3]``."""
-        return decoder(sample_triplanes(planes, points, self.box_warp, self.quirk))["sigma"]
+        return self._decode(planes, decoder, points)[1].unsqueeze(-1)
+
+    def _decode(
+        self, planes: torch.Tensor, decoder: nn.Module, points: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float] | None]:
+        """Features ``[B, C, N]`` (channels first) and raw density ``[B, N]`` at ``points`` ``[B, N, 3]``,
+        with the affine colour map still to apply to composited features (None: already applied).
+
+        The tri-plane decoder reads the plane sum channels first (:meth:`TriplaneDecoder.decode`); any
+        other module gets the per-plane samples ``[B, 3, N, C]`` and returns ``{"rgb": [B, N, C],
+        "sigma": [B, N, 1]}`` (the analytic fields of the renderer's tests).
+        """
+        if isinstance(decoder, TriplaneDecoder):
+            sigma, features = decoder.decode(sample_plane_sum(planes, points, self.box_warp, self.quirk))
+            return features, sigma, RGB_AFFINE
+        out = decoder(sample_triplanes(planes, points, self.box_warp, self.quirk))
+        return out["rgb"].transpose(1, 2), out["sigma"].squeeze(-1), None
 
     def _query(
         self,
         planes: torch.Tensor,
-        decoder: TriplaneDecoder,
+        decoder: nn.Module,
         origins: torch.Tensor,
         directions: torch.Tensor,
         depths: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float] | None]:
-        """Features ``[B, N, S, C]``, raw density ``[B, N, S]`` at the given depths along each ray, and
+        """Features ``[B, C, N, S]``, raw density ``[B, N, S]`` at the given depths along each ray, and
         the affine map still to apply to the composited features (None: already applied)."""
         b, n, s = depths.shape
         points = origins[:, :, None, :] + depths[..., None] * directions[:, :, None, :]
-        sampled = sample_triplanes(planes, points.reshape(b, n * s, 3), self.box_warp, self.quirk)
-        # Any decoder module works here; the tri-plane decoder can leave its colour map to compositing.
-        deferrable = isinstance(decoder, TriplaneDecoder)
-        out = decoder(sampled, defer_affine=True) if deferrable else decoder(sampled)
-        return out["rgb"].reshape(b, n, s, -1), out["sigma"].reshape(b, n, s), out.get("rgb_affine")
+        features, sigma, affine = self._decode(planes, decoder, points.reshape(b, n * s, 3))
+        return features.view(b, -1, n, s), sigma.view(b, n, s), affine
 
     def forward(
         self,
         planes: torch.Tensor,
-        decoder: TriplaneDecoder,
+        decoder: nn.Module,
         origins: torch.Tensor,
         directions: torch.Tensor,
         jitter: bool | None = None,
     ) -> dict[str, torch.Tensor]:
         """Composite the field along rays ``[B, N, 3]``.
 
-        Returns ``features`` ``[B, N, C]`` (in [-1, 1]; first 3 channels RGB), ``depth`` ``[B, N, 1]``
-        (expected depth of the ray's termination) and ``weights_sum`` ``[B, N, 1]`` (opacity).
-        Depths are jittered when ``jitter`` is True; by default in training mode only.
+        Returns ``features`` ``[B, N, C]`` (in [-1, 1]; first 3 channels RGB; a transposed view of the
+        channels-first ``[B, C, N]`` result, so ``features.transpose(1, 2)`` is the feature image
+        without a copy), ``depth`` ``[B, N, 1]`` (expected depth of the ray's termination) and
+        ``weights_sum`` ``[B, N, 1]`` (opacity). Depths are jittered when ``jitter`` is True; by default
+        in training mode only.
         """
         jitter = self.training if jitter is None else jitter
         b, n, _ = origins.shape
@@ -186,7 +201,8 @@ class VolumeRenderer(nn.Module):
         order: torch.Tensor | None,
         affine: tuple[float, float] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """March sorted samples; ``order`` maps sorted positions to the concatenated ``features``.
+        """March sorted samples; ``order`` maps sorted positions to the concatenated ``features``
+        (``[B, C, N, S]`` each, channels first).
 
         ``affine`` = (scale, offset) is the decoder's per-sample colour map, deferred to here:
         sum_s w_s (scale f_s + offset) = scale sum_s w_s f_s + offset sum_s w_s.
@@ -205,12 +221,15 @@ class VolumeRenderer(nn.Module):
             per_sample = torch.zeros_like(per_sample).scatter(-1, order, per_sample)
         out, start = None, 0
         for feat in features:
-            s = feat.shape[-2]
-            part = torch.einsum("bns,bnsc->bnc", per_sample[..., start : start + s], feat)
+            s = feat.shape[-1]
+            # A weighted sum over a ray's few samples: an element-wise product and a sum, which beat
+            # a batched matrix product of one [1, S] x [S, C] product per ray.
+            part = (feat * per_sample[:, None, :, start : start + s]).sum(dim=-1)
             out = part if out is None else out + part
             start += s
+        total_cf = total.transpose(1, 2)  # [B, 1, N]
         if affine is not None:
-            out = out * affine[0] + total * affine[1]
+            out = out * affine[0] + total_cf * affine[1]
         if self.white_background:
-            out = out + (1.0 - total)
-        return {"features": out * 2.0 - 1.0, "depth": depth, "weights_sum": total}
+            out = out + (1.0 - total_cf)
+        return {"features": (out * 2.0 - 1.0).transpose(1, 2), "depth": depth, "weights_sum": total}

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pof3d import plane_kernel, precision
 from pof3d.layers import FullyConnected
 
 # For each plane, the world axes read as (grid x, grid y) = (plane width, plane height).
@@ -75,20 +76,22 @@ def channels_last(planes: torch.Tensor) -> torch.Tensor:
     return planes.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
 
-def _mean_over_planes(sampled: torch.Tensor) -> torch.Tensor:
-    """Mean over the plane axis of ``[B, 3, N, C]``, reduced in the layout the samples are stored in.
+def sample_plane_sum(
+    planes: torch.Tensor, points: torch.Tensor, box_warp: float, quirk: bool = False
+) -> torch.Tensor:
+    """Sum over the three planes of the bilinear features of ``points`` ``[B, N, 3]``: ``[B, C, N]``.
 
-    :func:`sample_triplanes` returns a transposed view of grid_sample's ``[B, 3, C, N]`` output.
-    Reducing in that layout, and making the incoming gradient contiguous (a copy of the mean, a third
-    of the size), hands grid_sample's backward its gradient in its own layout; otherwise autograd
-    would transpose the three times larger per-plane gradient.
+    The decoder takes the mean as this sum with 1/3 folded into its first layer's weight. On the CPU
+    the sum comes from :mod:`pof3d.plane_kernel` (the same values and gradients, several times faster
+    than ``grid_sample``'s backward pass there) as a transposed view of its ``[B, N, C]`` result;
+    elsewhere from ``grid_sample``, channels first as it writes them, so neither the sum nor its
+    backward pass transposes anything.
     """
-    if sampled.stride(-2) != 1:
-        return sampled.mean(dim=1)
-    mean = sampled.transpose(2, 3).mean(dim=1)  # [B, C, N], contiguous
-    if mean.requires_grad:
-        mean.register_hook(torch.Tensor.contiguous)
-    return mean.transpose(1, 2)
+    b, _, c = planes.shape[:3]
+    grid = project_to_planes(points.to(planes.dtype), box_warp, quirk).permute(0, 2, 1, 3)
+    if plane_kernel.usable(planes, grid):
+        return plane_kernel.plane_sum(planes.permute(0, 1, 3, 4, 2), grid).transpose(1, 2)
+    return sample_triplanes(planes, points, box_warp, quirk).transpose(2, 3).view(b, 3, c, -1).sum(dim=1)
 
 
 class TriplaneDecoder(nn.Module):
@@ -96,6 +99,8 @@ class TriplaneDecoder(nn.Module):
 
     The first output channel is the raw density (activated by the renderer); the remaining
     ``out_features`` channels go through a widened sigmoid, the first three being RGB in [0, 1].
+    The renderer calls :meth:`decode` on the plane sum, channels first; ``forward`` takes per-plane
+    samples ``[B, 3, N, C]`` and computes the same through it.
     """
 
     def __init__(self, in_channels: int, hidden: int, out_features: int) -> None:
@@ -104,17 +109,33 @@ class TriplaneDecoder(nn.Module):
         self.hidden = FullyConnected(in_channels, hidden, lr_mult=1.0)
         self.out = FullyConnected(hidden, 1 + out_features, lr_mult=1.0)
 
-    def forward(self, sampled: torch.Tensor, defer_affine: bool = False) -> dict[str, torch.Tensor]:
-        """sampled ``[B, 3, N, C]`` -> ``{"rgb": [B, N, out_features], "sigma": [B, N, 1]}``.
+    def decode(self, plane_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plane sum ``[B, C, N]`` (:func:`sample_plane_sum`) -> raw density ``[B, N]`` and the plain
+        sigmoid of the features ``[B, out_features, N]``, channels first; the widening ``RGB_AFFINE`` is
+        left to the caller (the renderer applies it once per ray after compositing, which is linear and
+        whose weights sum to the opacity: two passes fewer over the per-sample features).
 
-        With ``defer_affine`` the widening ``rgb = scale * sigmoid + offset`` is not applied; ``rgb`` is
-        the plain sigmoid and ``rgb_affine`` holds ``(scale, offset)``. The renderer then applies it once
-        per ray after compositing (compositing is linear and its weights sum to the opacity), which
-        saves two passes over the per-sample features and one in the backward pass.
+        Channels first, each layer is one ``[out, in] @ [in, N]`` product per image, and the features come
+        out in the layout of the image the renderer composites, so no per-sample tensor is transposed
+        forward or backward.
         """
-        x = self.out(F.softplus(self.hidden(_mean_over_planes(sampled))))
-        sigma, features = x.split((1, self.out_features), dim=-1)  # split's backward is one concatenation
-        if defer_affine:
-            return {"rgb": torch.sigmoid(features), "sigma": sigma, "rgb_affine": RGB_AFFINE}
+        # In the precision the phase asks for (pof3d/precision.py); the renderer gets float32 whatever the
+        # MLP computed in, since its density activation, transmittance and compositing stay float32.
+        with precision.region(plane_sum.device, "G"):
+            # The mean over the three planes is folded into the first weight: W (s / 3) = (W / 3) s.
+            w1 = self.hidden.weight * (self.hidden.weight_gain / 3.0)
+            b1 = self.hidden.bias * self.hidden.bias_gain
+            h = F.softplus(torch.baddbmm(b1[:, None], w1.expand(plane_sum.shape[0], -1, -1), plane_sum))
+            w2 = self.out.weight * self.out.weight_gain
+            b2 = self.out.bias * self.out.bias_gain
+            x = torch.baddbmm(b2[:, None], w2.expand(h.shape[0], -1, -1), h)
+            sigma, features = x.split((1, self.out_features), dim=1)  # split's backward: one concatenation
+            features = torch.sigmoid(features)
+        return sigma.squeeze(1).float(), features.float()
+
+    def forward(self, sampled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-plane samples ``[B, 3, N, C]`` -> ``{"rgb": [B, N, out_features], "sigma": [B, N, 1]}``,
+        the colour widened to ``RGB_AFFINE``."""
+        sigma, features = self.decode(sampled.sum(dim=1).transpose(1, 2))
         scale, offset = RGB_AFFINE
-        return {"rgb": torch.sigmoid(features) * scale + offset, "sigma": sigma}
+        return {"rgb": features.transpose(1, 2) * scale + offset, "sigma": sigma.unsqueeze(-1)}

@@ -1,0 +1,101 @@
+"""The CPU tri-plane sampling kernel against torch's grid_sample, its build cache and its fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from pof3d import plane_kernel
+from pof3d.triplane import channels_last, sample_plane_sum, sample_triplanes
+
+pytestmark = pytest.mark.skipif(not plane_kernel.available(), reason="no C++ compiler on this machine")
+
+
+def _reference(planes: torch.Tensor, points: torch.Tensor, quirk: bool) -> torch.Tensor:
+    """grid_sample per plane, summed over planes, channels first ``[B, C, N]``."""
+    return sample_triplanes(planes, points, 1.0, quirk).sum(dim=1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("quirk", [True, False])
+def test_values_and_both_gradients_match_grid_sample(quirk: bool) -> None:
+    torch.manual_seed(0)
+    planes = channels_last(torch.randn(2, 3, 8, 16, 12)).requires_grad_(True)  # non-square planes too
+    # A third of the points lie outside the box: zero padding gives them no value and no gradient there.
+    points = (torch.rand(2, 600, 3) * 1.5 - 0.75).requires_grad_(True)
+    weights = torch.randn(2, 8, 600)
+    results = []
+    for sample in (_reference, lambda p, x, q: sample_plane_sum(p, x, 1.0, q)):
+        out = sample(planes, points, quirk)
+        results.append((out, *torch.autograd.grad((out * weights).sum(), (planes, points))))
+    (ref, ref_planes, ref_points), (got, got_planes, got_points) = results
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_planes, ref_planes, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_points, ref_points, rtol=1e-4, atol=1e-4)
+    assert ref_points.abs().max() > 1  # the point gradients are not trivially small
+
+
+def test_the_kernel_runs_and_each_gradient_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = plane_kernel._PlaneSum.apply
+    monkeypatch.setattr(plane_kernel._PlaneSum, "apply", lambda *a: calls.append(1) or original(*a))
+    planes = channels_last(torch.randn(1, 3, 4, 8, 8)).requires_grad_(True)
+    points = torch.rand(1, 50, 3) - 0.5  # no gradient wanted: the density regulariser's points
+    (grad,) = torch.autograd.grad(sample_plane_sum(planes, points, 1.0).sum(), (planes,))
+    assert calls and grad.abs().sum() > 0
+    # Doubles are not the kernel's: grid_sample takes them, with the same values.
+    double = sample_plane_sum(planes.double(), points.double(), 1.0)
+    torch.testing.assert_close(double.float(), _reference(planes, points, False), rtol=1e-5, atol=1e-6)
+    assert len(calls) == 1
+
+
+def test_bad_shapes_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"planes must be \[B, 3, H, W, C\]"):
+        plane_kernel.plane_sum(torch.zeros(1, 2, 4, 4, 3), torch.zeros(1, 2, 5, 2))
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+PROBE = """
+    import logging, torch
+    logging.basicConfig(level=logging.WARNING)
+    from pof3d import plane_kernel
+    from pof3d.triplane import sample_plane_sum, sample_triplanes
+    planes, points = torch.randn(1, 3, 4, 8, 8), torch.rand(1, 20, 3) - 0.5
+    expected = sample_triplanes(planes, points, 1.0).sum(1).transpose(1, 2)
+    assert torch.allclose(sample_plane_sum(planes, points, 1.0), expected, atol=1e-6)
+    print("available", plane_kernel.available())
+"""
+
+
+def test_the_library_is_built_once_and_reused(tmp_path) -> None:
+    first = _run(PROBE, POF3D_KERNEL_CACHE=str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    assert "available True" in first.stdout
+    (library,) = tmp_path.glob("plane_sampler-*.so")
+    built = library.stat().st_mtime_ns
+    second = _run(PROBE, POF3D_KERNEL_CACHE=str(tmp_path))
+    assert "available True" in second.stdout, second.stderr
+    assert library.stat().st_mtime_ns == built  # loaded from the cache, not compiled again
+    assert [p.name for p in tmp_path.iterdir()] == [library.name]  # no partial files left behind
+
+
+def test_without_a_compiler_sampling_falls_back_with_one_warning(tmp_path) -> None:
+    broken = _run(PROBE, POF3D_KERNEL_CACHE=str(tmp_path), CXX="/bin/false")
+    assert broken.returncode == 0, broken.stderr
+    assert "available False" in broken.stdout
+    assert broken.stderr.count("tri-plane sampling kernel is not available") == 1
+    switched_off = _run(PROBE, POF3D_PLANE_KERNEL="0")
+    assert "available False" in switched_off.stdout and "POF3D_PLANE_KERNEL=0" in switched_off.stderr
