@@ -11,10 +11,11 @@ context (:func:`region`); the training phases choose the mode (:func:`training`,
 - ``fp32``: no autocast anywhere.
 - ``fp16``: the official code's mixed precision on any device: those same blocks of D, the
   super-resolution and the backbone in float16, their conv outputs clamped to +-256 (:func:`clamp_half`).
-- ``bf16``: every convolution and matrix product of G (mapping, backbone, tri-plane decoder,
-  super-resolution) and of D in bfloat16, on any device.
+- ``bf16``: every convolution and matrix product of G (backbone, tri-plane decoder, super-resolution) and
+  of D in bfloat16, on any device.
 
-In every mode the pose learner, the camera and rays, the volume renderer's density activation,
+In every mode the mapping network and the pose learner (the learned pose comes from them), the camera and
+rays, the volume renderer's density activation,
 transmittance, compositing and depth, the losses and R1's penalty run in float32: reduced-precision
 parts hand float32 tensors on. Autocast only changes the arithmetic of the forward pass; parameters, their
 gradients and Adam's moments stay float32. No gradient scaler is used: bfloat16 has float32's exponent
@@ -74,7 +75,7 @@ def part_dtype(device: torch.device, network: Network, reduced: bool = False) ->
 
     ``reduced`` marks the parts that the official code runs in reduced precision: D's ``num_fp16_res``
     highest-resolution blocks, the super-resolution blocks and the backbone's ``backbone_num_fp16_res``
-    blocks. The other parts (mapping, decoder, D's epilogue and heads, the lower-resolution blocks) are
+    blocks. The other parts (decoder, D's epilogue and heads, the lower-resolution blocks) are
     only reduced by ``bf16``.
     """
     if _mode == "bf16":

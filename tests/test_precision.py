@@ -33,9 +33,9 @@ FP16_MODEL = ("model.num_fp16_res=2",)
 # the gradient of G's main parameters / of the pose learner / of D}. Measured with the renderer reading the
 # decoder through its plane-sum path; the earlier per-plane path gave errors within 1.5x of these.
 BF16_TOLERANCE = {
-    # measured: losses 5.1e-3 (G_sym; G_adv 4.2e-3, G_pose 1.8e-3), G 4.0e-2, pose learner 1.4e-1
-    "G_main": {"loss": 1.5e-2, "G": 0.12, "pose": 0.5},
-    # measured: loss 1.1e-3, G 1.1e-1 (the decoder computes densities in fp32 here, see Generator.density)
+    # measured: losses 5.0e-3, G 6.3e-2, pose learner 1.5e-2 (1.4e-1 while the mapping ran in bf16)
+    "G_main": {"loss": 1.5e-2, "G": 0.2, "pose": 0.1},
+    # measured: loss 6.1e-4, G 1.1e-1 (the decoder computes densities in fp32 here, see Generator.density)
     "G_density": {"loss": 4e-3, "G": 0.35},
     # measured: losses 1.1e-2 (D_sym; D_fake 9.3e-3, D_pose 1.8e-3, D_real 1.4e-4), D 3.0e-2
     "D_main": {"loss": 3.5e-2, "D": 0.1},
@@ -53,9 +53,10 @@ FP16_TOLERANCE = {
     # measured: loss 5.1e-4, D 1.4e-3
     "D_r1": {"loss": 1.5e-3, "D": 5e-3},
 }
-# Over seeds 0-4 of networks and batch the errors spread widely: bf16 pose learner 0.3 %-29 %, D_r1's D
-# 5 %-28 %. The pose learner's gradient sums the contributions of every rendered pixel, which mostly cancel,
-# so a small error in each leaves a large relative error in the sum.
+# Over seeds 0-4 of networks and batch the errors spread widely (measured while the mapping still ran in
+# bf16): bf16 pose learner 0.3 %-29 %, D_r1's D 5 %-28 %. The pose learner's gradient sums the
+# contributions of every rendered pixel, which mostly cancel, so a small error in each leaves a large
+# relative error in the sum.
 
 
 def _nets(*overrides: str) -> tuple[Generator, Discriminator]:
@@ -189,23 +190,22 @@ def _output_dtypes(modules: dict[str, torch.nn.Module], run) -> dict[str, torch.
 def test_bf16_runs_convolutions_in_bfloat16_and_hands_float32_on(nets, real) -> None:
     G, D = nets
     modules = {
-        "mapping": G.mapping.layers[0],
         "backbone": G.backbone.blocks[-1].conv1,
         "superres": G.superres.blocks[-1].conv1,
         "D block": D.blocks[0].conv0,
         "D epilogue": D.conv,
         "D heads": D.pose_head,
         # float32 by design
+        "mapping": G.mapping.layers[0],
         "pose learner": G.pose_learner,
         "renderer": G.renderer,
         "D": D,
     }
     seen = _output_dtypes(modules, lambda: _run(nets, real, "G_main", "train.precision=bf16"))
-    reduced = ("mapping", "backbone", "superres", "D block", "D epilogue", "D heads")
+    reduced = ("backbone", "superres", "D block", "D epilogue", "D heads")
     assert {k: seen[k] for k in reduced} == dict.fromkeys(reduced, torch.bfloat16)
-    assert {k: seen[k] for k in ("pose learner", "renderer", "D")} == dict.fromkeys(
-        ("pose learner", "renderer", "D"), torch.float32
-    )
+    kept = ("mapping", "pose learner", "renderer", "D")
+    assert {k: seen[k] for k in kept} == dict.fromkeys(kept, torch.float32)
     # Autocast, not conversion: parameters and their gradients stay float32.
     assert all(p.dtype == torch.float32 for p in [*G.parameters(), *D.parameters()])
     assert all(p.grad.dtype == torch.float32 for p in G.parameters() if p.grad is not None)
