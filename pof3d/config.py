@@ -173,6 +173,9 @@ class TrainConfig:
     workers: int = 1  #: Ray Train workers (data-parallel replicas)
     gpus_per_worker: float = 0.0  #: GPUs per worker (0 = CPU)
     cpus_per_worker: float = 0.5  #: CPUs each worker holds; the rest is left to Ray Data's decoding
+    #: torch threads of each worker; 0 = the node's cores shared evenly among its workers (Ray would
+    #: otherwise give a worker one thread per CPU it holds: one for a 0.5-CPU worker)
+    cpu_threads: int = 0
     keep_checkpoints: int = 3  #: newest checkpoints kept in the run directory
     max_failures: int = 2  #: worker-group failures Ray Train recovers from before the run fails
     #: wall-clock bound in minutes (0 = none), counted from the start of the launch (Ray workers
@@ -367,6 +370,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.time_limit_min={t.time_limit_min}: expected minutes >= 0 (0 = no limit)")
     if t.resource_wait_min < 0:
         raise ConfigError(f"train.resource_wait_min={t.resource_wait_min}: expected minutes >= 0 (0 = none)")
+    if t.cpu_threads < 0:
+        raise ConfigError(f"train.cpu_threads={t.cpu_threads}: expected 0 (automatic) or a thread count")
     if t.cpus_per_worker <= 0 and t.gpus_per_worker <= 0:
         raise ConfigError("train.cpus_per_worker and train.gpus_per_worker cannot both be 0")
     if cfg.data.resolution != m.image_resolution:

@@ -195,6 +195,7 @@ def test_overrides_do_not_mutate_the_input() -> None:
         ("loss.symmetry_mode=diagonal", "loss.symmetry_mode='diagonal'"),
         ("train.workers=3", "train.batch=8 must be divisible by train.workers=3"),
         ("train.eval_samples=1", "train.eval_samples=1: expected at least 2"),
+        ("train.cpu_threads=-1", "train.cpu_threads=-1: expected 0"),
     ],
 )
 def test_bad_overrides_are_clear_errors(override: str, message: str) -> None:

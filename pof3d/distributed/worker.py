@@ -61,6 +61,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = _device(cfg)
+    torch.set_num_threads(_threads(cfg, context.get_local_world_size()))
     files.write_pid(rank, os.getpid())
 
     trainer = Trainer(cfg, device=device, seed=cfg.train.seed)
@@ -69,9 +70,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     metrics_log = files.metrics_log(trainer.images_seen) if rank == 0 else None
     if rank == 0:
         logger.info(
-            "worker rank 0/%d on %s: starting at kimg %.3f (tick %d), target kimg %g",
+            "worker rank 0/%d on %s (%d threads): starting at kimg %.3f (tick %d), target kimg %g",
             world,
             device,
+            torch.get_num_threads(),
             trainer.images_seen / 1000,
             tick,
             cfg.train.kimg,
@@ -176,6 +178,17 @@ def _configure_logging() -> None:
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         root.propagate = False
+
+
+def _threads(cfg: Config, workers_on_node: int) -> int:
+    """Torch threads for this worker: ``train.cpu_threads``, or the cores this process may run on shared
+    evenly among the node's workers. Ray sets a worker's OMP_NUM_THREADS to the CPUs it holds, which is
+    one thread for the default half-CPU worker: on a 2-core machine the step ran on one core (0.85 s
+    against 0.57 s per ``tiny`` step on two)."""
+    if cfg.train.cpu_threads > 0:
+        return cfg.train.cpu_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, workers_on_node))
 
 
 def _device(cfg: Config) -> torch.device:
