@@ -293,7 +293,10 @@ def measure_peaks(device: torch.device) -> dict[str, Peak]:
 
 def peak_for(precision: str, peaks: dict[str, Peak], device: torch.device) -> Peak:
     """The peak a run in ``precision`` is held against: its own type's, except that fp32 on CUDA meets
-    TF32's when cuDNN convolutions (most of the work) use tensor cores."""
+    TF32's when cuDNN convolutions (most of the work) use tensor cores, and ``auto`` (fp32 on a CPU, the
+    official code's float16 layers on a GPU) meets fp32's on a CPU and float16's on a GPU."""
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
     if precision == "fp32" and "tf32" in peaks and torch.backends.cudnn.allow_tf32 and device.type == "cuda":
         return peaks["tf32"]
     return peaks[precision]

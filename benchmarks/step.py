@@ -1,7 +1,7 @@
 """Seconds per training iteration, per phase, images/s and how far each phase is from the machine's peak.
 
     python benchmarks/step.py [--preset tiny,anchor] [--iters 5] [--warmup 1]
-                              [--schedule shared|reference | --compare] [--precision fp32|bf16|fp16]
+                              [--schedule shared|reference | --compare] [--precision fp32|bf16|fp16|auto]
                               [--device cpu|cuda] [--threads 2] [--set SECTION.FIELD=VALUE ...]
                               [--host-memory retain|default]
 
@@ -12,8 +12,9 @@ training runs them. ``--schedule reference`` times the official code's schedule 
 pass, D calls and a backward per term: pof3d/testing/reference_schedule.py) instead of the shared
 passes; ``--compare`` runs both interleaved in one process, so that both see the same machine load.
 
-``--precision`` sets ``train.precision`` (it replaced ``--amp``); the default, fp32, also keeps every
-block in fp32 (``model.num_fp16_res=0``).
+``--precision`` sets ``train.precision``; the default, fp32, also keeps every block in fp32
+(``model.num_fp16_res=0``); ``auto`` is the preset's own mixed precision on a GPU (what ``--amp`` did,
+which it replaced).
 
 Before timing, the script measures the machine's matrix-product peak in this process (``torch.mm`` of
 2048 x 2048 operands, best of 5, at ``--threads`` on CPU) in fp32, bf16 and fp16 (on CUDA also TF32);
@@ -59,7 +60,7 @@ def _sync(device: torch.device) -> None:
 
 
 SCHEDULES = ("shared", "reference")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 # A phase may seem to beat the measured peak by this much (timer and load noise) before it is flagged.
 PEAK_MARGIN = 1.1
 
@@ -241,7 +242,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--precision",
         choices=PRECISIONS,
         default="fp32",
-        help="train.precision of the run (fp32 also sets model.num_fp16_res=0); replaced --amp",
+        help="train.precision of the run (fp32 also sets model.num_fp16_res=0; auto: the preset's "
+        "mixed precision on a GPU, which --amp selected)",
     )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
