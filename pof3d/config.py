@@ -173,8 +173,8 @@ class TrainConfig:
     workers: int = 1  #: Ray Train workers (data-parallel replicas)
     gpus_per_worker: float = 0.0  #: GPUs per worker (0 = CPU)
     cpus_per_worker: float = 0.5  #: CPUs each worker holds; the rest is left to Ray Data's decoding
-    #: torch threads of each worker; 0 = the node's cores shared evenly among its workers (Ray would
-    #: otherwise give a worker one thread per CPU it holds: one for a 0.5-CPU worker)
+    #: torch threads of each worker; 0 = the node's cores shared evenly among its workers, less one for
+    #: the data pipeline (Ray would give a worker one thread per CPU it holds: one for a 0.5-CPU worker)
     cpu_threads: int = 0
     keep_checkpoints: int = 3  #: newest checkpoints kept in the run directory
     max_failures: int = 2  #: worker-group failures Ray Train recovers from before the run fails

@@ -226,3 +226,15 @@ def test_resume_latest_finds_the_newest_run_and_keeps_its_tracking(tmp_path, mon
     assert plan_run(TrainRequest(resume=str(ckpt), kimg=0.05)).root == Location.parse(run_dir)
     with pytest.raises(ConfigError, match="already at kimg 0.024; expected a longer --kimg"):
         plan_run(TrainRequest(resume=str(run_dir), kimg=0.02))
+
+
+def test_worker_threads_share_the_nodes_cores_and_leave_one_to_the_data(monkeypatch) -> None:
+    """Not Ray's one thread per held CPU (one for a half-CPU worker on any node)."""
+    from pof3d.distributed import worker
+
+    monkeypatch.setattr(worker.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    cfg = load_config("tiny")
+    assert [worker._threads(cfg, n) for n in (1, 2, 4, 16)] == [15, 7, 3, 1]
+    monkeypatch.setattr(worker.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert worker._threads(cfg, 1) == 1
+    assert worker._threads(load_config("tiny", ["train.cpu_threads=2"]), 1) == 2

@@ -182,13 +182,17 @@ def _configure_logging() -> None:
 
 def _threads(cfg: Config, workers_on_node: int) -> int:
     """Torch threads for this worker: ``train.cpu_threads``, or the cores this process may run on shared
-    evenly among the node's workers. Ray sets a worker's OMP_NUM_THREADS to the CPUs it holds, which is
-    one thread for the default half-CPU worker: on a 2-core machine the step ran on one core (0.85 s
-    against 0.57 s per ``tiny`` step on two)."""
+    evenly among the node's workers, less one core left to Ray Data's decoding and Ray's own processes.
+
+    Ray would set a worker's OMP_NUM_THREADS to the CPUs it holds: one thread for the default half-CPU
+    worker on any node, however many cores it has. On a 2-core machine the rule gives one thread, as
+    before: a second one did not speed up the step inside a Ray worker there (8.0 against 8.6 img/s at
+    ``tiny``, although it does in ``benchmarks/step.py``; docs/training-step.md).
+    """
     if cfg.train.cpu_threads > 0:
         return cfg.train.cpu_threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // max(1, workers_on_node))
+    return max(1, cores // max(1, workers_on_node) - 1)
 
 
 def _device(cfg: Config) -> torch.device:
