@@ -127,8 +127,7 @@ def test_sample_triplanes_rejects_bad_shapes():
 
 
 def test_fast_paths_match_plain_sampling_and_mean():
-    """Channels-last sampling, the decoder on per-plane samples and the renderer's channels-first call
-    on the plane sum give the textbook values and gradients."""
+    """Per-plane samples through the decoder and the renderer's plane-sum call: the textbook values."""
     torch.manual_seed(0)
     planes = torch.randn(2, 3, 6, 16, 16, requires_grad=True)
     points = (torch.rand(2, 40, 3) * 1.2 - 0.6).requires_grad_(True)
