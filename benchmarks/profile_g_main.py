@@ -7,8 +7,9 @@ G_main renders each latent twice (its own camera and the mirrored one) from one 
 scores both renders with D. Each stage runs here on detached inputs that require gradients, so its
 backward pass is timed alone: the mapping and pose learner, the tri-plane backbone, and per render the
 camera rays, the tri-plane sampling (plane sum), the decoder MLP, the compositing, the super-resolution
-and one D pass (D frozen, gradient to its input). Medians over ``--iters`` after one warm-up; the
-"times per G_main" column counts how often G_main runs the stage. The sum is close to, not equal to,
+and one D pass (D frozen, gradient to its input). A last row, outside the sum, times the sampling
+through ``grid_sample`` in the same run, beside the CPU kernel. Medians over ``--iters`` after one
+warm-up; the "x" column counts how often G_main runs the stage. The sum is close to, not equal to,
 ``benchmarks/step.py``'s G_main: the phase's optimiser step, its loss terms and allocator effects of one
 graph spanning all stages are not in any row. Imports only torch and the model (runs on a bare machine);
 on CPU it restarts itself with the host-memory setting of training workers, as step.py does.
@@ -17,7 +18,6 @@ on CPU it restarts itself with the host-memory setting of training workers, as s
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -28,12 +28,13 @@ import torch
 from pof3d import precision
 from pof3d.camera import intrinsics, pose_to_cam2world
 from pof3d.config import load_config
-from pof3d.host_memory import is_retaining, retaining_env
+from pof3d.host_memory import restart_retaining
 from pof3d.loop import Trainer
 from pof3d.renderer import importance_depths, interval_weights, make_rays, stratified_depths
 from pof3d.triplane import RGB_AFFINE, channels_last, sample_plane_sum
 
 Stage = Callable[[], tuple[torch.Tensor, list[torch.Tensor]]]
+COMPARISON = "(sampling with grid_sample instead)"
 
 
 def _leaf(t: torch.Tensor) -> torch.Tensor:
@@ -111,9 +112,9 @@ def stages(trainer: Trainer) -> dict[str, tuple[int, Stage]]:
         )
         return o + d, [leaf]
 
-    def sampling():
+    def sampling(kernel: bool = True):
         p, x = _leaf(channels_last(planes)), _leaf(points.reshape(b, -1, 3))
-        return sample_plane_sum(p, x, m.box_warp, m.triplane_quirk), [p, x]
+        return sample_plane_sum(p, x, m.box_warp, m.triplane_quirk, kernel=kernel), [p, x]
 
     def decoder():
         leaf = _leaf(plane_sum)
@@ -144,6 +145,8 @@ def stages(trainer: Trainer) -> dict[str, tuple[int, Stage]]:
         "compositing": (mirrored, compositing),
         "super-resolution": (mirrored, superres),
         "D pass (frozen, grad to input)": (mirrored, d_pass),
+        # Not in the sum: the same sampling through grid_sample, timed in this run for comparison.
+        COMPARISON: (mirrored * passes, lambda: sampling(kernel=False)),
     }
 
 
@@ -156,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     args = parser.parse_args(argv)
-    if args.device == "cpu" and not is_retaining():
-        args_again = sys.argv[1:] if argv is None else argv
-        os.execve(sys.executable, [sys.executable, __file__, *args_again], {**os.environ, **retaining_env()})
+    if args.device == "cpu":
+        # glibc reads its tunables at process start: run again with them, as CPU training workers get.
+        restart_retaining(__file__, sys.argv[1:] if argv is None else argv)
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -176,9 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, (times, stage) in stages(trainer).items():
             fwd, bwd = time_stage(stage, args.iters, device)
             rows.append((name, times, fwd, bwd, times * (fwd + bwd)))
-    total = sum(row[-1] for row in rows)
+    total = sum(row[-1] for row in rows if row[0] != COMPARISON)
     for name, times, fwd, bwd, per in rows:
-        print(f"{name:34} {times:2d} {fwd:9.3f} {bwd:10.3f} {per:12.3f} {100 * per / total:5.1f}%")
+        share = "" if name == COMPARISON else f"{100 * per / total:5.1f}%"
+        print(f"{name:34} {times:2d} {fwd:9.3f} {bwd:10.3f} {per:12.3f} {share:>6}")
     print(f"{'sum':34} {'':2} {'':9} {'':10} {total:12.3f}")
     return 0
 

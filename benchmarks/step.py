@@ -47,7 +47,7 @@ from flops import PEAK_N, PEAK_REPEATS, FlopCounter, Peak, measure_peaks, peak_f
 
 from pof3d.checkpoint import rng_state, set_rng_state
 from pof3d.config import Config, load_config
-from pof3d.host_memory import is_retaining, retaining_env
+from pof3d.host_memory import is_retaining, restart_retaining
 from pof3d.loop import Trainer
 from pof3d.testing.reference_schedule import ReferenceSchedule
 
@@ -262,10 +262,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cpu" and args.host_memory == "retain" and not is_retaining():
-        # glibc reads its tunables at process start: run again with them, as CPU training workers do.
-        args_again = sys.argv[1:] if argv is None else argv
-        os.execve(sys.executable, [sys.executable, __file__, *args_again], {**os.environ, **retaining_env()})
+    if args.device == "cpu" and args.host_memory == "retain":
+        # glibc reads its tunables at process start: run again with them, as CPU training workers get.
+        restart_retaining(__file__, sys.argv[1:] if argv is None else argv)
     print(
         f"torch {torch.__version__}, device {args.device}"
         + (

@@ -21,7 +21,8 @@ with them. Other C libraries ignore the variable.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 
 ENV_VAR = "GLIBC_TUNABLES"
 RETAIN_TUNABLES = (
@@ -47,3 +48,13 @@ def is_retaining(env: Mapping[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     present = set(env.get(ENV_VAR, "").split(":"))
     return all(t in present for t in RETAIN_TUNABLES)
+
+
+def restart_retaining(script: str, argv: Sequence[str]) -> None:
+    """Run ``script`` again in this process with the retaining tunables, unless they are already set.
+
+    glibc reads its tunables at process start, so a benchmark measuring what CPU training workers get
+    restarts itself once with them (those workers receive them from the launcher).
+    """
+    if not is_retaining():
+        os.execve(sys.executable, [sys.executable, script, *argv], {**os.environ, **retaining_env()})

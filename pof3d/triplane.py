@@ -43,6 +43,27 @@ def project_to_planes(points: torch.Tensor, box_warp: float, quirk: bool = False
     return coords.index_select(-1, _axis_index(quirk, points.device)).view(b, n, 3, 2)
 
 
+def _plane_grid(planes: torch.Tensor, points: torch.Tensor, box_warp: float, quirk: bool) -> torch.Tensor:
+    """``grid_sample``'s coordinates ``[B, 3, N, 2]`` of ``points`` on each plane, after checking shapes."""
+    b, n_planes = planes.shape[:2]
+    if n_planes != 3:
+        raise ValueError(f"planes must be [B, 3, C, R, R], got shape {tuple(planes.shape)}")
+    if points.dim() != 3 or points.shape[0] != b or points.shape[-1] != 3:
+        raise ValueError(f"points must be [B={b}, N, 3], got shape {tuple(points.shape)}")
+    return project_to_planes(points.to(planes.dtype), box_warp, quirk).permute(0, 2, 1, 3)
+
+
+def _grid_sample_planes(planes: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, C, N]``: all planes in one grid_sample call, one grid row per (plane, sample)."""
+    b, _, c, h, w = planes.shape
+    # Channels-last planes make each bilinear tap read (and its gradient write) C contiguous values.
+    flat = planes.reshape(b * 3, c, h, w).contiguous(memory_format=torch.channels_last)
+    out = F.grid_sample(
+        flat, grid.reshape(b * 3, 1, -1, 2), mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    return out.view(b, 3, c, -1)
+
+
 def sample_triplanes(
     planes: torch.Tensor, points: torch.Tensor, box_warp: float, quirk: bool = False
 ) -> torch.Tensor:
@@ -52,19 +73,7 @@ def sample_triplanes(
     The planes span the box ``[-box_warp/2, box_warp/2]^3``; outside it the features are zero.
     ``quirk=True`` reproduces EG3D's historic projection of the third plane (see ``QUIRK_PLANE_AXES``).
     """
-    b, n_planes, c, h, w = planes.shape
-    if n_planes != 3:
-        raise ValueError(f"planes must be [B, 3, C, R, R], got shape {tuple(planes.shape)}")
-    if points.dim() != 3 or points.shape[0] != b or points.shape[-1] != 3:
-        raise ValueError(f"points must be [B={b}, N, 3], got shape {tuple(points.shape)}")
-    n = points.shape[1]
-    # [B, N, 3, 2] -> one grid per (sample, plane): all planes in one grid_sample call.
-    grid = project_to_planes(points.to(planes.dtype), box_warp, quirk)
-    grid = grid.permute(0, 2, 1, 3).reshape(b * 3, 1, n, 2)
-    # Channels-last planes make each bilinear tap read (and its gradient write) C contiguous values.
-    flat = planes.reshape(b * 3, c, h, w).contiguous(memory_format=torch.channels_last)
-    out = F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out.view(b, 3, c, n).transpose(2, 3)
+    return _grid_sample_planes(planes, _plane_grid(planes, points, box_warp, quirk)).transpose(2, 3)
 
 
 def channels_last(planes: torch.Tensor) -> torch.Tensor:
@@ -77,7 +86,7 @@ def channels_last(planes: torch.Tensor) -> torch.Tensor:
 
 
 def sample_plane_sum(
-    planes: torch.Tensor, points: torch.Tensor, box_warp: float, quirk: bool = False
+    planes: torch.Tensor, points: torch.Tensor, box_warp: float, quirk: bool = False, kernel: bool = True
 ) -> torch.Tensor:
     """Sum over the three planes of the bilinear features of ``points`` ``[B, N, 3]``: ``[B, C, N]``.
 
@@ -85,13 +94,13 @@ def sample_plane_sum(
     the sum comes from :mod:`pof3d.plane_kernel` (the same values and gradients, several times faster
     than ``grid_sample``'s backward pass there) as a transposed view of its ``[B, N, C]`` result;
     elsewhere from ``grid_sample``, channels first as it writes them, so neither the sum nor its
-    backward pass transposes anything.
+    backward pass transposes anything. ``kernel=False`` takes ``grid_sample`` on the CPU too (for
+    side-by-side timings).
     """
-    b, _, c = planes.shape[:3]
-    grid = project_to_planes(points.to(planes.dtype), box_warp, quirk).permute(0, 2, 1, 3)
-    if plane_kernel.usable(planes, grid):
+    grid = _plane_grid(planes, points, box_warp, quirk)
+    if kernel and plane_kernel.usable(planes, grid):
         return plane_kernel.plane_sum(planes.permute(0, 1, 3, 4, 2), grid).transpose(1, 2)
-    return sample_triplanes(planes, points, box_warp, quirk).transpose(2, 3).view(b, 3, c, -1).sum(dim=1)
+    return _grid_sample_planes(planes, grid).sum(dim=1)
 
 
 class TriplaneDecoder(nn.Module):
