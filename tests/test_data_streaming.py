@@ -166,3 +166,39 @@ def test_two_train_workers_share_a_multi_epoch_stream(ray_local, shard_set, tmp_
     per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(per_rank)
     assert sorted(per_rank[0] + per_rank[1]) == sorted(list(range(N_ROWS)) * 2)  # each row once per epoch
+
+
+def test_collation_starts_no_second_openmp_team() -> None:
+    """Ray's prefetch thread collates batches beside the training thread. A torch op there would start a
+    second OpenMP thread team (torch applies set_num_threads to every thread), and libgomp then stops
+    spinning at the training team's barriers: a 2-thread CPU step measured 1.45x slower. The collation
+    must give the same values without starting any thread; a subprocess keeps the count clean."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import os, threading, numpy as np, torch
+        from pof3d.data.streaming import ImageCollate
+        torch.set_num_threads(2)
+        rng = np.random.default_rng(0)
+        batch = {"image": rng.integers(0, 256, (8, 3, 64, 64), dtype=np.uint8),
+                 "pose": rng.normal(size=(8, 2)).astype(np.float32)}
+        batch["pose"].flags.writeable = False
+        out = {}
+        def collate():
+            before = len(os.listdir("/proc/self/task"))
+            out.update(ImageCollate()(batch))
+            out["started"] = len(os.listdir("/proc/self/task")) - before
+        thread = threading.Thread(target=collate)
+        thread.start(); thread.join()
+        expected = torch.from_numpy(batch["image"]).float() / 127.5 - 1.0
+        assert out["image"].dtype == torch.float32 and torch.equal(out["image"], expected)
+        assert torch.equal(out["pose"], torch.from_numpy(batch["pose"]))
+        print("threads started", out["started"])
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "threads started 0" in result.stdout, result.stdout

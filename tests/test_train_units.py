@@ -229,12 +229,13 @@ def test_resume_latest_finds_the_newest_run_and_keeps_its_tracking(tmp_path, mon
 
 
 def test_worker_threads_share_the_nodes_cores_and_leave_one_to_the_data(monkeypatch) -> None:
-    """Not Ray's one thread per held CPU (one for a half-CPU worker on any node)."""
+    """Not Ray's one thread per held CPU (one for a half-CPU worker on any node); a share of more than
+    two cores leaves one to the data pipeline."""
     from pof3d.distributed import worker
 
     monkeypatch.setattr(worker.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     cfg = load_config("tiny")
-    assert [worker._threads(cfg, n) for n in (1, 2, 4, 16)] == [15, 7, 3, 1]
+    assert [worker._threads(cfg, n) for n in (1, 2, 4, 8, 16)] == [15, 7, 3, 2, 1]
     monkeypatch.setattr(worker.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert worker._threads(cfg, 1) == 1
+    assert [worker._threads(cfg, n) for n in (1, 2)] == [2, 1]
     assert worker._threads(load_config("tiny", ["train.cpu_threads=2"]), 1) == 2

@@ -234,17 +234,24 @@ class ShardSource(Datasource):
 
 
 class ImageCollate(NumpyBatchCollateFn):
-    """Consumer-side collation: ``image`` uint8 [B,3,R,R] -> float32 in [-1, 1]; other columns as tensors."""
+    """Consumer-side collation: ``image`` uint8 [B,3,R,R] -> float32 in [-1, 1]; other columns as tensors.
+
+    The arithmetic is numpy's, never torch's: this runs in Ray's prefetch thread, and a torch op there
+    would start a second OpenMP thread team (torch applies ``set_num_threads`` to every thread). With
+    more OpenMP threads than cores, libgomp stops spinning at its barriers and the training thread's
+    own team waits on the kernel: a 2-thread CPU step measured 1.45x slower (docs/training-step.md).
+    """
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         import torch
 
-        def tensor(array: np.ndarray) -> torch.Tensor:  # Ray's batches may be read-only views
-            return torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)
-
-        out = {k: tensor(v) for k, v in batch.items()}
-        if "image" in out:
-            out["image"] = out["image"].to(torch.float32).div_(127.5).sub_(1.0)
+        out = {}
+        for name, array in batch.items():
+            if name == "image":
+                array = array.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+            elif not array.flags.writeable:  # Ray's batches may be read-only views
+                array = array.copy()
+            out[name] = torch.from_numpy(array)
         return out
 
 
