@@ -146,11 +146,33 @@ def test_invalid_search_space_fails_before_any_trial(ray_local, study_env, tmp_p
     assert not (study_env / "studies" / "bad-param").exists()
 
 
-def test_search_with_asha_stops_a_clearly_worse_trial_early(ray_local, study_env, tmp_path) -> None:
+def test_search_with_asha_stops_a_clearly_worse_trial_early_and_resumes_with_its_history(
+    ray_local, study_env, tmp_path, caplog
+) -> None:
     """The objective is the R1 term, which is proportional to R1 gamma by construction. The second start
     point has 100x less gamma than the first, so it beats the first rung's median (the first trial);
-    the third has 1e5 times the first's gamma, so ASHA's first rung must stop it after one tick."""
+    the third has 1e5 times the first's gamma, so ASHA's first rung must stop it after one tick.
+
+    The study is interrupted after two trials and resumed: the third trial must be the third start
+    point (Optuna's history survived) and be stopped by the rung results recorded before the interruption
+    (ASHA's history survived), and the two finished trials must not start again. The best trial, the
+    importances and the progress line come from all three."""
+    import logging
+    import os
+    import signal
+
+    from ray import tune
+
     from pof3d.studies.study import run_study
+    from pof3d.studies.trainable import TRIALS_DIR, attempts
+
+    class CtrlCAfterTwoTrials(tune.Callback):
+        completed = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.completed += 1
+            if self.completed == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does; Tune saves its state and returns
 
     space = tmp_path / "space.yaml"
     space.write_text(
@@ -159,14 +181,22 @@ def test_search_with_asha_stops_a_clearly_worse_trial_early(ray_local, study_env
         "points: [{loss.r1_gamma: 1.0e-2}, {loss.r1_gamma: 1.0e-4}, {loss.r1_gamma: 1.0e+3}]\n"
     )
     overrides = [*MICRO, "loss.r1_interval=1"]
-    summary = run_study(
-        _request(
-            study_env, "search", mode="search", space=str(space), samples=3, kimg=0.008, overrides=overrides
-        )
+    request = _request(
+        study_env, "search", mode="search", space=str(space), samples=3, kimg=0.008, overrides=overrides
     )
+    first = run_study(request, callbacks=[CtrlCAfterTwoTrials()])
+    assert not first.finished
+    trials = first.study_dir / TRIALS_DIR
+    finished_runs = [trials.child(i.path) for i in trials.children()]
+    assert len(finished_runs) == 2
+
+    caplog.set_level(logging.INFO, logger="pof3d.studies")
+    summary = run_study(_request(study_env, "search"), resume=True)
     assert summary.finished and summary.study_dir.uri == str(study_env / "studies" / "search")
+    assert summary.parent_run_id == first.parent_run_id
+    assert all(attempts(run) == 1 for run in finished_runs)
     rows = {row["loss.r1_gamma"]: row for row in summary.table.rows}
-    assert len(summary.table.rows) == 3
+    assert sorted(rows) == [1e-4, 1e-2, 1000.0]
     stopped = [r for r in summary.table.rows if r["status"] == "stopped early"]
     assert [r["loss.r1_gamma"] for r in stopped] == [1000.0]
     assert stopped[0]["kimg"] < 0.008
@@ -174,3 +204,23 @@ def test_search_with_asha_stops_a_clearly_worse_trial_early(ray_local, study_env
     children = _children(summary.mlflow_uri, "pof3d-studies", summary.parent_run_id)
     assert len(children) == 3
     assert sorted(c.info.status for c in children).count("KILLED") == 1
+
+    # Best trial and importances: ranked among the trials at the budget only, in the table, the files,
+    # the parent run and the study's log.
+    assert [(r["rank"], r["loss.r1_gamma"]) for r in summary.table.rows] == [
+        (1, 1e-4),
+        (2, 1e-2),
+        (None, 1000.0),
+    ]
+    found = summary.findings
+    assert found.best.params == {"loss.r1_gamma": 1e-4} and found.counted == 2
+    assert found.importances == {"loss.r1_gamma": pytest.approx(1.0)}
+    assert (summary.study_dir / "importances.csv").read_text().startswith("parameter,importance\n")
+    parent = MlflowClient(summary.mlflow_uri).get_run(summary.parent_run_id)
+    assert parent.data.tags["pof3d.best.loss.r1_gamma"] == "0.0001"
+    assert parent.data.tags["pof3d.best_trial"] == found.best.trial_id
+    assert parent.data.metrics["importance/loss.r1_gamma"] == pytest.approx(1.0)
+    assert parent.data.metrics["best/loss/D_r1"] == pytest.approx(found.best.metrics["loss/D_r1"])
+    log = caplog.text
+    assert "study search: 3/3 trials finished (2 done, 1 stopped early, 0 failed), 0 running" in log
+    assert f"best trial {found.best.trial_id}: loss/D_r1" in log

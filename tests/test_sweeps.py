@@ -7,13 +7,15 @@ import csv
 import io
 import json
 import math
+import pickle
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pof3d.config import apply_overrides, preset
+from pof3d.config import apply_overrides, load_config, preset
 from pof3d.errors import ConfigError
 from pof3d.storage import Location
 from pof3d.studies import mlflow_wiring
@@ -265,3 +267,75 @@ def test_studies_honour_mlflow_tracking_uri(tmp_path: Path, monkeypatch) -> None
     remote = mlflow_wiring.tracking_uri(None, None, Location.parse("s3://bucket/studies/abl-1"))
     cache = (tmp_path / "cache").resolve()
     assert remote.startswith(f"sqlite:///{cache}/mlflow/") and remote.endswith("/mlflow.db")
+
+
+def _trial(status: str, result: dict) -> object:
+    from ray.tune.experiment import Trial
+
+    trial = Trial("trainable", config={}, stub=True)
+    trial.update_last_result(result)
+    trial.set_status(status)
+    return trial
+
+
+def test_progress_line_counts_trials_best_so_far_and_eta() -> None:
+    """Tune's own trial objects: a finished trial at the budget is done, one that ended short was stopped
+    by ASHA; the time left is the remaining trials' worth at the rate gained this session."""
+    from pof3d.studies.progress import StudyProgress
+
+    trials = [
+        _trial("TERMINATED", {"images_seen": 8000, "eval/js": 0.30}),
+        _trial("TERMINATED", {"images_seen": 2000, "eval/js": 0.50}),
+        _trial("ERROR", {"images_seen": 1000}),
+        _trial("RUNNING", {"images_seen": 4000, "eval/js": 0.20}),
+        _trial("PENDING", {}),
+    ]
+    progress = StudyProgress("s", planned=6, target_images=8000, metric="eval/js", mode="min")
+    progress.on_step_end(0, trials[:1])  # the session started with one trial's worth done
+    line = progress.line(trials, progress._start + 600.0)
+    best = trials[3].trial_id
+    assert line == (
+        f"study s: 3/6 trials finished (1 done, 1 stopped early, 1 failed), 1 running; best eval/js 0.2 "
+        f"({best} at kimg 4); elapsed 10m00s, eta 10m00s"
+    )  # 3.5 trials' worth done, 2.5 of them this session in 10 min: the 2.5 left take 10 min
+    maximising = StudyProgress("s", 6, 8000, "eval/js", "max")
+    assert "best eval/js 0.5 (" in maximising.line(trials, maximising._start + 1.0)
+    restored = pickle.loads(pickle.dumps(progress))  # how Tune keeps it across --resume: clock reset
+    assert restored._work_at_start is None and restored.planned == 6
+
+
+def test_search_findings_rank_by_the_objective_at_the_budget_only() -> None:
+    """The best trial and Optuna's importances use the trials that reached the budget: a stopped trial's
+    better value at a smaller budget does not count. The objective depends on one parameter only, so
+    that parameter must carry nearly all the importance."""
+    from pof3d.studies.importance import findings, ranked
+    from pof3d.studies.results import TrialRecord, build_table
+    from pof3d.studies.space import load_space
+
+    space = load_space(
+        None,
+        load_config("tiny"),
+        ["optim.pose_lr=loguniform:1e-6:1e-3", "loss.symmetry_weight=uniform:0:2"],
+        ["eval/js"],
+    )
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(12):
+        lr, sym = float(10 ** rng.uniform(-6, -3)), float(rng.uniform(0, 2))
+        js = 0.1 + 0.05 * (np.log10(lr) + 6) + 1e-4 * sym
+        records.append(TrialRecord(f"t{i}", "search", 0, "done", {"eval/js": js, "images_seen": 8000},
+                                   {"optim.pose_lr": lr, "loss.symmetry_weight": sym}))  # fmt: skip
+    records.append(TrialRecord("early", "search", 0, "stopped early", {"eval/js": 0.0}, records[0].params))
+    found = findings(records, space)
+    assert (
+        found.counted == 12
+        and found.best.trial_id == min(records[:12], key=lambda r: r.metrics["eval/js"]).trial_id
+    )
+    assert list(found.importances) == ["optim.pose_lr", "loss.symmetry_weight"]
+    assert found.importances["optim.pose_lr"] > 0.9
+    table = ranked(build_table(records, by_variant=False), records, found)
+    assert table.columns[:3] == ["trial", "status", "rank"]
+    assert [row["rank"] for row in table.rows] == [*range(1, 13), None]
+    assert table.rows[-1]["trial"] == "early"
+    single = findings(records[:1], space)
+    assert single.importances == {} and "at least 2 trials" in single.note

@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study failed: {exc}", file=sys.stderr)
         return 1
     print(summary.table.to_markdown(), end="")
+    if summary.findings is not None:
+        print("\n".join(summary.findings.lines()))
     print(summary.line())
     return 0 if summary.finished else 1
 

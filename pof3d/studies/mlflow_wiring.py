@@ -81,10 +81,13 @@ def close_parent(
     files: list[Path],
     summary: dict[str, float],
     status: str = "FINISHED",
+    tags: dict[str, str] | None = None,
 ) -> None:
     """Log the results table (its files, and as an MLflow table), the per-variant figures, and mark the
     parent run ended."""
     client = MlflowClient(tracking_uri)
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
     for path in files:
         client.log_artifact(run_id, str(path))
     _log_table(client, run_id, table)

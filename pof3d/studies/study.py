@@ -25,8 +25,10 @@ from pof3d.distributed.launcher import connect
 from pof3d.distributed.plan import prepare_tracking_store, storage_base, synthetic_data
 from pof3d.errors import ConfigError
 from pof3d.metrics.suite import resolve_metrics
+
 from pof3d.storage import Location, check_reachable
 from pof3d.studies import mlflow_wiring
+from pof3d.studies.importance import SearchFindings, findings, ranked
 from pof3d.studies.resources import TRIAL_DRIVER_CPU, TrialFootprint, plan_concurrency
 from pof3d.studies.results import Table, TrialRecord, build_table, variant_metrics
 from pof3d.studies.space import SearchSpace, load_space
@@ -82,13 +84,14 @@ class StudySummary:
     mlflow_uri: str
     parent_run_id: str
     finished: bool
+    findings: SearchFindings | None = None  # search mode: best trial and parameter importances
 
     def line(self) -> str:
         state = "finished" if self.finished else "interrupted (continue with --resume)"
         return (
             f"study {self.study_dir.name} {state}: {len(self.table.rows)} row(s) in "
             f"{self.files[0] if self.files else self.study_dir}; MLflow parent run {self.parent_run_id}: "
-            f"{ui_command(self.mlflow_uri)}"
+            f"{ui_command(self.mlflow_uri, self.parent_run_id)}"
         )
 
 
@@ -247,15 +250,30 @@ def run_study(
         parent_run_id=parent,
     )
     logger.info("study %s: %d trial(s), %d at a time, in %s", request.name, trials, concurrency, study_dir)
-    tuner = _tuner(request, setup, space, variants, concurrency, study_dir, resume, callbacks or [], cfg)
+    from pof3d.studies.progress import StudyProgress  # imports Ray Tune
+
+    progress = StudyProgress(
+        request.name,
+        trials,
+        int(round(cfg.train.kimg * 1000)),
+        space.metrics[0] if space else "eval/js",
+        space.modes[0] if space else "min",
+    )
+    callbacks = [*(callbacks or []), progress]
+    tuner = _tuner(request, setup, space, variants, concurrency, study_dir, resume, callbacks, cfg)
     grid = tuner.fit()
     finished = grid.num_terminated + grid.num_errors == len(grid) and len(grid) >= trials
     records = _records(grid, cfg)
     table = build_table(records, by_variant=request.mode == "ablation")
+    found = findings(records, space, seed=request.seed) if space is not None else None
+    if found is not None:
+        table = ranked(table, records, found)
     if finished:
         _close_stopped_children(mlflow_uri, request.experiment, parent)
     with tempfile.TemporaryDirectory(prefix="pof3d-study-") as tmp:
         local = list(table.write(Path(tmp)))
+        if found is not None:
+            local += found.table().write(Path(tmp), stem="importances")
         files = []
         for path in local:
             (study_dir / path.name).upload(path)
@@ -265,10 +283,13 @@ def run_study(
             parent,
             table,
             local,
-            variant_metrics(table),
+            {**variant_metrics(table), **(found.mlflow_metrics() if found else {})},
             status="FINISHED" if finished else "KILLED",
+            tags=found.mlflow_tags() if found else None,
         )
-    return StudySummary(study_dir, table, files, mlflow_uri, parent, finished)
+    for line in found.lines() if found else []:
+        logger.info("study %s: %s", request.name, line)
+    return StudySummary(study_dir, table, files, mlflow_uri, parent, finished, found)
 
 
 def _tuner(
@@ -337,6 +358,9 @@ def _tuner(
         num_samples=request.samples,
         max_concurrent_trials=concurrency,
     )
+    from pof3d.studies.rung_memory import RungMemory
+
+    run_config.callbacks = [*callbacks, RungMemory(scheduler)]  # Tune would not save ASHA's rungs
     return tune.Tuner(
         trainable, param_space={"seed": request.seed}, tune_config=tune_config, run_config=run_config
     )
