@@ -170,7 +170,14 @@ class TrainConfig:
     #: pose error; JS always draws at least 10,000 poses
     eval_samples: int = 1000
     seed: int = 0  #: random seed of the networks and the latents
-    workers: int = 1  #: Ray Train workers (data-parallel replicas)
+    workers: int = 1  #: Ray Train workers (data-parallel replicas); an elastic run's fewest
+    #: an elastic run's most workers (--workers MIN-MAX): Ray Train grows the group toward it when nodes
+    #: join and shrinks it, down to train.workers, when they go, each time restarting from the latest
+    #: checkpoint (pof3d/distributed/elastic.py); 0 = a fixed train.workers
+    max_workers: int = 0
+    #: seconds between an elastic run's looks for room to grow (Ray Train's
+    #: elastic_resize_monitor_interval_s); a lost worker restarts the group at once
+    resize_interval_s: float = 60.0
     gpus_per_worker: float = 0.0  #: GPUs per worker (0 = CPU)
     cpus_per_worker: float = 0.5  #: CPUs each worker holds; the rest is left to Ray Data's decoding
     #: torch threads of each worker; 0 = the node's cores shared evenly among its workers, less one for
@@ -195,6 +202,10 @@ class TrainConfig:
     #: any device); pose learner, rendering, losses and optimiser stay fp32 (docs/training-step.md#precision)
     precision: str = "auto"
     retain_cpu_memory: bool = True  #: CPU workers keep freed memory (pof3d/host_memory.py)
+
+    def worker_range(self) -> tuple[int, int]:
+        """(fewest, most) workers of the run; the same count twice when it is fixed."""
+        return self.workers, max(self.workers, self.max_workers)
 
 
 @dataclass
@@ -370,6 +381,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.time_limit_min={t.time_limit_min}: expected minutes >= 0 (0 = no limit)")
     if t.resource_wait_min < 0:
         raise ConfigError(f"train.resource_wait_min={t.resource_wait_min}: expected minutes >= 0 (0 = none)")
+    if t.max_workers < 0 or 0 < t.max_workers < t.workers:
+        raise ConfigError(
+            f"train.max_workers={t.max_workers}: expected 0 (a fixed train.workers) or at least "
+            f"train.workers={t.workers} (--workers MIN-MAX with MIN <= MAX)"
+        )
+    if t.resize_interval_s < 0:
+        raise ConfigError(f"train.resize_interval_s={t.resize_interval_s}: expected seconds >= 0")
     if t.cpu_threads < 0:
         raise ConfigError(f"train.cpu_threads={t.cpu_threads}: expected 0 (automatic) or a thread count")
     if t.cpus_per_worker <= 0 and t.gpus_per_worker <= 0:
