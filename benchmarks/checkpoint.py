@@ -47,8 +47,8 @@ import pyarrow.fs as pafs
 import torch
 
 from pof3d.checkpoint import STATE_FILE, load_checkpoint, save_checkpoint
-from pof3d.config import load_config
 from pof3d.loop import Trainer
+from pof3d.presets import load_config
 from pof3d.storage import S3_CONNECT_TIMEOUT_S, S3_REQUEST_TIMEOUT_S, Location, as_local_dir
 
 BUCKET = "pof3d-bench"

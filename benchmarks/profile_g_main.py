@@ -27,9 +27,9 @@ import torch
 
 from pof3d import precision
 from pof3d.camera import intrinsics, pose_to_cam2world
-from pof3d.config import load_config
 from pof3d.host_memory import restart_retaining
 from pof3d.loop import Trainer
+from pof3d.presets import load_config
 from pof3d.renderer import importance_depths, interval_weights, make_rays, stratified_depths
 from pof3d.triplane import RGB_AFFINE, channels_last, sample_plane_sum
 

@@ -46,9 +46,10 @@ import torch
 from flops import PEAK_N, PEAK_REPEATS, FlopCounter, Peak, measure_peaks, peak_for
 
 from pof3d.checkpoint import rng_state, set_rng_state
-from pof3d.config import Config, load_config
+from pof3d.config import Config
 from pof3d.host_memory import is_retaining, restart_retaining
 from pof3d.loop import Trainer
+from pof3d.presets import load_config
 from pof3d.testing.reference_schedule import ReferenceSchedule
 
 PHASE_ORDER = ("G_main", "G_density", "D_main", "D_r1")

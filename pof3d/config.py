@@ -1,7 +1,8 @@
 """Typed configuration: dataclasses per concern, dotted overrides, validation.
 
-One resolved :class:`Config` travels with every run and checkpoint as JSON. The named presets live in
-:mod:`pof3d.presets`; :func:`load_config` picks one and applies ``--set`` overrides.
+One resolved :class:`Config` travels with every run and checkpoint as JSON. The named presets build on
+these dataclasses in :mod:`pof3d.presets`, whose :func:`~pof3d.presets.load_config` picks one and applies
+``--set`` overrides (:func:`apply_overrides`).
 """
 
 from __future__ import annotations
@@ -396,19 +397,3 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.resolution={cfg.data.resolution} must equal model.image_resolution={m.image_resolution}"
         )
-
-
-def preset(name: str) -> Config:
-    """Return a fresh ``Config`` for a named preset (defined in :mod:`pof3d.presets`)."""
-    from pof3d.presets import PRESETS  # the presets build on this module's dataclasses
-
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
-    cfg = PRESETS[name].build()
-    validate(cfg)
-    return cfg
-
-
-def load_config(name: str, overrides: list[str] | None = None) -> Config:
-    """Preset plus ``--set`` overrides, validated."""
-    return apply_overrides(preset(name), list(overrides or []))

@@ -2,8 +2,8 @@
 
 Each preset is a plain function returning a fresh :class:`~pof3d.config.Config`; the dataclass
 defaults are the official code's FFHQ run (``ffhq.sh``: 256 px, trained from the 512 px data resized), so a
-preset lists only what differs. Select one with :func:`pof3d.config.load_config` (or ``--preset``), then
-override fields with ``--set``. The paper presets are ``ffhq256``, ``cats256`` and ``cars128``
+preset lists only what differs. Select one with :func:`load_config` (or ``--preset``), then override
+fields with ``--set``. The paper presets are ``ffhq256``, ``cats256`` and ``cars128``
 (``ffhq.sh``, ``cat.sh``, ``shapenet_cars.sh``); ``docs/fidelity.md`` lists where each value comes
 from. ``tiny`` and ``anchor`` are the CPU and benchmark sizes, ``anchor_faces`` the benchmark size with
 the FFHQ settings (the synthetic-poses study's GPU run).
@@ -15,8 +15,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pof3d.config import CARS_FOCAL, Config
+from pof3d.config import CARS_FOCAL, Config, apply_overrides, validate
 from pof3d.console import listing
+from pof3d.errors import ConfigError
 
 
 def _cars(cfg: Config) -> Config:
@@ -154,3 +155,17 @@ PRESETS: dict[str, Preset] = {
 def presets_help() -> str:
     """The presets, one per line with their summary, for the ``--help`` of the commands that take one."""
     return listing("presets", {name: p.summary for name, p in PRESETS.items()})
+
+
+def preset(name: str) -> Config:
+    """A fresh, validated ``Config`` of the preset ``name``."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {', '.join(PRESETS)}")
+    cfg = PRESETS[name].build()
+    validate(cfg)
+    return cfg
+
+
+def load_config(name: str, overrides: list[str] | None = None) -> Config:
+    """Preset plus ``--set`` overrides, validated."""
+    return apply_overrides(preset(name), list(overrides or []))

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pof3d.config import Config, load_config
+from pof3d.config import Config
 from pof3d.discriminator import Discriminator
 from pof3d.generator import Generator
+from pof3d.presets import load_config
 
 B = 4
 

@@ -41,9 +41,9 @@ import ray  # noqa: E402
 from micro_config import MICRO  # noqa: E402  (tests/ is this script's folder, first on sys.path)
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from pof3d.config import load_config  # noqa: E402
 from pof3d.distributed.resources import autoscaler_can_add_nodes, ensure_resources  # noqa: E402
 from pof3d.errors import ConfigError  # noqa: E402
+from pof3d.presets import load_config
 from pof3d.run_files import RunFiles  # noqa: E402
 from pof3d.storage import Location  # noqa: E402
 from pof3d.train import main  # noqa: E402

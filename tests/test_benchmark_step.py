@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from pof3d.checkpoint import rng_state
-from pof3d.config import load_config
 from pof3d.loop import Trainer
+from pof3d.presets import load_config
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # the benchmark scripts import each other as top-level modules

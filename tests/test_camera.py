@@ -20,7 +20,7 @@ from pof3d.camera import (
     pose_to_cam2world,
     to_label,
 )
-from pof3d.config import load_config
+from pof3d.presets import load_config
 
 FACE_PIVOT = (0.0, 0.0, 0.2)
 

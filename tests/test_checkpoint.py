@@ -22,8 +22,8 @@ from pof3d.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from pof3d.config import load_config
 from pof3d.errors import CheckpointError
+from pof3d.presets import load_config
 
 
 def _trained_pair(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:

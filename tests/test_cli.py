@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from pof3d import train
-from pof3d.config import Config, load_config
+from pof3d.config import Config
 from pof3d.config_fields import config_fields, field_docs, format_fields
 from pof3d.errors import ConfigError
-from pof3d.presets import PRESETS
+from pof3d.presets import PRESETS, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]

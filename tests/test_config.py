@@ -10,15 +10,10 @@ import math
 import pytest
 
 from pof3d.batch_scaling import effective_blur_fade_kimg, effective_ema_kimg
-from pof3d.config import (
-    Config,
-    apply_overrides,
-    load_config,
-    preset,
-)
+from pof3d.config import Config, apply_overrides
 from pof3d.ema import training_ema_beta
 from pof3d.errors import ConfigError
-from pof3d.presets import PRESETS
+from pof3d.presets import PRESETS, load_config, preset
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

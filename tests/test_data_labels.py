@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from pof3d.camera import intrinsics, pose_to_cam2world, to_label
-from pof3d.config import load_config
 from pof3d.data.convert import convert
 from pof3d.data.shard_reader import iter_rows, read_manifest
 from pof3d.discriminator import Discriminator
@@ -23,6 +22,7 @@ from pof3d.errors import DataError
 from pof3d.generator import Generator
 from pof3d.metrics import evaluate_generator
 from pof3d.metrics.pose import constant_guess_error_deg
+from pof3d.presets import load_config
 
 # ShapeNet-cars-like cameras: all around the car, some right next to the poles.
 POSES = np.array(

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from pof3d.camera import from_label, pose_from_cam2world
-from pof3d.config import load_config
 from pof3d.data.shard_reader import iter_rows, read_manifest
 from pof3d.data.synthetic import ensure_synthetic, generate
 from pof3d.data.synthetic_scene import SETTINGS, make_instance, render, sample_poses
 from pof3d.errors import DataError
+from pof3d.presets import load_config
 
 
 def _ks_statistic(sample: np.ndarray, cdf) -> float:

@@ -10,13 +10,12 @@ import torch
 from torch import nn
 
 from pof3d.checkpoint import save_checkpoint
-from pof3d.config import load_config
 from pof3d.discriminator import Discriminator
 from pof3d.ema import ema_beta, update_ema
 from pof3d.errors import CheckpointError, ConfigError
 from pof3d.evaluate import load_models
 from pof3d.generator import Generator
-from pof3d.presets import anchor
+from pof3d.presets import anchor, load_config
 
 B = 4
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pof3d.config import load_config, preset
 from pof3d.generator import Generator, count_parameters
 from pof3d.pose_learner import PoseLearner
+from pof3d.presets import load_config, preset
 from pof3d.renderer import VolumeRenderer
 from pof3d.stylegan import MappingNetwork
 from pof3d.superres import SuperResolution

@@ -11,12 +11,12 @@ from PIL import Image
 
 from pof3d import evaluate, generate
 from pof3d.checkpoint import load_checkpoint, save_checkpoint
-from pof3d.config import load_config
 from pof3d.discriminator import Discriminator
 from pof3d.errors import ConfigError
 from pof3d.generator import Generator
 from pof3d.mesh import density_grid, extract_mesh, read_ply, write_ply
 from pof3d.plots import plot_pose_distribution, save_image_grid
+from pof3d.presets import load_config
 
 
 @pytest.fixture(autouse=True)

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from pof3d.camera import V_EPS, camera_direction, to_eg3d
-from pof3d.config import load_config
 from pof3d.errors import ConfigError
 from pof3d.generator import Generator, count_parameters
 from pof3d.layers import ModulatedConv2d, upsample2d
 from pof3d.pose_learner import PoseLearner
+from pof3d.presets import load_config
 from pof3d.stylegan import MappingNetwork, SynthesisNetwork
 from pof3d.superres import SuperResolution
 

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from pof3d.config import load_config
 from pof3d.distributed.launcher import worker_runtime_env
 from pof3d.host_memory import ENV_VAR, RETAIN_TUNABLES, is_retaining, retaining_env
+from pof3d.presets import load_config
 
 # Allocates and fills a 256 MB tensor three times (PyTorch allocates it 64-byte aligned); prints the
 # minor page faults of the last two rounds.

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from pof3d.camera import angular_error
-from pof3d.config import load_config
 from pof3d.discriminator import Discriminator
 from pof3d.errors import TrainingError
 from pof3d.generator import Generator
 from pof3d.loop import Trainer
 from pof3d.loss import PoF3DLoss
+from pof3d.presets import load_config
 
 TIMING = ("time/step_s", "images_per_s")
 

@@ -249,8 +249,8 @@ def test_pose_moments_mean_and_spread():
 
 
 def test_js_of_a_perfect_pose_learner_is_near_zero():
-    from pof3d.config import load_config
     from pof3d.metrics import evaluate_generator
+    from pof3d.presets import load_config
 
     cfg = load_config("tiny", ["model.z_dim=2", "data.synthetic_poses=faces"])
     perfect = evaluate_generator(_PosePrior(0.0), None, cfg, None, ["js"], num_samples=100)

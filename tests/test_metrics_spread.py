@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pof3d.config import load_config
 from pof3d.data.shards import ShardWriter, encode_png
 from pof3d.generator import Generator
 from pof3d.metrics import evaluate_generator
@@ -20,6 +19,7 @@ from pof3d.metrics.image_metrics import generate
 from pof3d.metrics.random_features import random_feature_fn
 from pof3d.metrics.samples import EvalRun
 from pof3d.metrics.spread import Spread, distributed_spread
+from pof3d.presets import load_config
 
 SMALL = [
     "model.triplane_resolution=16",

@@ -20,9 +20,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pof3d.checkpoint import load_checkpoint, read_progress
-from pof3d.config import load_config
 from pof3d.distributed.resources import FIRST_STATUS_WAIT_S, autoscaler_can_add_nodes, ensure_resources
 from pof3d.errors import ConfigError
+from pof3d.presets import load_config
 from pof3d.run_files import RunFiles
 from pof3d.storage import Location, as_local_dir
 

@@ -16,12 +16,12 @@ import torch
 from loss_setup import loss_cfg
 
 from pof3d import precision
-from pof3d.config import Config, load_config
+from pof3d.config import Config
 from pof3d.discriminator import Discriminator
 from pof3d.errors import ConfigError
 from pof3d.generator import Generator
 from pof3d.loss import PoF3DLoss, schedule
-from pof3d.presets import PRESETS
+from pof3d.presets import PRESETS, load_config
 from pof3d.stylegan import SynthesisBlock
 
 PHASES = ("G_main", "G_density", "D_main", "D_r1")

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pof3d.camera import intrinsics, pose_to_cam2world
-from pof3d.config import preset
+from pof3d.presets import preset
 from pof3d.renderer import VolumeRenderer, importance_depths, make_rays
 from pof3d.triplane import RGB_AFFINE, TriplaneDecoder, sample_plane_sum, sample_triplanes
 

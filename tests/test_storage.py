@@ -15,9 +15,9 @@ import pyarrow.fs as pafs
 import pytest
 
 from pof3d.checkpoint import find_latest, save_checkpoint
-from pof3d.config import load_config
 from pof3d.distributed.plan import TrainRequest, plan_run
 from pof3d.errors import ConfigError
+from pof3d.presets import load_config
 from pof3d.run_files import RunFiles
 from pof3d.storage import Location, check_reachable
 from pof3d.train import main

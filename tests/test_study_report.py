@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pof3d.config import load_config
 from pof3d.discriminator import Discriminator
 from pof3d.generator import Generator
 from pof3d.plots import plot_pose_distribution, save_image_grid
+from pof3d.presets import load_config
 from pof3d.studies.results import TrialRecord, build_table
 
 REPORT = Path(__file__).resolve().parents[1] / "studies" / "synthetic_poses" / "report.py"

@@ -15,8 +15,9 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pof3d.config import apply_overrides, load_config, preset
+from pof3d.config import apply_overrides
 from pof3d.errors import ConfigError
+from pof3d.presets import load_config, preset
 from pof3d.storage import Location
 from pof3d.studies import mlflow_wiring
 from pof3d.studies.resources import TrialFootprint, plan_concurrency

@@ -14,7 +14,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pof3d.checkpoint import save_checkpoint
-from pof3d.config import load_config
 from pof3d.distributed.plan import TrainRequest, flag_overrides, plan_run
 from pof3d.distributed.progress import (
     TickMeter,
@@ -26,6 +25,7 @@ from pof3d.distributed.progress import (
 )
 from pof3d.distributed.resources import check_resources
 from pof3d.errors import ConfigError
+from pof3d.presets import load_config
 from pof3d.storage import Location
 from pof3d.tracking import Tracker, default_tracking_uri, ui_command
 from pof3d.train import main

@@ -21,10 +21,11 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pof3d.checkpoint import MANIFEST_FILE, find_latest, read_progress
-from pof3d.config import Config, apply_overrides, load_config
+from pof3d.config import Config, apply_overrides
 from pof3d.data.synthetic import ensure_synthetic
 from pof3d.errors import CheckpointError, ConfigError
 from pof3d.metrics.suite import resolve_metrics
+from pof3d.presets import load_config
 from pof3d.run_files import CONFIG_FILE, RunFiles
 from pof3d.storage import Location, check_reachable
 from pof3d.tracking import default_tracking_uri, run_name

@@ -20,12 +20,12 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pof3d.config import Config, load_config
+from pof3d.config import Config
 from pof3d.distributed.launcher import connect
 from pof3d.distributed.plan import prepare_tracking_store, storage_base, synthetic_data
 from pof3d.errors import ConfigError
 from pof3d.metrics.suite import resolve_metrics
-
+from pof3d.presets import load_config
 from pof3d.storage import Location, check_reachable
 from pof3d.studies import mlflow_wiring
 from pof3d.studies.importance import SearchFindings, findings, ranked

@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pof3d.config import load_config
 from pof3d.distributed.driver import run_training
 from pof3d.distributed.plan import RESUME_AUTO, TrainRequest, plan_run
 from pof3d.errors import TrainingError
+from pof3d.presets import load_config
 from pof3d.storage import Location
 from pof3d.studies.mlflow_wiring import child_tags
 from pof3d.studies.variants import variant_overrides

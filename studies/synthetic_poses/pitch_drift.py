@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pof3d.config import load_config
 from pof3d.data.shard_reader import load_arrays
 from pof3d.data.synthetic import ensure_synthetic
 from pof3d.loop import Trainer
+from pof3d.presets import load_config
 
 POLE_DEG = 5.0
 
