@@ -14,6 +14,7 @@ import sys
 
 from pof3d.config_fields import config_fields, format_fields
 from pof3d.console import configure_console
+from pof3d.distributed.elastic import workers_flag
 from pof3d.distributed.plan import DEFAULT_EXPERIMENT, DEFAULT_PRESET, TrainRequest, base_config, plan_run
 from pof3d.errors import Pof3dError, TrainingError
 from pof3d.presets import PRESETS, presets_help
@@ -36,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="shard directory or URI (default: built-in synthetic set)")
     p.add_argument("--kimg", type=float, help="training length in thousands of real images")
     p.add_argument("--batch", type=int, help="global batch over all workers")
-    p.add_argument("--workers", type=int, help="Ray Train workers")
+    p.add_argument(
+        "--workers", type=workers_flag, metavar="N|MIN-MAX",
+        help="Ray Train workers; MIN-MAX: elastic, as many as the cluster holds between the two (grows when "
+        "nodes join, shrinks when they go, restarting from the latest checkpoint each time)",
+    )  # fmt: skip
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0 = CPU)")
     p.add_argument(
         "--run-dir", metavar="DIR|URI",

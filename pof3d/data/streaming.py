@@ -101,13 +101,17 @@ def read_pieces(
     cars: bool,
     permute: bool,
     block_rows: int = DECODE_BATCH,
+    seed: list[int] | None = None,
+    skip: int = 0,
 ) -> Iterator[pa.Table]:
     """Read the given row groups of the given shards; yield decoded blocks of ``block_rows`` rows:
     ``image`` uint8 [B,3,R,R], ``pose`` float32 [B,2] (NaN when absent), ``id`` int64 [B].
 
     With ``permute`` the rows of all the pieces are shuffled together; with ``xflip`` each image is
     mirrored left-right with probability 1/2 and its pose mirrored with it (h -> pi - h, or 2 pi - h for
-    cars). Both draw from fresh OS entropy, so that flips differ between epochs.
+    cars). Both draw from ``seed`` (a stream's seed, epoch and task: the same rows in the same order with
+    the same flips when a stream is restarted part-way), fresh OS entropy without one. The first ``skip``
+    rows of that order are left out (read by the stream before it restarted).
 
     Transient store errors are retried; a damaged or missing shard, page or image raises ``DataError``
     naming the shard, row group and row (see :mod:`pof3d.data.shard_io`).
@@ -121,14 +125,17 @@ def read_pieces(
             tables.append(read_group(parquet, path, group, COLUMNS))
             rows_at += [(path, group, starts[group] + i) for i in range(tables[-1].num_rows)]
     table = pa.concat_tables(tables)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed)
     order = rng.permutation(table.num_rows) if permute else np.arange(table.num_rows)
+    flips = rng.random(len(order)) < 0.5 if xflip else None  # drawn for every row, skipped ones too
+    order = order[skip:]
+    flips = flips[skip:] if flips is not None else None
     encoded = table.column("image").to_pylist()
     ids = table.column("id").to_numpy().astype(np.int64)
     pose = _poses(table.column("pose"))
     for start in range(0, len(order), block_rows):
         rows = order[start : start + block_rows]
-        flip = rng.random(len(rows)) < 0.5 if xflip else None
+        flip = flips[start : start + block_rows] if flips is not None else None
         image = np.empty((len(rows), 3, resolution, resolution), np.uint8)
         decode_into(
             image,
@@ -156,11 +163,14 @@ class ShardSource(Datasource):
         task_rows: int = TASK_ROWS,
         block_rows: int = DECODE_BATCH,
         epochs: int = 1,
+        start: int = 0,
     ) -> None:
         super().__init__()
         if epochs < 1:
             raise DataError(f"epochs: got {epochs}, expected at least 1 pass over the set per execution")
-        self.epochs = epochs
+        if start < 0:
+            raise DataError(f"start: got {start}, expected the rows of the stream already read (>= 0)")
+        self.epochs, self.start = epochs, start
         self.uri = str(uri)
         manifest = read_manifest(self.uri)
         self.resolution = int(manifest["resolution"])
@@ -187,23 +197,32 @@ class ShardSource(Datasource):
         self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
     ) -> list[ReadTask]:
         # Ray advances the context's execution index after every completed execution; its own file shuffle
-        # reseeds the same way. Execution x holds epochs x * epochs ... x * epochs + epochs - 1.
+        # reseeds the same way. Execution x holds epochs x * epochs ... x * epochs + epochs - 1, counted
+        # from the epoch that ``start`` falls in, whose first ``start % rows`` rows are left out.
         execution = int(getattr(data_context, "_execution_idx", 0) or 0)
+        first, skip = divmod(self.start, self.rows)
+        if execution:
+            skip = 0
         tasks = []
-        for epoch in range(execution * self.epochs, (execution + 1) * self.epochs):
+        for epoch in range(first + execution * self.epochs, first + (execution + 1) * self.epochs):
             groups = list(self.groups)
             if self.shuffle:
                 order = np.random.default_rng([self.seed, epoch]).permutation(len(groups))
                 groups = [groups[i] for i in order]
-            chunk, rows = [], 0
+            chunks, chunk, rows = [], [], 0
             for group in groups:
                 chunk.append(group)
                 rows += group[2]
                 if rows >= self.task_rows:
-                    tasks.append(self._task(chunk, rows))
+                    chunks.append((chunk, rows))
                     chunk, rows = [], 0
             if chunk:  # tasks never span two epochs
-                tasks.append(self._task(chunk, rows))
+                chunks.append((chunk, rows))
+            for index, (chunk, rows) in enumerate(chunks):
+                left_out = min(skip, rows)
+                skip -= left_out
+                if left_out < rows:
+                    tasks.append(self._task(chunk, rows, [self.seed, epoch, index], left_out))
         return tasks
 
     @property
@@ -213,7 +232,7 @@ class ShardSource(Datasource):
     def num_tasks(self) -> int:
         return len(self.get_read_tasks(1))
 
-    def _task(self, chunk: list[tuple[str, int, int]], rows: int) -> ReadTask:
+    def _task(self, chunk: list[tuple[str, int, int]], rows: int, seed: list[int], skip: int) -> ReadTask:
         pieces: dict[str, list[int]] = {}
         for path, group, _ in chunk:
             pieces.setdefault(path, []).append(group)
@@ -226,7 +245,10 @@ class ShardSource(Datasource):
             self.cars,
             self.shuffle,
             self.block_rows,
+            seed,
+            skip,
         )
+        rows -= skip
         meta = BlockMetadata(
             num_rows=rows, size_bytes=rows * self.row_bytes, exec_stats=None, input_files=None
         )
@@ -338,6 +360,7 @@ def make_dataset(
     epochs: int | None = 1,
     decode_cpus: float = DECODE_CPUS,
     cpu_budget: float | None = None,
+    start: int = 0,
 ) -> ray.data.Dataset:
     """A lazily streamed Ray Dataset over the shard set at ``uri``: columns ``image`` (uint8 [3,R,R]),
     ``pose`` (float32 [2]) and ``id``; iterate it with :func:`iter_train_batches` for float images.
@@ -350,6 +373,12 @@ def make_dataset(
     ``cars`` picks the left-right mirror of the pose for ``xflip``; by default it is read from a synthetic
     set's manifest (faces otherwise). ``cpu_budget`` caps the CPUs Ray Data may use for this dataset
     (leave it None under Ray Train, which reserves the training workers' CPUs itself).
+
+    ``start``: rows of the stream already read (a run's images seen at the checkpoint it resumes from).
+    The stream then goes on from there, not from its first epoch: the rows, order within each read task
+    and flips depend only on the seed, the epoch and the task, so a restart at ``start`` reads what the
+    unbroken stream would have read from row ``start`` on, as far as the order of the tasks' blocks is
+    kept (``preserve_order``).
     """
     import ray.data
     from ray.data import RandomSeedConfig
@@ -373,6 +402,7 @@ def make_dataset(
         task_rows=task_rows,
         block_rows=block_rows,
         epochs=epochs,
+        start=start,
     )
     ds = ray.data.read_datasource(
         # As many blocks as read tasks: Ray would otherwise split each task's output into tiny blocks.
@@ -391,11 +421,12 @@ def make_dataset(
 
         ds.context.execution_options.resource_limits = ExecutionResources(cpu=cpu_budget)
     log.info(
-        "streaming %d rows (%d row groups) from %d shards of %s, %d epoch(s) per execution",
+        "streaming %d rows (%d row groups) from %d shards of %s, %d epoch(s) per execution, from row %d",
         manifest["rows"],
         len(source.groups),
         len(manifest["shards"]),
         uri,
         epochs,
+        start,
     )
     return ds

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pof3d.data.shard_reader import check_shards
+from pof3d.distributed.elastic import ensure_fits_nodes
 from pof3d.distributed.launcher import connect, launch
 from pof3d.distributed.plan import RunPlan, TrainRequest, plan_run, prepare_tracking_store, synthetic_data
 from pof3d.distributed.resources import ensure_resources
@@ -64,6 +65,7 @@ def prepare(request: TrainRequest, address: str | None = None) -> RunPlan:
         check_shards(plan.data_uri)
     connect(address)
     ensure_resources(plan.cfg)
+    ensure_fits_nodes(plan.cfg)  # MIN workers, each whole on one node
     return plan
 
 

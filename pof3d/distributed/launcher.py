@@ -13,15 +13,18 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pof3d.checkpoint import read_progress
 from pof3d.config import Config
 from pof3d.console import quiet_dataset, train_logging_config, verbose
 from pof3d.data.streaming import ingest_options, make_dataset
+from pof3d.distributed.elastic import describe_range, worker_resources
 from pof3d.distributed.plan import RunPlan
 from pof3d.distributed.progress import deadline
 from pof3d.distributed.resources import check_resources
 from pof3d.distributed.worker import train_loop_per_worker
+from pof3d.errors import CheckpointError
 from pof3d.host_memory import retaining_env
-from pof3d.run_files import CHECKPOINTS_DIR
+from pof3d.run_files import CHECKPOINTS_DIR, RunFiles
 from pof3d.storage import Location
 
 logger = logging.getLogger(__name__)
@@ -63,17 +66,13 @@ def launch(plan: RunPlan, callbacks: list[Any] = ()) -> LaunchResult:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pof3d.distributed.group_watch import GroupWatch
+
     cfg = plan.cfg
     check_resources(cfg, ray.cluster_resources())
     t = cfg.train
-    resources: dict[str, float] = {"CPU": t.cpus_per_worker}
-    if t.gpus_per_worker > 0:
-        resources["GPU"] = t.gpus_per_worker
-    # Several epochs per Ray Data execution on small sets (epochs=None), kept in order by ingest_options.
-    dataset = make_dataset(
-        plan.data_uri, xflip=cfg.data.xflip, seed=cfg.data.shuffle_seed, shuffle=True, epochs=None
-    )
-    quiet_dataset(dataset)  # keep the per-tick lines readable in job logs
+    resources = worker_resources(cfg)
+    low, high = t.worker_range()
     # Fixed here, so that workers restarted after a failure keep the launch's deadline.
     plan = dataclasses.replace(plan, deadline=deadline(t.time_limit_min, time.time()))
     # Ray Train writes checkpoints to ROOT/checkpoints through the same filesystem as the project's own
@@ -84,9 +83,14 @@ def launch(plan: RunPlan, callbacks: list[Any] = ()) -> LaunchResult:
         # The console choice travels with the plan's launch, for workers on nodes of a joined cluster.
         train_loop_config={"plan": plan, "verbose": verbose()},
         scaling_config=ScalingConfig(
-            num_workers=t.workers, use_gpu=t.gpus_per_worker > 0, resources_per_worker=resources
+            # A (MIN, MAX) pair selects Ray Train's elastic scaling policy (pof3d/distributed/elastic.py).
+            num_workers=low if low == high else (low, high),
+            use_gpu=t.gpus_per_worker > 0,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=t.resize_interval_s,
         ),
-        datasets={"train": dataset},
+        # Built anew for every worker group, from where the group's checkpoint left the stream.
+        datasets={"train": TrainStream(plan, verbose())},
         dataset_config=DataConfig(execution_options=ingest_options()),
         run_config=RunConfig(
             name=CHECKPOINTS_DIR,
@@ -94,15 +98,16 @@ def launch(plan: RunPlan, callbacks: list[Any] = ()) -> LaunchResult:
             storage_filesystem=None if plan.root.is_local else fs,
             checkpoint_config=CheckpointConfig(num_to_keep=max(t.keep_checkpoints, 1)),
             failure_config=FailureConfig(max_failures=t.max_failures),
-            callbacks=list(callbacks),
+            callbacks=[*callbacks, GroupWatch(plan.files)],
             worker_runtime_env=worker_runtime_env(cfg),
             logging_config=train_logging_config(),
         ),
     )
     logger.info(
-        "starting %d worker(s) x %s on Ray; checkpoints under %s",
-        t.workers,
+        "starting %s worker(s) x %s on Ray%s; checkpoints under %s",
+        describe_range(cfg),
         resources,
+        f" (elastic, looking for room every {t.resize_interval_s:g} s)" if low < high else "",
         plan.files.checkpoints,
     )
     result = trainer.fit()
@@ -117,3 +122,47 @@ def launch(plan: RunPlan, callbacks: list[Any] = ()) -> LaunchResult:
         training_error=final.get("training_error"),
         stop_reason=final.get("stop_reason"),
     )
+
+
+@dataclass(frozen=True)
+class TrainStream:
+    """The training data of a run, as Ray Train builds it for each worker group (a callable in
+    ``TorchTrainer(datasets=...)``, called in the controller before the group starts).
+
+    Every group resumes from the run's newest checkpoint, so its stream starts at that checkpoint's images
+    seen (``make_dataset(start=...)``): the data goes on where the model's state is, split among the
+    workers of the group that starts, instead of from the first epoch again. Several epochs per Ray Data
+    execution on small sets (``epochs=None``), kept in order by ``ingest_options``.
+    """
+
+    plan: RunPlan
+    verbose: bool = False
+
+    def __call__(self) -> Any:
+        cfg = self.plan.cfg
+        start = resume_images(self.plan.files, self.plan.resume_from)
+        dataset = make_dataset(
+            self.plan.data_uri,
+            xflip=cfg.data.xflip,
+            seed=cfg.data.shuffle_seed,
+            shuffle=True,
+            epochs=None,
+            start=start,
+        )
+        quiet_dataset(dataset)  # keep the per-tick lines readable in job logs
+        dataset.context.print_on_execution_start = self.verbose  # the driver's choice, not this process's
+        return dataset
+
+
+def resume_images(files: RunFiles, resume_from: Location | None) -> int:
+    """Images seen at the checkpoint a starting worker group resumes from: the most advanced of the run's
+    newest checkpoint and ``--resume``'s, the rule of the worker's ``_resume``; 0 for a fresh start."""
+    seen = [0]
+    for checkpoint in (files.latest_checkpoint(), resume_from):
+        if checkpoint is None:
+            continue
+        try:
+            seen.append(int(read_progress(checkpoint).get("images_seen", 0)))
+        except (CheckpointError, ValueError, TypeError):
+            continue
+    return max(seen)

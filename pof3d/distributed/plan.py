@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 from pof3d.checkpoint import MANIFEST_FILE, find_latest, read_progress
 from pof3d.config import Config, apply_overrides
 from pof3d.data.synthetic import ensure_synthetic
+from pof3d.distributed.elastic import workers_overrides
 from pof3d.errors import CheckpointError, ConfigError
 from pof3d.metrics.suite import resolve_metrics
 from pof3d.presets import load_config
@@ -49,7 +50,7 @@ class TrainRequest:
     data: str | None = None
     kimg: float | None = None
     batch: int | None = None
-    workers: int | None = None
+    workers: int | str | None = None  # N, or "MIN-MAX" for an elastic run
     gpus_per_worker: float | None = None
     seed: int | None = None
     run_dir: str | None = None  # a local path or a filesystem URI
@@ -113,11 +114,13 @@ def flag_overrides(request: TrainRequest) -> list[str]:
         "data.path": request.data,
         "train.kimg": request.kimg,
         "train.batch": request.batch,
-        "train.workers": request.workers,
         "train.gpus_per_worker": request.gpus_per_worker,
         "train.seed": request.seed,
     }
-    return [f"{path}={value}" for path, value in pairs.items() if value is not None]
+    items = [f"{path}={value}" for path, value in pairs.items() if value is not None]
+    if request.workers is not None:  # both ends of the range: a fixed count ends an elastic one
+        items += workers_overrides(request.workers)
+    return items
 
 
 def storage_base() -> Location:

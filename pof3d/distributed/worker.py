@@ -24,6 +24,7 @@ from pof3d.checkpoint import load_checkpoint, read_progress, save_checkpoint
 from pof3d.config import Config
 from pof3d.console import quiet_train_worker
 from pof3d.data.streaming import iter_train_batches
+from pof3d.distributed.elastic import GroupChange
 from pof3d.distributed.plan import RunPlan
 from pof3d.distributed.progress import TickMeter, TimeLimit, device_memory, next_boundary, progress_line
 from pof3d.errors import CheckpointError, DataError, TrainingError
@@ -54,6 +55,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """
     import ray.train
 
+    begun = time.time()  # a restarted group's start-up time is measured from here (elastic.py)
     _configure_logging()
     quiet_train_worker(config.get("verbose", False))
     plan: RunPlan = config["plan"]
@@ -67,6 +69,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     trainer = Trainer(cfg, device=device, seed=cfg.train.seed)
     progress = _resume(trainer, files, plan.resume_from, device)
     tick = int(progress.get("tick", 0))
+    # Whether this group replaced another (a resize or a restart), read before the log drops old ticks.
+    group_change = GroupChange.at_start(files, world, trainer.images_seen, begun) if rank == 0 else None
+    group_figures: dict[str, float] = {}
     metrics_log = files.metrics_log(trainer.images_seen) if rank == 0 else None
     if rank == 0:
         logger.info(
@@ -122,6 +127,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             data_wait=fetched - started,
             step_time=time.perf_counter() - started,
         )
+        if group_change is not None:  # the first step since this group replaced another: say how it went
+            group_figures, group_change = group_change.first_step(fetched - started), None
         # Every rank asks at every step (a collective when a limit is set); rank 0's clock decides.
         out_of_time = trainer.images_seen < target and time_limit.reached(rank, world, device)
         if out_of_time:
@@ -148,6 +155,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             # Every rank renders a share of the samples; rank 0 gets the figures, the others {}.
             metrics.update(_evaluate(trainer, cfg, plan.data_uri, device))
         metrics.update({"images_seen": trainer.images_seen, "tick": tick, "world_size": world})
+        metrics.update(group_figures)  # at the first tick after a group change only
+        group_figures = {}
         if rank == 0:
             logger.info(progress_line(tick, trainer.images_seen, target, metrics))
             metrics_log.append(metrics)

@@ -1,0 +1,69 @@
+"""A Ray Train controller callback that records every start of a worker group in the run's storage.
+
+The controller is the one process that knows why a group stops (a resize, a lost worker, a preemption)
+and how large the next one will be; the workers of the new group know neither. So before each group
+starts, this writes ``ROOT/workers/group.json`` (:mod:`pof3d.distributed.elastic` reads it on rank 0):
+the new size, the size of the group before it in this launch (None for the first), the cause, and when
+the old group stopped.
+
+Ray Train 2.60 has no public hook for this; its controller calls every non-``UserCallback`` callback of
+``RunConfig(callbacks=...)`` as an internal ``ControllerCallback`` (``DataParallelTrainer`` keeps them for
+such uses). The callback is pickled into the controller actor, which runs on the driver's node; it writes
+through the run's storage, which every node reaches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2._internal.execution.controller.state import (
+    PreemptingState,
+    ResizingState,
+    RestartingState,
+    RunningState,
+)
+
+from pof3d.distributed.elastic import write_group_record
+from pof3d.run_files import RunFiles
+
+logger = logging.getLogger(__name__)
+
+
+class GroupWatch(ControllerCallback):
+    def __init__(self, files: RunFiles) -> None:
+        self.files = files
+        self._running: int | None = None  # size of the group that last reached RunningState
+        self._starting: int | None = None  # size of the group being started
+        self._stopped_at: float | None = None
+        self._cause: str | None = None
+        self._preempting = False
+
+    def after_controller_state_update(self, previous_state, current_state) -> None:
+        if isinstance(current_state, PreemptingState):
+            self._preempting = True  # the group still trains (and checkpoints) until the node goes
+        elif isinstance(current_state, (ResizingState, RestartingState)) and self._stopped_at is None:
+            self._stopped_at = time.time()
+            if isinstance(current_state, ResizingState):
+                self._cause = "resize"
+            else:
+                self._cause = "preemption" if self._preempting else "failure"
+        elif isinstance(current_state, RunningState) and self._starting is not None:
+            self._running, self._starting = self._starting, None
+            self._stopped_at, self._cause, self._preempting = None, None, False
+
+    def before_controller_execute_resize_decision(self, resize_decision) -> None:
+        """Called before every group start (the first one, a resize and a restart after a failure alike)."""
+        self._starting = resize_decision.num_workers
+        record = {
+            "workers": resize_decision.num_workers,
+            "previous": self._running,
+            "cause": self._cause or "start",
+            "stopped_at": self._stopped_at,
+            "scheduled_at": time.time(),
+        }
+        try:
+            write_group_record(self.files, record)
+        except OSError as exc:  # storage briefly unreachable: the group starts anyway, unrecorded
+            logger.warning("cannot record the worker group's start: %s", exc)
