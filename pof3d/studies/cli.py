@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from pof3d.console import configure_console
+from pof3d.distributed.elastic import workers_flag
 from pof3d.errors import ConfigError, Pof3dError
 from pof3d.presets import PRESETS, presets_help
 from pof3d.studies.study import DEFAULT_EXPERIMENT, StudyRequest, run_study
@@ -34,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="configuration preset (tiny)")
     p.add_argument("--kimg", type=float, help="training length of each trial, thousands of real images")
     p.add_argument("--batch", type=int, help="global batch of each trial")
-    p.add_argument("--workers", type=int, help="Ray Train workers per trial")
+    p.add_argument(
+        "--workers", type=workers_flag, metavar="N|MIN-MAX",
+        help="Ray Train workers per trial; MIN-MAX: elastic trials (see python -m pof3d.train --help)",
+    )  # fmt: skip
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (0 = CPU)")
     p.add_argument("--data", help="shard directory or URI (default: built-in synthetic set)")
     p.add_argument("--samples", type=int, default=1, help="seeds per variant (ablation) or trials (search)")

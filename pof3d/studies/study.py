@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pof3d.config import Config
+from pof3d.distributed.elastic import workers_overrides
 from pof3d.distributed.launcher import connect
 from pof3d.distributed.plan import prepare_tracking_store, storage_base, synthetic_data
 from pof3d.errors import ConfigError
@@ -57,7 +58,7 @@ class StudyRequest:
     preset: str = "tiny"
     kimg: float | None = None
     batch: int | None = None
-    workers: int | None = None
+    workers: int | str | None = None  # N, or "MIN-MAX" for elastic trials
     gpus_per_worker: float | None = None
     data: str | None = None
     samples: int = 1  # seeds per variant (ablation) or number of trials (search)
@@ -106,10 +107,12 @@ def base_overrides(request: StudyRequest) -> list[str]:
         "data.path": request.data,
         "train.kimg": kimg,
         "train.batch": request.batch,
-        "train.workers": request.workers,
         "train.gpus_per_worker": request.gpus_per_worker,
     }
-    return [f"{k}={v}" for k, v in pairs.items() if v is not None] + list(request.overrides)
+    flags = [f"{k}={v}" for k, v in pairs.items() if v is not None]
+    if request.workers is not None:
+        flags += workers_overrides(request.workers)
+    return flags + list(request.overrides)
 
 
 def _user_set(request: StudyRequest, path: str) -> bool:
