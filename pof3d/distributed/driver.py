@@ -19,6 +19,7 @@ from pof3d.data.shard_reader import check_shards
 from pof3d.distributed.elastic import ensure_fits_nodes
 from pof3d.distributed.launcher import connect, launch
 from pof3d.distributed.plan import RunPlan, TrainRequest, plan_run, prepare_tracking_store, synthetic_data
+from pof3d.distributed.preemption import notices_from_signals
 from pof3d.distributed.resources import ensure_resources
 from pof3d.errors import TrainingError
 from pof3d.storage import Location
@@ -92,7 +93,8 @@ def run_training(plan: RunPlan, callbacks: Sequence[Any] = ()) -> RunSummary:
         plan.tracking.uri,
     )
     try:
-        result = launch(plan, list(callbacks))
+        with notices_from_signals(files):  # SIGTERM/SIGUSR1: checkpoint after the step, then stop
+            result = launch(plan, list(callbacks))
     except BaseException:
         tracker.finish("FAILED")
         raise

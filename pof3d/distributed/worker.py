@@ -26,6 +26,7 @@ from pof3d.console import quiet_train_worker
 from pof3d.data.streaming import iter_train_batches
 from pof3d.distributed.elastic import GroupChange
 from pof3d.distributed.plan import RunPlan
+from pof3d.distributed.preemption import Notice, NoticeWatch
 from pof3d.distributed.progress import TickMeter, TimeLimit, device_memory, next_boundary, progress_line
 from pof3d.errors import CheckpointError, DataError, TrainingError
 from pof3d.loop import Trainer
@@ -95,6 +96,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     next_snapshot = next_boundary(trainer.images_seen, cfg.train.snapshot_kimg)
     next_eval = next_boundary(trainer.images_seen, cfg.train.eval_kimg) if cfg.train.eval_kimg > 0 else None
     time_limit = TimeLimit(plan.deadline)
+    notices = NoticeWatch(files, rank)
     stop_reason = None
 
     while stop_reason is None and trainer.images_seen < target:
@@ -108,6 +110,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             if rank == 0:
                 logger.error("training stopped: %s", data_error)
             tracker.close()
+            notices.close()
             return {"images_seen": trainer.images_seen, "tick": tick, "training_error": data_error}
         real = batch["image"].to(device, non_blocking=True)
         fetched = time.perf_counter()
@@ -120,6 +123,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             if rank == 0:
                 logger.error("training stopped: %s", exc)
             tracker.close()
+            notices.close()
             return {"images_seen": trainer.images_seen, "tick": tick, "training_error": str(exc)}
         meter.update(
             figures,
@@ -139,18 +143,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     cfg.train.time_limit_min,
                     trainer.images_seen / 1000,
                 )
-        done = trainer.images_seen >= target or out_of_time
-        if not (done or trainer.images_seen >= next_tick):
+        # Every rank asks at every step too: a preemption notice is acted on after this step.
+        notice = notices.check(world, device)
+        if trainer.images_seen >= target:
+            notice = None  # the run ends here anyway, with its final snapshot
+        if notice is not None and notice.stop and stop_reason is None:
+            stop_reason = f"preemption notice ({notice.reason}) after {trainer.images_seen / 1000:.3f} kimg"
+        done = trainer.images_seen >= target or stop_reason is not None
+        if not (done or notice is not None or trainer.images_seen >= next_tick):
             continue
         tick += 1
         next_tick = next_boundary(trainer.images_seen, cfg.train.tick_kimg)
         metrics = meter.close(trainer.images_seen) | device_memory(device)
         metrics["perf/eta_sec"] = min(metrics["perf/eta_sec"], time_limit.remaining())
-        snapshot = done or trainer.images_seen >= next_snapshot
+        snapshot = done or notice is not None or trainer.images_seen >= next_snapshot
         if snapshot:
             next_snapshot = next_boundary(trainer.images_seen, cfg.train.snapshot_kimg)
             metrics["ddp/param_spread"] = _replica_spread(trainer)
-        if next_eval is not None and (done or trainer.images_seen >= next_eval):
+        if next_eval is not None and notice is None and (done or trainer.images_seen >= next_eval):
             next_eval = next_boundary(trainer.images_seen, cfg.train.eval_kimg)
             # Every rank renders a share of the samples; rank 0 gets the figures, the others {}.
             metrics.update(_evaluate(trainer, cfg, plan.data_uri, device))
@@ -161,11 +171,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             logger.info(progress_line(tick, trainer.images_seen, target, metrics))
             metrics_log.append(metrics)
             tracker.log_metrics(metrics, step=trainer.images_seen)
-        _report(trainer, plan, metrics, tick, snapshot, done, rank, tracker, true_poses)
+        _report(trainer, plan, metrics, tick, snapshot, done, rank, tracker, true_poses, notice)
+        if notice is not None and rank == 0:
+            notice.log_checkpoint(trainer.images_seen)
+            notices.acknowledge()
     if rank == 0:
         ended = f"stopped: {stop_reason}" if stop_reason else f"reached kimg {trainer.images_seen / 1000:.3f}"
         logger.info("training %s after %d ticks", ended, tick)
     tracker.close()
+    notices.close()
     return {
         "images_seen": trainer.images_seen,
         "tick": tick,
@@ -335,8 +349,12 @@ def _report(
     rank: int,
     tracker: Tracker,
     true_poses: list[np.ndarray],
+    notice: Notice | None = None,
 ) -> None:
-    """Every rank reports (a barrier); at snapshots rank 0 attaches a checkpoint and figures."""
+    """Every rank reports (a barrier); at snapshots rank 0 attaches a checkpoint and figures.
+
+    Under a preemption notice the checkpoint goes alone: figures and the final model wait for a later
+    snapshot, since the time before the node goes is short."""
     import ray.train
 
     if rank != 0:  # only rank 0's metrics are kept; the others just meet the barrier
@@ -356,15 +374,16 @@ def _report(
         "mlflow_tracking_uri": plan.tracking.uri,
     }
     with tempfile.TemporaryDirectory(prefix="pof3d-ckpt-") as tmp:
-        # Figures are drawn locally, then copied to the run's storage and logged to MLflow.
-        grid = _sample_grid(trainer, Path(tmp) / f"fakes-{kimg}.png")
-        poses = _pose_plot(trainer, Path(tmp) / f"poses-{kimg}.png", true_poses)
-        # Images, not artifacts: the UI lines a series up by step (images seen) with a slider.
-        for figure, key in ((grid, "samples"), (poses, "poses")):
-            (plan.files.samples / figure.name).upload(figure)
-            tracker.log_image(key, figure, step=trainer.images_seen)
+        if notice is None:
+            # Figures are drawn locally, then copied to the run's storage and logged to MLflow.
+            grid = _sample_grid(trainer, Path(tmp) / f"fakes-{kimg}.png")
+            poses = _pose_plot(trainer, Path(tmp) / f"poses-{kimg}.png", true_poses)
+            # Images, not artifacts: the UI lines a series up by step (images seen) with a slider.
+            for figure, key in ((grid, "samples"), (poses, "poses")):
+                (plan.files.samples / figure.name).upload(figure)
+                tracker.log_image(key, figure, step=trainer.images_seen)
         path = save_checkpoint(Path(tmp) / "checkpoint", trainer.state_dict(), cfg, progress)
-        if done:
+        if done and notice is None:
             tracker.log_artifacts(path, "checkpoint")
             tracker.log_generator(trainer.G_ema, cfg, step=trainer.images_seen)
         ray.train.report(

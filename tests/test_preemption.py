@@ -1,0 +1,137 @@
+"""Preemption notices: the notice file and the driver's signal handlers, then SIGTERM to a real training
+command: a checkpoint at a step that is no snapshot step, and the run resumes from it (real Ray, real
+MLflow store, the micro model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from micro_config import MICRO
+from mlflow.tracking import MlflowClient
+from scoped_env import isolated_run_env
+
+from pof3d.checkpoint import latest_checkpoint, load_checkpoint
+from pof3d.distributed.preemption import NoticeWatch, notice_location, notices_from_signals, write_notice
+from pof3d.run_files import RunFiles
+from pof3d.storage import Location
+from pof3d.train import main
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_a_notice_file_reaches_rank_0_and_is_removed_once_acted_on(tmp_path) -> None:
+    files = RunFiles(Location.parse(tmp_path / "run"))
+    watch = NoticeWatch(files, rank=0, poll_s=0.05)
+    try:
+        assert watch.check() is None
+        written = time.time()
+        write_notice(files, "maintenance")
+        notice = _wait(watch.check, 5, "the notice")
+        assert notice.stop and notice.reason == "maintenance" and abs(notice.given_at - written) < 1
+        watch.acknowledge()
+        assert not notice_location(files).is_file()
+    finally:
+        watch.close()
+    # Other ranks never read storage: they learn of a notice only through rank 0's broadcast.
+    other = NoticeWatch(files, rank=1, poll_s=0.05)
+    write_notice(files, "maintenance")
+    time.sleep(0.3)
+    assert other.check() is None and other._thread is None
+
+
+def test_sigusr1_to_the_driver_writes_the_notice_and_the_handlers_are_restored(tmp_path) -> None:
+    files = RunFiles(Location.parse(tmp_path / "run"))
+    write_notice(files, "left by a run that never acted on it")
+    before = signal.getsignal(signal.SIGUSR1)
+    with notices_from_signals(files):
+        assert not notice_location(files).is_file()  # a stale notice must not stop the new launch
+        os.kill(os.getpid(), signal.SIGUSR1)
+        record = json.loads(
+            _wait(
+                lambda: notice_location(files).is_file() and notice_location(files).read_text(),
+                5,
+                "the notice",
+            )
+        )
+        assert record["reason"] == "SIGUSR1" and time.time() - record["at"] < 5
+    assert signal.getsignal(signal.SIGUSR1) is before
+    assert not notice_location(files).is_file()
+
+
+def _sets(extra: list[str]) -> list[str]:
+    return [arg for item in [*MICRO, *extra] for arg in ("--set", item)]
+
+
+def _ticks(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_between_snapshots_and_the_run_resumes_from_there(
+    ray_local, tmp_path, capsys
+) -> None:
+    """SIGTERM to the training command (``pof3d.train.main`` in this process, whose main thread runs it):
+    every worker finishes its step, rank 0 writes a checkpoint although no snapshot is due (snapshots
+    every 1 kimg), the command returns 0 saying it stopped at the notice, and ``--resume`` continues from
+    that checkpoint in the same MLflow run."""
+    run_dir = tmp_path / "run"
+    timings: dict[str, float] = {}
+
+    def signal_after_two_ticks() -> None:
+        _wait(lambda: len(_ticks(run_dir)) >= 2, 300, "two ticks of training")
+        timings["signal"] = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)
+        _wait(lambda: latest_checkpoint(run_dir), 120, "the checkpoint")
+        timings["checkpoint"] = time.monotonic()
+
+    sender = threading.Thread(target=signal_after_two_ticks, daemon=True)
+    with isolated_run_env(tmp_path):
+        sender.start()
+        code = main(
+            ["--kimg", "1", "--batch", "4", "--run-dir", str(run_dir), *_sets(["train.snapshot_kimg=1"])]
+        )
+        timings["exit"] = time.monotonic()
+        sender.join(timeout=5)
+        out = capsys.readouterr().out
+        assert code == 0, out[-4000:]
+        stopped = re.search(r"stopped at the preemption notice \(SIGTERM\) after ([\d.]+) kimg", out)
+        assert stopped, out[-4000:]
+        images = round(float(stopped.group(1)) * 1000)
+        checkpoint = latest_checkpoint(run_dir)
+        _, _, progress = load_checkpoint(checkpoint)
+        assert progress["images_seen"] == images and images % 1000 != 0 and images >= 8
+        assert checkpoint.name == f"checkpoint-kimg{images / 1000:07.3f}"
+        to_checkpoint, to_exit = (timings[k] - timings["signal"] for k in ("checkpoint", "exit"))
+        print(f"\nSIGTERM -> checkpoint {to_checkpoint:.1f} s, -> command returns {to_exit:.1f} s")
+        assert to_checkpoint < 30
+
+        assert (
+            main(["--resume", "auto", "--run-dir", str(run_dir), "--kimg", f"{(images + 8) / 1000:g}"]) == 0
+        )
+    assert f"resumed from {checkpoint} at kimg {images / 1000:.3f}" in capsys.readouterr().err
+    _, _, progress = load_checkpoint(latest_checkpoint(run_dir))
+    assert progress["images_seen"] == images + 8
+    ticks = _ticks(run_dir)
+    assert [t["tick"] for t in ticks] == list(range(1, len(ticks) + 1))
+    steps = [t["images_seen"] for t in ticks]
+    assert steps == sorted(set(steps)) and images in steps and steps[-1] == images + 8
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("pof3d").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/G_adv")] == steps
