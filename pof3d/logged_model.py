@@ -11,8 +11,11 @@ The model is logged "from code": MLflow stores :mod:`pof3d.logged_model_code` (t
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ import torch
 import pof3d
 from pof3d.config import Config
 from pof3d.plots import to_uint8
+from pof3d.tracking_ui import INHERITED
 
 MODEL_NAME = "generator"
 WEIGHTS_FILE = "generator.pt"
@@ -46,9 +50,12 @@ class GeneratorModel(PythonModel):
         self.generator.load_state_dict(state)
         self.generator.eval()
 
-    # No type hints: MLflow would read them as an input schema; the signature logged with the model is it.
+    # An ndarray hint is one MLflow infers no schema from and validates nothing against (the signature
+    # logged with the model is the schema); without hints MLflow warns at every import of this module.
     @torch.no_grad()
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+    def predict(
+        self, context: Any, model_input: np.ndarray, params: dict[str, Any] | None = None
+    ) -> np.ndarray:
         z = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         psi = float((params or {}).get("truncation_psi", 1.0))
         images = self.generator(z, truncation_psi=psi, noise_mode="const")["image"]
@@ -89,10 +96,14 @@ def log_generator(tracking_uri: str, run_id: str, artifacts: dict[str, str], ste
 
     cfg = Config.from_json(Path(artifacts["config"]).read_text())
     mlflow.set_tracking_uri(tracking_uri)
+    run = mlflow.MlflowClient(tracking_uri).get_run(run_id)
     # With no active run MLflow files a model under the default experiment, and with a local store puts
     # its files in ./mlruns of whatever directory the worker runs in: use the run's experiment instead.
-    mlflow.set_experiment(experiment_id=mlflow.MlflowClient(tracking_uri).get_run(run_id).info.experiment_id)
-    with warnings.catch_warnings():
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
+    # MLflow would name this process (a Ray worker, "default_worker.py") as the model's source; the
+    # run's source is the command that trained it.
+    source = {key: value for key, value in run.data.tags.items() if key in INHERITED}
+    with warnings.catch_warnings(), _no_artifact_progress_bars():
         # MLflow suggests an input example; validating one would load the model once more on rank 0.
         warnings.filterwarnings("ignore", message=".*input example", category=UserWarning)
         info = Model.log(
@@ -106,9 +117,25 @@ def log_generator(tracking_uri: str, run_id: str, artifacts: dict[str, str], ste
             signature=_signature(cfg),
             # Given, so that MLflow does not load the model in a subprocess to infer them.
             pip_requirements=[f"pof3d=={pof3d.__version__}", f"torch=={torch.__version__.split('+')[0]}"],
-            tags={"pof3d.preset": cfg.preset},
+            tags={"pof3d.preset": cfg.preset, **source},
         )
     return info.model_uri
+
+
+@contextlib.contextmanager
+def _no_artifact_progress_bars() -> Iterator[None]:
+    """MLflow "downloads" each of the model's artifacts into the model's folder, with a progress bar
+    each; here that is a copy of two local files, and the bars only clutter the run's console. A user's
+    own ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR`` is left alone."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
 
 
 def remove_staged(artifacts: dict[str, str]) -> None:

@@ -5,7 +5,7 @@ run page's *System metrics* tab shows them), with the node in the name
 (``system/node_0/gpu_0_utilization_percentage``) so that a multi-node run keeps one curve per node.
 MLflow's own monitor thread stops for good at the first failed call; here each sample goes through the
 run's :class:`pof3d.tracking_sender.Sender`, so samples taken while the server is away are sent when it
-is back.
+is back, each stamped with the time it was taken (the time axis shows no gap and burst).
 
 One worker per node samples (local rank 0). The step continues the run's earlier samples of the node,
 as MLflow's monitor does on a resumed run. ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false`` turns it off;
@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "system/"
 DEFAULT_INTERVAL_S = 10.0
+MIN_LAST_WINDOW_S = 1.0  # the last sample measures CPU use over at least this long
 
 
 def enabled() -> bool:
@@ -52,16 +54,21 @@ def _monitors() -> list[Any]:
 
 
 class NodeMonitor:
-    """Samples this node every interval on a daemon thread; ``log(figures, index)`` hands on each sample
-    with its index in this process (0, 1, ...), which the sender turns into the run's step.
+    """Samples this node every interval on a daemon thread; ``log(figures, index, sampled_ms)`` hands on
+    each sample with its index in this process (0, 1, ...), which the sender turns into the run's step,
+    and the time it was taken (ms since the epoch), which stays its time however late it is sent.
 
-    :meth:`stop` takes one last sample, so even a short run has one.
+    :meth:`stop` has the thread take one last sample, so even a short run has one.
+
+    psutil measures CPU use between two calls *of the same thread*, and a thread's first call has
+    nothing to compare with and says 0 %. So the thread primes the counter before its first interval
+    and takes every sample itself, the last one included (taken on the stopping thread, it read 0 %).
     """
 
     def __init__(
         self,
         node_id: str,
-        log: Callable[[dict[str, float], int], None],
+        log: Callable[[dict[str, float], int, int], None],
         interval_s: float | None = None,
         samples_per_log: int | None = None,
     ) -> None:
@@ -73,40 +80,47 @@ class NodeMonitor:
         self.interval_s = float(env_interval or interval_s or DEFAULT_INTERVAL_S)
         self.samples_per_log = max(int(env_samples or samples_per_log or 1), 1)
         self._monitors = _monitors()
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._samples = 0
         self._published = 0
+        self._last_sample = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"pof3d-system-metrics {node_id}", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        import psutil
+
+        psutil.cpu_percent()  # this thread's starting point for the first sample's CPU figure
+        self._last_sample = time.monotonic()
         while not self._stop.wait(self.interval_s):
             self._sample(publish_every=self.samples_per_log)
-
-    def _sample(self, publish_every: int) -> None:
-        with self._lock:
-            for monitor in self._monitors:
-                monitor.collect_metrics()
-            self._samples += 1
-            if self._samples < publish_every:
-                return
-            figures: dict[str, float] = {}
-            for monitor in self._monitors:
-                figures.update(monitor.aggregate_metrics())
-                monitor.clear_metrics()
-            self._samples = 0
-            index, self._published = self._published, self._published + 1
-        self._log({self.prefix + k: float(v) for k, v in figures.items()}, index)
-
-    def stop(self) -> None:
-        """Stop sampling after one last sample."""
-        self._stop.set()
-        self._thread.join(timeout=5.0)
+        # A window of a few milliseconds would read 0 % or noise: the last one lasts at least a second.
+        time.sleep(max(0.0, MIN_LAST_WINDOW_S - (time.monotonic() - self._last_sample)))
         try:
             self._sample(publish_every=1)
         except Exception as exc:  # noqa: BLE001 - a failed last sample must not fail the run's end
             logger.debug("last system-metrics sample failed: %s", exc)
+
+    def _sample(self, publish_every: int) -> None:
+        for monitor in self._monitors:
+            monitor.collect_metrics()
+        self._last_sample = time.monotonic()
+        sampled_ms = int(time.time() * 1000)
+        self._samples += 1
+        if self._samples < publish_every:
+            return
+        figures: dict[str, float] = {}
+        for monitor in self._monitors:
+            figures.update(monitor.aggregate_metrics())
+            monitor.clear_metrics()
+        self._samples = 0
+        index, self._published = self._published, self._published + 1
+        self._log({self.prefix + k: float(v) for k, v in figures.items()}, index, sampled_ms)
+
+    def stop(self) -> None:
+        """Stop sampling after one last sample (waits for it, at most a few seconds)."""
+        self._stop.set()
+        self._thread.join(timeout=MIN_LAST_WINDOW_S + 5.0)
 
 
 def next_step(client: Any, run_id: str, prefix: str) -> int:

@@ -1,5 +1,5 @@
-"""MLflow tracking of a training run: params, per-tick metrics, images with steps, system metrics, the
-final generator as an MLflow model.
+"""MLflow tracking of a training run: params, who ran what, per-tick metrics, figures (stepped image
+series and files), system metrics, the final generator as an MLflow model.
 
 The driver opens (or re-opens, on resume) the run and logs the resolved config as params; rank 0 of
 the training workers attaches to the same run id for metrics, images and the model, and one worker per
@@ -20,9 +20,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,90 +29,32 @@ from pof3d.run_files import RunFiles
 from pof3d.storage import Location
 from pof3d.tracking_backfill import backfill, metric_entities, send_metrics
 from pof3d.tracking_sender import MAX_PENDING, Call, Sender
+from pof3d.tracking_store import (
+    client_for,
+    default_tracking_uri,
+    experiment_id,
+    probe,
+    run_exists,
+    run_name,
+    ui_command,
+)
+from pof3d.tracking_ui import (
+    FIGURES_ARTIFACT_DIR,
+    SOURCE_NAME,
+    command_line,
+    figure_key,
+    inherited_tags,
+    run_description,
+    source_tags,
+)
+
+# What the rest of pof3d takes from here besides the tracker.
+__all__ = ["Tracker", "client_for", "default_tracking_uri", "experiment_id", "run_name", "ui_command"]
 
 logger = logging.getLogger(__name__)
 
 _PARAM_BATCH = 100  # MLflow's limit of params per log_batch call
-_PROBE_TIMEOUT_S = 3.0
 FLUSH_TIMEOUT_S = 120.0  # how long the end of a run waits for unsent calls (a server restarting)
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"  # MLflow 3's UI opens such experiments in its training view
-# MLflow's own HTTP retries would hold a call for minutes; the sender retries instead (user values win).
-_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-
-
-def default_tracking_uri(run_dir: Path) -> str:
-    """A local SQLite store inside the run directory (MLflow 3 refuses plain file stores by default)."""
-    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
-
-
-def ui_command(tracking_uri: str) -> str:
-    """The exact command that shows the runs of ``tracking_uri``."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri} (MLflow server)"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
-
-
-def run_name(preset: str, seed: int, variant: str | None = None, started: float | None = None) -> str:
-    """A run's name in the MLflow UI: preset, variant, seed and start time, e.g.
-    ``tiny-no_symmetry-s3-20260101-1200``."""
-    stamp = time.strftime("%Y%m%d-%H%M", time.localtime(started))
-    return "-".join([preset, *([variant] if variant else []), f"s{seed}", stamp])
-
-
-def experiment_id(client: Any, name: str, tracking_uri: str) -> str:
-    """The id of experiment ``name``, created on first use as a model-training experiment.
-
-    With a local SQLite store, artifacts go next to the database, not into whatever directory the
-    command happened to start in.
-    """
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if EXPERIMENT_KIND_TAG not in experiment.tags:  # an older experiment; a user's choice is kept
-            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        return experiment.experiment_id
-    location = None
-    if tracking_uri.startswith("sqlite:///"):
-        location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(
-        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
-    )
-
-
-def client_for(tracking_uri: str) -> Any:
-    """An ``MlflowClient`` whose HTTP calls fail fast (the sender does the retrying)."""
-    from mlflow.tracking import MlflowClient
-
-    if tracking_uri.startswith(("http://", "https://")):
-        for key, value in _HTTP_DEFAULTS.items():
-            os.environ.setdefault(key, value)
-        pool_logger = logging.getLogger("urllib3.connectionpool")
-        if not any(isinstance(f, _QuietMlflowRetries) for f in pool_logger.filters):
-            pool_logger.addFilter(_QuietMlflowRetries())
-    return MlflowClient(tracking_uri=tracking_uri)
-
-
-class _QuietMlflowRetries(logging.Filter):
-    """urllib3 warns at each retry of each call; while a server is away that is a line every few
-    seconds. The sender says once that the server is away and once that it is back instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not (message.startswith("Retrying") and "/api/2.0/mlflow/" in message)
-
-
-def _probe(tracking_uri: str) -> str | None:
-    """None if an HTTP tracking server answers its health check, else the reason it does not."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return None
-    url = tracking_uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=_PROBE_TIMEOUT_S) as response:
-            if response.status >= 400:
-                return f"HTTP {response.status} from {url}"
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 class Tracker:
@@ -174,18 +113,25 @@ class Tracker:
         tags: Mapping[str, str] | None = None,
     ) -> Tracker:
         """Create a run (or continue ``run_id``) and log ``params`` and ``tags``; the opening itself
-        waits for the server (the run id is needed to go on); a tracker with no run if it is away."""
-        reason = _probe(tracking_uri)
+        waits for the server (the run id is needed to go on); a tracker with no run if it is away.
+
+        The run also gets MLflow's standard tags of who ran what (:func:`_opening_tags`); ``tags`` win
+        over them, and a continued run keeps the ones it has (e.g. a description edited in the UI)."""
+        tags = dict(tags or {})
+        reason = probe(tracking_uri)
         if reason is None:
             try:
                 client = client_for(tracking_uri)
-                if run_id is None or not _run_exists(client, run_id):
+                opening = _opening_tags(client, params, tags)
+                if run_id is None or not run_exists(client, run_id):
                     exp = experiment_id(client, experiment, tracking_uri)
-                    run_id = client.create_run(exp, run_name=run_name, tags=dict(tags or {})).info.run_id
+                    run_id = client.create_run(exp, run_name=run_name, tags=opening | tags).info.run_id
                     existing: dict[str, str] = {}
                 else:
                     client.update_run(run_id, status="RUNNING")
-                    existing = client.get_run(run_id).data.params
+                    run = client.get_run(run_id)
+                    existing = run.data.params
+                    tags = {k: v for k, v in opening.items() if k not in run.data.tags} | tags
             except Exception as exc:  # noqa: BLE001 - any tracking failure must leave training running
                 reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
         if reason is not None:
@@ -197,7 +143,7 @@ class Tracker:
             )
             return cls(tracking_uri, None)
         tracker = cls(tracking_uri, run_id)
-        tracker._log_params(params, existing, dict(tags or {}))
+        tracker._log_params(params, existing, tags)
         return tracker
 
     @classmethod
@@ -259,6 +205,13 @@ class Tracker:
                 self._client.log_image(self.run_id, image.convert("RGB"), key=key, step=int(step))
 
         self._submit("image", send, cleanup=lambda: staged.unlink(missing_ok=True))
+
+    def log_figure(self, name: str, path: str | Path, step: int) -> None:
+        """A figure (``samples``, ``poses``) where the UI shows it: step ``step`` of the image series
+        ``Figures/<name>`` (the chart view's first section, with a step slider), and the file itself
+        under ``samples/`` of the run's artifacts (the run's page previews it)."""
+        self.log_image(figure_key(name), path, step)
+        self.log_artifact(path, FIGURES_ARTIFACT_DIR)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.active and self.primary:
@@ -336,11 +289,16 @@ class Tracker:
     def _start_monitor(self, node_id: str) -> system_metrics.NodeMonitor | None:
         offset: list[int] = []  # where this node's steps continue; read on the sender thread
 
-        def log(figures: dict[str, float], index: int) -> None:
+        def log(figures: dict[str, float], index: int, sampled_ms: int) -> None:
             def send() -> None:
                 if not offset:
                     offset.append(system_metrics.next_step(self._client, self.run_id, f"system/{node_id}/"))
-                send_metrics(self._client, self.run_id, metric_entities(figures, offset[0] + index))
+                # Stamped when sampled, not when sent: samples kept while the server was away keep
+                # their place on the time axis.
+                step = offset[0] + index
+                send_metrics(
+                    self._client, self.run_id, metric_entities(figures, step, timestamp_ms=sampled_ms)
+                )
 
             self._submit("system", send)
 
@@ -351,23 +309,20 @@ class Tracker:
             return None
 
 
+def _opening_tags(client: Any, params: Mapping[str, Any], tags: Mapping[str, str]) -> dict[str, str]:
+    """Who ran what: the command as the run's source, the user, the git commit, and a description
+    that says where the run's files and figures are. A study's trial runs in a Ray worker, so it takes
+    its source and user from its parent run (the study's command)."""
+    inherited = inherited_tags(client, tags)
+    command = inherited.get(SOURCE_NAME) or command_line()
+    return source_tags(run_description(params, command)) | inherited
+
+
 def _link_or_copy(src: str, dst: str) -> str:
     with contextlib.suppress(OSError):
         os.link(src, dst)
         return dst
     return shutil.copy2(src, dst)
-
-
-def _run_exists(client: Any, run_id: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_run(run_id)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return False
-        raise  # the server is away: not a reason to open a second run
-    return True
 
 
 def _param_text(value: Any) -> str:

@@ -24,6 +24,7 @@ from scoped_env import isolated_run_env
 from pof3d.checkpoint import latest_checkpoint, load_checkpoint
 from pof3d.run_files import RunFiles
 from pof3d.storage import Location
+from pof3d.tracking_ui import command_name
 from pof3d.train import main
 
 pytestmark = pytest.mark.slow
@@ -40,9 +41,10 @@ def _ticks(run_dir: Path) -> list[dict]:
 
 
 def _image_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
-    """The steps of MLflow image series ``key`` (files ``images/<key>+step+<N>+...png``)."""
+    """The steps of MLflow image series ``key`` (files ``images/<key, / as ~>+step+<N>+...png``)."""
     paths = [a.path for a in client.list_artifacts(run_id, "images")]
-    series = [p for p in paths if p.startswith(f"images/{key}+") and p.endswith(".png")]
+    prefix = f"images/{key.replace('/', '~')}+"
+    series = [p for p in paths if p.startswith(prefix) and p.endswith(".png")]
     return sorted(int(p.split("+")[2]) for p in series)
 
 
@@ -82,10 +84,19 @@ def test_embedded_default_tracks_params_metrics_and_artifacts(finished_run, caps
     history = client.get_metric_history(run.info.run_id, "loss/G_adv")
     assert [m.step for m in history] == [4, 8, 12, 16]  # step = images seen
     assert "perf/images_per_sec" in run.data.metrics and "perf/data_wait_share" in run.data.metrics
+    # One name per rate: the whole tick's, and the steps' own (the faster); no replica spread of one worker.
+    assert run.data.metrics["perf/step_images_per_sec"] > run.data.metrics["perf/images_per_sec"]
+    assert "images_per_s" not in run.data.metrics and "ddp/param_spread" not in run.data.metrics
     assert run.data.metrics["eval/js"] > 0  # evaluated on rank 0 at kimg 0.016; untrained poses are off
-    # Sample grids and pose plots as MLflow image series with a step per snapshot (the UI's slider).
-    for key in ("samples", "poses"):
+    # Sample grids and pose plots as MLflow image series with a step per snapshot (the UI's slider), in
+    # the chart view's "Figures" section, and as files on the run's page.
+    for key in ("Figures/samples", "Figures/poses"):
         assert _image_steps(client, run.info.run_id, key) == [8, 16], key
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert figures == {f"samples/{f}-000.0{k}.png" for f in ("fakes", "poses") for k in ("08", "16")}
+    # Who ran what: the command, the user, a description that says where to look.
+    assert run.data.tags["mlflow.source.name"] == command_name() and run.data.tags["mlflow.user"]
+    assert "**Figures**" in run.data.tags["mlflow.note.content"]
     final = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
     assert {"checkpoint/state.pt", "checkpoint/config.json", "checkpoint/progress.json"} <= final
     _, _, progress = load_checkpoint(latest_checkpoint(run_dir))
@@ -94,10 +105,12 @@ def test_embedded_default_tracks_params_metrics_and_artifacts(finished_run, caps
     assert re.fullmatch(r"tiny-s0-\d{8}-\d{4}", run.info.run_name), run.info.run_name
     experiment = client.get_experiment_by_name("pof3d")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    # System metrics of the (only) node: CPU and memory at least.
+    # System metrics of the (only) node: CPU and memory at least; no CPU sample reads a meaningless 0 %.
     assert {"system/node_0/cpu_utilization_percentage", "system/node_0/system_memory_usage_megabytes"} <= set(
         run.data.metrics
     )
+    cpu = client.get_metric_history(run.info.run_id, "system/node_0/cpu_utilization_percentage")
+    assert cpu and all(m.value > 0 for m in cpu), [m.value for m in cpu]
 
 
 def test_the_final_generator_is_an_mlflow_model_that_generates(finished_run, monkeypatch) -> None:
@@ -115,7 +128,10 @@ def test_the_final_generator_is_an_mlflow_model_that_generates(finished_run, mon
     (run,) = client.search_runs([client.get_experiment_by_name("pof3d").experiment_id])
     (output,) = run.outputs.model_outputs
     assert output.step == 16
-    assert client.get_logged_model(output.model_id).experiment_id == run.info.experiment_id
+    logged = client.get_logged_model(output.model_id)
+    assert logged.experiment_id == run.info.experiment_id
+    # "Logged from" the command that trained it, not the Ray worker process that logged it.
+    assert logged.tags["mlflow.source.name"] == run.data.tags["mlflow.source.name"]
     # models:/ resolves against the process's tracking URI; set through the environment (restored after
     # the test) because mlflow.set_tracking_uri would also export it to every later run of this session.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

@@ -59,6 +59,18 @@ def test_tick_meter_averages_figures_and_measures_throughput() -> None:
     assert format_eta(math.inf) == "?" and format_eta(3725) == "1h02m"
 
 
+def test_tick_meter_names_the_ticks_rate_and_the_steps_rate_apart() -> None:
+    """``perf/images_per_sec`` is over the tick's wall clock (data wait, evaluation and snapshots
+    included), ``perf/step_images_per_sec`` over the trainer's own step time (``time/step_s``)."""
+    clock = iter([0.0, 10.0])
+    meter = TickMeter(target_images=100, clock=lambda: next(clock))
+    meter.update({"time/step_s": 1.5}, images=8, data_wait=0.5, step_time=2.0)
+    meter.update({"time/step_s": 2.5}, images=8, data_wait=0.0, step_time=2.5)
+    out = meter.close(images_seen=16)
+    assert out["perf/images_per_sec"] == pytest.approx(1.6)  # 16 images in the tick's 10 s
+    assert out["perf/step_images_per_sec"] == pytest.approx(4.0)  # 16 images in 4 s of steps
+
+
 def test_time_limit_is_rank_0s_clock_against_the_launch_deadline() -> None:
     assert deadline(0.0, 100.0) is None and deadline(1.5, 100.0) == 190.0
     assert not TimeLimit(None).reached() and TimeLimit(None).remaining() == math.inf

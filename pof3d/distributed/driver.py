@@ -41,7 +41,7 @@ class RunSummary:
 
     @property
     def ui_command(self) -> str:
-        return ui_command(self.mlflow_uri)
+        return ui_command(self.mlflow_uri, self.mlflow_run_id)
 
     def line(self) -> str:
         where = f"checkpoint {self.checkpoint}" if self.checkpoint else "no checkpoint"

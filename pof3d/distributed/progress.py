@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+STEP_TIME = "time/step_s"  # the trainer's own time of one step, among its figures (pof3d.loop)
+
 
 @dataclass
 class TickMeter:
@@ -23,6 +25,10 @@ class TickMeter:
 
     ``images`` counts images over all workers (the trainer's ``images_seen`` delta), so images/s is the
     global throughput. ``data_wait`` is the time this worker spent blocked on the next batch.
+
+    Two rates, one name each: ``perf/images_per_sec`` is over the tick's wall-clock time (everything:
+    data wait, evaluation, snapshots, reporting; what the ETA uses), ``perf/step_images_per_sec`` over
+    the training steps' own time alone (the trainer's ``time/step_s``, summed over the tick).
     """
 
     target_images: int
@@ -54,10 +60,12 @@ class TickMeter:
         wall = max(now - self._started, 1e-9)
         out = {name: self._sums[name] / self._counts[name] for name in self._sums}
         rate = self._images / wall
+        step_time = self._sums.get(STEP_TIME, 0.0)
         remaining = max(self.target_images - images_seen, 0)
         out.update(
             {
                 "perf/images_per_sec": rate,
+                "perf/step_images_per_sec": self._images / step_time if step_time > 0 else 0.0,
                 "perf/sec_per_kimg": 1000.0 / rate if rate > 0 else math.inf,
                 "perf/data_wait_share": self._data_wait / self._step_time if self._step_time > 0 else 0.0,
                 "perf/tick_sec": wall,

@@ -159,7 +159,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         snapshot = done or notice is not None or trainer.images_seen >= next_snapshot
         if snapshot:
             next_snapshot = next_boundary(trainer.images_seen, cfg.train.snapshot_kimg)
-            metrics["ddp/param_spread"] = _replica_spread(trainer)
+            if world > 1:  # how far the replicas drifted apart; nothing to compare with one
+                metrics["ddp/param_spread"] = _replica_spread(trainer)
         if next_eval is not None and notice is None and (done or trainer.images_seen >= next_eval):
             next_eval = next_boundary(trainer.images_seen, cfg.train.eval_kimg)
             # Every rank renders a share of the samples; rank 0 gets the figures, the others {}.
@@ -378,10 +379,10 @@ def _report(
             # Figures are drawn locally, then copied to the run's storage and logged to MLflow.
             grid = _sample_grid(trainer, Path(tmp) / f"fakes-{kimg}.png")
             poses = _pose_plot(trainer, Path(tmp) / f"poses-{kimg}.png", true_poses)
-            # Images, not artifacts: the UI lines a series up by step (images seen) with a slider.
+            # In MLflow both an image series (a step slider over images seen) and files on the run page.
             for figure, key in ((grid, "samples"), (poses, "poses")):
                 (plan.files.samples / figure.name).upload(figure)
-                tracker.log_image(key, figure, step=trainer.images_seen)
+                tracker.log_figure(key, figure, step=trainer.images_seen)
         path = save_checkpoint(Path(tmp) / "checkpoint", trainer.state_dict(), cfg, progress)
         if done and notice is None:
             tracker.log_artifacts(path, "checkpoint")

@@ -22,6 +22,7 @@ from pof3d.distributed.plan import default_tracking_uri_for
 from pof3d.storage import Location
 from pof3d.studies.results import Table
 from pof3d.tracking import experiment_id
+from pof3d.tracking_ui import command_line, source_tags, study_description
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ def open_parent(
     run = client.create_run(
         experiment_id(client, experiment, tracking_uri),
         run_name=study,
-        tags={STUDY_TAG: study, ROLE_TAG: "study", MLFLOW_RUN_NAME: study},
+        tags={STUDY_TAG: study, ROLE_TAG: "study", MLFLOW_RUN_NAME: study}
+        | source_tags(study_description(study, command_line())),
     )
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)

@@ -1,0 +1,124 @@
+"""Where a run's figures go: the MLflow store (its client, health check, experiment) and how a user
+opens it (the ``mlflow ui`` command and a link to the run in the UI's training view)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from pof3d.tracking_ui import run_url
+
+logger = logging.getLogger(__name__)
+
+_PROBE_TIMEOUT_S = 3.0
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# What the experiment is, for MLflow versions whose UI reads it; 3.17's does not (see pof3d.tracking_ui).
+EXPERIMENT_KIND = "custom_model_development"
+# MLflow's own HTTP retries would hold a call for minutes; the sender retries instead (user values win).
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def default_tracking_uri(run_dir: Path) -> str:
+    """A local SQLite store inside the run directory (MLflow 3 refuses plain file stores by default)."""
+    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+
+
+def ui_command(tracking_uri: str, run_id: str | None = None) -> str:
+    """How to see the runs of ``tracking_uri``: the ``mlflow ui`` command for a local store and, given
+    ``run_id``, the link that opens that run in the UI's training view (its experiment is looked up in
+    the store; without an answer the link is left out)."""
+    link = _run_link(tracking_uri, run_id) if run_id else None
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {link or tracking_uri} (MLflow server)"
+    command = f"mlflow ui --backend-store-uri {tracking_uri}"
+    return f"{command}, then open {link}" if link else command
+
+
+def _run_link(tracking_uri: str, run_id: str) -> str | None:
+    if probe(tracking_uri) is not None:
+        return None
+    try:
+        experiment = client_for(tracking_uri).get_run(run_id).info.experiment_id
+    except Exception as exc:  # noqa: BLE001 - a hint without a link is still a hint
+        logger.debug("no UI link for run %s: %s", run_id, exc)
+        return None
+    return run_url(tracking_uri, experiment, run_id)
+
+
+def run_name(preset: str, seed: int, variant: str | None = None, started: float | None = None) -> str:
+    """A run's name in the MLflow UI: preset, variant, seed and start time, e.g.
+    ``tiny-no_symmetry-s3-20260101-1200``."""
+    stamp = time.strftime("%Y%m%d-%H%M", time.localtime(started))
+    return "-".join([preset, *([variant] if variant else []), f"s{seed}", stamp])
+
+
+def experiment_id(client: Any, name: str, tracking_uri: str) -> str:
+    """The id of experiment ``name``, created on first use as a model-training experiment.
+
+    With a local SQLite store, artifacts go next to the database, not into whatever directory the
+    command happened to start in.
+    """
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # an older experiment; a user's choice is kept
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return experiment.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(
+        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
+
+
+def client_for(tracking_uri: str) -> Any:
+    """An ``MlflowClient`` whose HTTP calls fail fast (the sender does the retrying)."""
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith(("http://", "https://")):
+        for key, value in _HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        pool_logger = logging.getLogger("urllib3.connectionpool")
+        if not any(isinstance(f, _QuietMlflowRetries) for f in pool_logger.filters):
+            pool_logger.addFilter(_QuietMlflowRetries())
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+class _QuietMlflowRetries(logging.Filter):
+    """urllib3 warns at each retry of each call; while a server is away that is a line every few
+    seconds. The sender says once that the server is away and once that it is back instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Retrying") and "/api/2.0/mlflow/" in message)
+
+
+def probe(tracking_uri: str) -> str | None:
+    """None if an HTTP tracking server answers its health check, else the reason it does not."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=_PROBE_TIMEOUT_S) as response:
+            if response.status >= 400:
+                return f"HTTP {response.status} from {url}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def run_exists(client: Any, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise  # the server is away: not a reason to open a second run
+    return True
