@@ -76,13 +76,14 @@ def workers_overrides(text: str | int) -> list[str]:
     return [f"train.workers={low}", f"train.max_workers={high if high > low else 0}"]
 
 
-def workers_flag(text: str) -> str:
-    """argparse ``type`` of ``--workers``: a bad range is a usage error (exit 2) before anything runs."""
+def workers_flag(text: str) -> int | str:
+    """argparse ``type`` of ``--workers``: the count N as an int, a range as ``"MIN-MAX"``; a bad range is
+    a usage error (exit 2) before anything runs."""
     try:
-        parse_workers(text)
+        low, high = parse_workers(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--workers {text.strip()}: ")) from None
-    return text.strip()
+    return low if "-" not in text else f"{low}-{high}"
 
 
 def describe_range(cfg: Config) -> str:
