@@ -18,13 +18,12 @@ from micro_config import MICRO
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pof3d import logged_model
 from pof3d.generator import Generator
 from pof3d.presets import load_config
 from pof3d.studies.mlflow_wiring import open_parent
-from pof3d.system_metrics import NodeMonitor
-from pof3d.tracking import Tracker, ui_command
-from pof3d.tracking_ui import (
+from pof3d.tracking import Tracker, logged_model, ui_command
+from pof3d.tracking.system_metrics import NodeMonitor
+from pof3d.tracking.ui import (
     NOTE,
     PARENT_RUN,
     SOURCE_NAME,
@@ -162,7 +161,7 @@ def test_the_generator_is_logged_as_from_the_runs_command_without_progress_bars(
 
 def test_importing_the_logged_model_raises_no_type_hint_warning() -> None:
     """MLflow checks ``predict``'s type hints when the class is defined, i.e. on import (a fresh process)."""
-    code = "import warnings; warnings.simplefilter('always'); import pof3d.logged_model"
+    code = "import warnings; warnings.simplefilter('always'); import pof3d.tracking.logged_model"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
     )

@@ -20,7 +20,7 @@ from scoped_env import isolated_run_env
 from pof3d.run_files import RunFiles, read_metrics_log
 from pof3d.storage import Location
 from pof3d.tracking import Tracker, experiment_id
-from pof3d.tracking_backfill import backfill, metric_entities, send_metrics
+from pof3d.tracking.backfill import backfill, metric_entities, send_metrics
 
 
 @pytest.fixture(scope="module")

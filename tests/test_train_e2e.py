@@ -24,7 +24,7 @@ from scoped_env import isolated_run_env
 from pof3d.checkpoint import latest_checkpoint, load_checkpoint
 from pof3d.run_files import RunFiles
 from pof3d.storage import Location
-from pof3d.tracking_ui import command_name
+from pof3d.tracking.ui import command_name
 from pof3d.train import main
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ from pof3d.distributed.plan import default_tracking_uri_for
 from pof3d.storage import Location
 from pof3d.studies.results import Table
 from pof3d.tracking import experiment_id
-from pof3d.tracking_ui import command_line, source_tags, study_description
+from pof3d.tracking.ui import command_line, source_tags, study_description
 
 logger = logging.getLogger(__name__)
 

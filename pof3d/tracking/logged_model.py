@@ -1,6 +1,6 @@
 """The trained generator as an MLflow model: latents in, images out.
 
-The model is logged "from code": MLflow stores :mod:`pof3d.logged_model_code` (two lines that name
+The model is logged "from code": MLflow stores :mod:`pof3d.tracking.model_code` (two lines that name
 :class:`GeneratorModel`) instead of a pickled object, and the weights as a plain state dict read with
 ``torch.load(weights_only=True)``, so loading it runs no code but this package's and MLflow's.
 
@@ -25,12 +25,12 @@ import torch
 import pof3d
 from pof3d.config import Config
 from pof3d.plots import to_uint8
-from pof3d.tracking_ui import INHERITED
+from pof3d.tracking.ui import INHERITED
 
 MODEL_NAME = "generator"
 WEIGHTS_FILE = "generator.pt"
 CONFIG_FILE = "config.json"
-_CODE_FILE = Path(__file__).with_name("logged_model_code.py")
+_CODE_FILE = Path(__file__).with_name("model_code.py")
 
 try:  # MLflow is a dependency; the base class only matters where MLflow loads the model
     from mlflow.pyfunc import PythonModel

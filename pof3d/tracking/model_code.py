@@ -1,7 +1,8 @@
-"""The code MLflow stores with the logged generator and runs to load it (see :mod:`pof3d.logged_model`)."""
+"""The code MLflow stores with the logged generator and runs to load it (see
+:mod:`pof3d.tracking.logged_model`)."""
 
 from mlflow.models import set_model
 
-from pof3d.logged_model import GeneratorModel
+from pof3d.tracking.logged_model import GeneratorModel
 
 set_model(GeneratorModel())

@@ -4,7 +4,7 @@ series and files), system metrics, the final generator as an MLflow model.
 The driver opens (or re-opens, on resume) the run and logs the resolved config as params; rank 0 of
 the training workers attaches to the same run id for metrics, images and the model, and one worker per
 node samples that node's system metrics. Tracking must never cost training and must never go dark:
-every call after the run is opened goes through a background :class:`~pof3d.tracking_sender.Sender`
+every call after the run is opened goes through a background :class:`~pof3d.tracking.sender.Sender`
 that retries with backoff while the server is away and sends what it kept when it is back, and
 ``metrics.jsonl`` (the source of truth) back-fills into MLflow whatever ticks the run lacks, when a run
 (re)starts and when the server comes back after calls were dropped.
@@ -24,21 +24,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pof3d import system_metrics
 from pof3d.run_files import RunFiles
 from pof3d.storage import Location
-from pof3d.tracking_backfill import backfill, metric_entities, send_metrics
-from pof3d.tracking_sender import MAX_PENDING, Call, Sender
-from pof3d.tracking_store import (
-    client_for,
-    default_tracking_uri,
-    experiment_id,
-    probe,
-    run_exists,
-    run_name,
-    ui_command,
-)
-from pof3d.tracking_ui import (
+from pof3d.tracking import system_metrics
+from pof3d.tracking.backfill import backfill, metric_entities, send_metrics
+from pof3d.tracking.sender import MAX_PENDING, Call, Sender
+from pof3d.tracking.store import client_for, experiment_id, probe, run_exists
+from pof3d.tracking.ui import (
     FIGURES_ARTIFACT_DIR,
     SOURCE_NAME,
     command_line,
@@ -47,9 +39,6 @@ from pof3d.tracking_ui import (
     run_description,
     source_tags,
 )
-
-# What the rest of pof3d takes from here besides the tracker.
-__all__ = ["Tracker", "client_for", "default_tracking_uri", "experiment_id", "run_name", "ui_command"]
 
 logger = logging.getLogger(__name__)
 
@@ -236,7 +225,7 @@ class Tracker:
         """``generator`` (G_ema) as the run's MLflow model, loadable with ``mlflow.pyfunc.load_model``."""
         if not (self.active and self.primary):
             return
-        from pof3d import logged_model
+        from pof3d.tracking import logged_model
 
         artifacts = logged_model.stage_generator(generator, cfg, Path(tempfile.mkdtemp(dir=self._staging)))
         self._submit(

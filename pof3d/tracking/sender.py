@@ -10,7 +10,7 @@ a warning, so one bad call cannot hold back the rest. While the server is away t
 The queue is bounded so that a server that stays away for days cannot fill the memory of a training
 process: when it is full the oldest system-metrics sample makes room, or else the oldest metrics call
 (see :func:`_victim`); what was dropped is counted and reported. A dropped call that carries metrics
-is not lost: the run's ``metrics.jsonl`` holds every tick, and :mod:`pof3d.tracking` back-fills the
+is not lost: the run's ``metrics.jsonl`` holds every tick, and :mod:`pof3d.tracking.run` back-fills the
 ticks MLflow lacks when the server is back and whenever a run (re)starts.
 """
 

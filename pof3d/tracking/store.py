@@ -11,13 +11,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pof3d.tracking_ui import run_url
+from pof3d.tracking.ui import run_url
 
 logger = logging.getLogger(__name__)
 
 _PROBE_TIMEOUT_S = 3.0
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-# What the experiment is, for MLflow versions whose UI reads it; 3.17's does not (see pof3d.tracking_ui).
+# What the experiment is, for MLflow versions whose UI reads it; 3.17's does not (see pof3d.tracking.ui).
 EXPERIMENT_KIND = "custom_model_development"
 # MLflow's own HTTP retries would hold a call for minutes; the sender retries instead (user values win).
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}

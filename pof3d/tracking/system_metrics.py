@@ -4,7 +4,7 @@ The figures are MLflow's own (its system-metrics monitors, the same names under 
 run page's *System metrics* tab shows them), with the node in the name
 (``system/node_0/gpu_0_utilization_percentage``) so that a multi-node run keeps one curve per node.
 MLflow's own monitor thread stops for good at the first failed call; here each sample goes through the
-run's :class:`pof3d.tracking_sender.Sender`, so samples taken while the server is away are sent when it
+run's :class:`pof3d.tracking.sender.Sender`, so samples taken while the server is away are sent when it
 is back, each stamped with the time it was taken (the time axis shows no gap and burst).
 
 One worker per node samples (local rank 0). The step continues the run's earlier samples of the node,
