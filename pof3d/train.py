@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except Pof3dError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(summary.line())
-    print(f"MLflow UI: {summary.ui_command}")
+    print(summary.line())  # ends with the `mlflow ui` command that shows the run
     return 0
 
 

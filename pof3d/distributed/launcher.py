@@ -18,6 +18,7 @@ from pof3d.config import Config
 from pof3d.console import quiet_dataset, train_logging_config, verbose
 from pof3d.data.streaming import ingest_options, make_dataset
 from pof3d.distributed.elastic import describe_range, worker_resources
+from pof3d.distributed.local_ray import start_local_ray
 from pof3d.distributed.plan import RunPlan
 from pof3d.distributed.progress import deadline
 from pof3d.distributed.resources import check_resources
@@ -46,7 +47,10 @@ def connect(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    target = address or os.environ.get("RAY_ADDRESS")
+    if not target:
+        start_local_ray()
+        return
     logger.info("connecting to Ray at %s", target)
     ray.init(address=target, log_to_driver=True)
 
