@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from pof3d.batch_split import check_split
 from pof3d.config_choices import check_choices
 from pof3d.config_fields import valid_fields
 from pof3d.errors import ConfigError
@@ -162,7 +163,10 @@ class TrainConfig:
     """Length, batch, cadence of ticks/snapshots/evaluation, and distributed settings."""
 
     kimg: float = 25000.0  #: training length in thousands of real images shown to D
-    batch: int = 32  #: global batch over all workers
+    batch: int = 32  #: global batch over all workers: one optimiser step, whatever the worker count
+    #: images per micro-batch (EG3D's batch_gpu: the most one device processes at once); each worker
+    #: accumulates the gradients of whole micro-batches; 0 = the batch shared among the workers
+    batch_gpu: int = 0
     tick_kimg: float = 4.0  #: progress line, metrics and tracking cadence, in kimg
     snapshot_kimg: float = 200.0  #: checkpoint + sample grid cadence, in kimg
     eval_kimg: float = 0.0  #: evaluation cadence in kimg; 0 = no metrics during training
@@ -373,8 +377,6 @@ def validate(cfg: Config) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name}={value}: expected a positive value")
-    if t.batch % t.workers:
-        raise ConfigError(f"train.batch={t.batch} must be divisible by train.workers={t.workers}")
     for name in ("kimg", "tick_kimg", "snapshot_kimg"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name}={getattr(t, name)}: expected a positive number")
@@ -387,6 +389,7 @@ def validate(cfg: Config) -> None:
             f"train.max_workers={t.max_workers}: expected 0 (a fixed train.workers) or at least "
             f"train.workers={t.workers} (--workers MIN-MAX with MIN <= MAX)"
         )
+    check_split(t.batch, t.batch_gpu, *t.worker_range())
     if t.resize_interval_s < 0:
         raise ConfigError(f"train.resize_interval_s={t.resize_interval_s}: expected seconds >= 0")
     if t.cpu_threads < 0:

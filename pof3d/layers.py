@@ -178,7 +178,7 @@ class Conv2dLayer(nn.Module):
             x = blur(x)
         w = self.weight * self.weight_gain
         b = self.bias.to(x.dtype) if self.bias is not None else None
-        x = F.conv2d(x, w.to(x.dtype), b, stride=2 if self.down else 1, padding=self.padding)
+        x = conv2d(x, w.to(x.dtype), b, stride=2 if self.down else 1, padding=self.padding)
         if self.activation == "lrelu":
             x = lrelu(x)
         return x * gain if gain != 1.0 else x
@@ -235,7 +235,7 @@ class ModulatedConv2d(nn.Module):
             )
             x = blur(x)
         else:
-            x = F.conv2d(x, weight.to(x.dtype), padding=self.padding)
+            x = conv2d(x, weight.to(x.dtype), padding=self.padding)
         filter_gain = 4.0 if self.up else 1.0  # zero-stuffing keeps 1 pixel in 4
         if self.demodulate:
             # d_j = 1 / sqrt(sum_i,k (s_i w_jik)^2): computed from the styles, not the activations.
@@ -251,6 +251,24 @@ class ModulatedConv2d(nn.Module):
             x = x + noise * self.noise_strength.to(x.dtype)
         x = x + self.bias.to(x.dtype)[None, :, None, None]
         return lrelu(x) if self.activation == "lrelu" else x
+
+
+def conv2d(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, stride: int = 1, padding: int = 0
+) -> torch.Tensor:
+    """``F.conv2d``, except that a 1x1 convolution on CPU runs as a matrix product over channels.
+
+    Why: the AVX-512 1x1 backward-weights kernel of oneDNN in torch 2.13's CPU build writes out of
+    bounds for some shapes, e.g. 3 channels-last images of 8 channels at 32 px, stride 2 (a segmentation
+    fault, or silently corrupted gradients and heap); micro-batches of odd sizes hit it in D's skip
+    connections. A 1x1 convolution is a matrix product anyway (tests/test_layers.py).
+    """
+    if x.device.type == "cpu" and w.shape[-2:] == (1, 1) and padding == 0:
+        if stride > 1:
+            x = x[:, :, ::stride, ::stride]
+        out = torch.einsum("nchw,oc->nohw", x, w[:, :, 0, 0])
+        return out + b.view(1, -1, 1, 1) if b is not None else out
+    return F.conv2d(x, w, b, stride=stride, padding=padding)
 
 
 class MinibatchStd(nn.Module):

@@ -3,7 +3,10 @@
 Knows nothing of Ray. When ``torch.distributed`` is initialised (Ray Train sets up the process group)
 the trainer is data parallel: parameters and buffers are broadcast from rank 0 at construction and
 gradients are averaged over workers (one flattened all-reduce per phase, as EG3D does) before each
-optimiser step. ``train_step`` gets this worker's part of the global batch.
+optimiser step. ``train_step`` gets this worker's part of the global batch: its micro-batches
+(:mod:`pof3d.batch_split`), each run forward and backward on its own with its loss weighted by its share
+of the global batch, and each seeded by its place in the global batch, so that the step is the same
+whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pof3d.batch_split import MicroBatch, micro_batches, micro_size
 from pof3d.checkpoint import rng_state, set_rng_state
 from pof3d.config import Config
 from pof3d.discriminator import Discriminator
@@ -91,6 +95,11 @@ class Trainer:
         self.optimisers: dict[str, torch.optim.Optimizer] = {"G": self.opt_G, "D": self.opt_D}
         self.images_seen = 0
         self.step = 0
+        # Sized for the most workers the run may have, so that an elastic run's micro-batches (and so its
+        # trajectory) stay the same when its worker group grows or shrinks.
+        size = micro_size(cfg.train.batch, cfg.train.batch_gpu, cfg.train.worker_range()[1])
+        self.micro: list[MicroBatch] = micro_batches(cfg.train.batch, size, self.world_size, self.rank)
+        self.share = sum(m.size for m in self.micro)  # images this worker reads per step
         if cfg.train.compile:
             self._compile()
 
@@ -134,14 +143,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
 
     def train_step(self, real: torch.Tensor) -> dict[str, float]:
-        """One iteration on this worker's real batch ``[b, 3, H, W]`` in [-1, 1]; returns figures."""
+        """One iteration on this worker's share of the global batch, ``[share, 3, H, W]`` in [-1, 1]
+        (its micro-batches in order); returns figures."""
+        if real.shape[0] != self.share:
+            raise ValueError(
+                f"train_step got {real.shape[0]} images; worker {self.rank} of {self.world_size} takes "
+                f"{self.share} of the global batch of {self.cfg.train.batch}"
+            )
         start = time.perf_counter()
         real = real.to(self.device, torch.float32, non_blocking=True)
         figures: dict[str, torch.Tensor] = {}
         for phase in self.phases:
             if self.step % phase.interval == 0:
                 figures.update(self.run_phase(phase, real))
-        batch = real.shape[0] * self.world_size
+        batch = self.cfg.train.batch
         self._average_buffers(self.G)
         update_ema(self.G_ema, self.G, training_ema_beta(self.cfg, batch, self.images_seen))
         self.images_seen += batch
@@ -153,12 +168,11 @@ class Trainer:
         return out
 
     def run_phase(self, phase: Phase, real: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One phase's forward, backward, gradient averaging and optimiser step (counters untouched)."""
+        """One phase's forward and backward per micro-batch, gradient averaging and optimiser step
+        (counters untouched); ``real`` is this worker's share, figures are its micro-batches' mean."""
         opt = self.optimisers[phase.network]
         opt.zero_grad(set_to_none=True)
-        figures = self.loss.accumulate_gradients(
-            phase, real, gain=float(phase.interval), images_seen=self.images_seen
-        )
+        figures = self._accumulate(phase, real)
         self._check_finite(phase.name, figures)
         network = self.networks[phase.network]
         if PAST_POLE in figures and self._any_worker(bool(figures[PAST_POLE] > 0)):
@@ -173,6 +187,36 @@ class Trainer:
         self._average_gradients(network)
         opt.step()
         return figures
+
+    def _accumulate(self, phase: Phase, real: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Backpropagate each micro-batch's loss times its share of the global batch (times the worker
+        count, which the gradient average divides out again): the sum is the global batch's mean loss.
+
+        Every random draw of a micro-batch (latents, noise, ray jitter, regulariser points) comes from a
+        seed of (run seed, step, phase, the micro-batch's offset in the global batch), so the same
+        micro-batch draws the same numbers on whichever worker it lands.
+        """
+        total = float(self.cfg.train.batch)
+        sums: dict[str, torch.Tensor] = {}
+        start = 0
+        for micro in self.micro:
+            torch.manual_seed(self._micro_seed(phase, micro.offset))
+            weight = micro.size * self.world_size / total
+            part = self.loss.accumulate_gradients(
+                phase,
+                real[start : start + micro.size],
+                gain=float(phase.interval) * weight,
+                images_seen=self.images_seen,
+            )
+            start += micro.size
+            for name, value in part.items():
+                sums[name] = sums.get(name, 0.0) + value * (micro.size / self.share)
+        return sums
+
+    def _micro_seed(self, phase: Phase, offset: int) -> int:
+        phase_index = next(i for i, p in enumerate(self.phases) if p.name == phase.name)
+        words = [self.seed % 2**32, self.step % 2**32, phase_index, offset]
+        return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
 
     def _any_worker(self, flag: bool) -> bool:
         """True when ``flag`` is set on any worker (an all-reduce of the flags when data parallel)."""
@@ -245,6 +289,7 @@ class Trainer:
             "opt_D": self.opt_D.state_dict(),
             "images_seen": int(self.images_seen),
             "step": int(self.step),
+            "seed": int(self.seed),  # the micro-batches' draws derive from it (_micro_seed)
             "rng": rng_state(),
         }
 
@@ -257,6 +302,7 @@ class Trainer:
         self.opt_D.load_state_dict(state["opt_D"])
         self.images_seen = int(state["images_seen"])
         self.step = int(state["step"])
+        self.seed = int(state.get("seed", self.seed))  # checkpoints before micro-batch seeding lack it
         set_rng_state(state["rng"])
         if self.world_size > 1:
             seed_everything(self.seed + self.rank + 1_000_003 * self.step)

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -124,10 +123,12 @@ class PoF3DLoss:
     # Building blocks
 
     def mirror(self, pose: torch.Tensor) -> torch.Tensor:
-        """Mirrored camera pose; with ``flip_both*`` a fair coin per batch picks left-right or up-down."""
+        """Mirrored camera pose; with ``flip_both*`` a fair coin per (micro-)batch picks left-right or
+        up-down. The coin is torch's, so a micro-batch seeded by its place in the global batch tosses the
+        same on any worker (pof3d/loop.py)."""
         mode = self.cfg.loss.symmetry_mode
         axis = "left_right"
-        if mode != "left_right" and random.random() >= 0.5:
+        if mode != "left_right" and float(torch.rand(())) >= 0.5:
             axis = "up_down"
         return mirror_pose(pose, axis, cars=mode == "flip_both_cars")
 

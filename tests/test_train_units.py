@@ -144,8 +144,8 @@ def test_bad_requests_are_config_errors_before_anything_runs(tmp_path) -> None:
 def test_cli_exits_2_on_config_errors(tmp_path, capsys) -> None:
     assert main(["--set", "loss.nope=1", "--run-dir", str(tmp_path / "r")]) == 2
     assert "unknown field loss.nope" in capsys.readouterr().err
-    assert main(["--batch", "7", "--workers", "2", "--run-dir", str(tmp_path / "r")]) == 2
-    assert "train.batch=7 must be divisible by train.workers=2" in capsys.readouterr().err
+    assert main(["--batch", "3", "--workers", "4", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "makes 3 micro-batch(es), fewer than the 4 worker(s)" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 

@@ -88,8 +88,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     tracker = Tracker.for_worker(plan.tracking.uri, plan.tracking.run_id, files, context, trainer.images_seen)
 
     target = int(round(cfg.train.kimg * 1000))
-    per_worker = cfg.train.batch // world
-    batches = _endless_batches(ray.train.get_dataset_shard("train"), per_worker)
+    # Whole micro-batches of the global batch (pof3d/batch_split.py): with an uneven deal, workers read
+    # different numbers of images per step.
+    batches = _endless_batches(ray.train.get_dataset_shard("train"), trainer.share)
     true_poses: list[np.ndarray] = []
     meter = TickMeter(target_images=target)
     next_tick = next_boundary(trainer.images_seen, cfg.train.tick_kimg)
