@@ -235,7 +235,8 @@ class GroupChange:
         logger.info(
             "worker group %s (%s): training again %.1f s after the old group stopped (group start %.1f s, "
             "model and checkpoint %.1f s, first batch %.1f s, first step %.1f s); resumed at kimg %.3f, "
-            "%d images the old group trained after that checkpoint are trained again",
+            "%d images the old group trained after that checkpoint (as far as its ticks show) are "
+            "trained again",
             self.verb,
             self.cause,
             figures["group/restart_s"],
