@@ -1,0 +1,358 @@
+"""Elastic runs (``--workers MIN-MAX``): the range, its checks before anything starts, the record of each
+worker group's start, the data stream restarted at a checkpoint, and a real run that grows and shrinks
+on a Ray cluster of several nodes (tests/elastic_scenario.py)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from ray.train.v2._internal.execution.controller.state import (
+    ResizingState,
+    RestartingState,
+    RunningState,
+    SchedulingState,
+)
+from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
+
+from pof3d.checkpoint import read_progress
+from pof3d.data.synthetic import generate
+from pof3d.distributed.elastic import (
+    GroupChange,
+    check_fits_nodes,
+    parse_workers,
+    read_group_record,
+    write_group_record,
+)
+from pof3d.distributed.group_watch import GroupWatch
+from pof3d.distributed.plan import TrainRequest, flag_overrides
+from pof3d.errors import ConfigError
+from pof3d.presets import load_config
+from pof3d.run_files import RunFiles, read_metrics_log
+from pof3d.storage import Location
+from pof3d.studies.study import StudyRequest, base_overrides
+from pof3d.train import main
+
+SCENARIO = Path(__file__).with_name("elastic_scenario.py")
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_DID_NOT_START = 75
+
+
+# ---------------------------------------------------------------------------------------------
+# The range and its checks
+
+
+def test_workers_takes_a_count_or_a_range_and_a_count_ends_an_elastic_run() -> None:
+    assert parse_workers("4") == (4, 4) and parse_workers(3) == (3, 3) and parse_workers("2-8") == (2, 8)
+    assert flag_overrides(TrainRequest(workers="2-8")) == ["train.workers=2", "train.max_workers=8"]
+    # A fixed count clears the range, so that --resume of an elastic run with --workers 4 is fixed.
+    assert flag_overrides(TrainRequest(workers=4)) == ["train.workers=4", "train.max_workers=0"]
+    cfg = load_config("tiny", ["train.batch=8", *flag_overrides(TrainRequest(workers="1-4"))])
+    assert cfg.train.worker_range() == (1, 4) and load_config("tiny").train.worker_range() == (1, 1)
+    # Studies pass the same range to every trial.
+    trial_flags = base_overrides(StudyRequest(workers="1-2", kimg=0.1))
+    assert trial_flags[-2:] == ["train.workers=1", "train.max_workers=2"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--workers", "3-2"], "argument --workers: MIN=3 is above MAX=2; expected MIN <= MAX"),
+        (["--workers", "0-2"], "argument --workers: MIN=0; expected at least one worker"),
+        (["--workers", "2-"], "expected a worker count N or a range MIN-MAX"),
+        (
+            ["--workers", "2", "--set", "train.max_workers=1"],
+            "train.max_workers=1: expected 0 (a fixed train.workers) or at least train.workers=2",
+        ),
+        # 8 images in micro-batches of 4 are two micro-batches: a fourth worker would have none.
+        (
+            ["--workers", "1-4", "--batch", "8", "--set", "train.batch_gpu=4"],
+            "makes 2 micro-batch(es), fewer than the 4 worker(s) the run may have",
+        ),
+    ],
+)
+def test_a_bad_range_is_a_usage_error_before_anything_starts(tmp_path, capsys, args, message) -> None:
+    run_dir = tmp_path / "run"
+    try:
+        code = main([*args, "--run-dir", str(run_dir), "--print-config"])
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not run_dir.exists()
+
+
+def test_a_range_whose_workers_no_node_can_hold_is_refused_unless_an_autoscaler_may_add_nodes(caplog) -> None:
+    cfg = load_config("tiny", ["train.workers=2", "train.max_workers=4", "train.cpus_per_worker=0.75"])
+    one_cpu_nodes = [{"CPU": 1.0}, {"CPU": 1.0}]
+    check_fits_nodes(cfg, one_cpu_nodes, can_add_nodes=False)  # one worker per node: 2 = MIN
+    three = load_config("tiny", ["train.workers=3", "train.max_workers=4", "train.cpus_per_worker=0.75"])
+    # 3 x 0.75 CPU fit the cluster's 2.5 CPUs, yet its nodes hold only 2 whole workers.
+    held = r"--workers 3-4: the cluster's nodes hold 2 worker\(s\) of 0.75 CPU"
+    with pytest.raises(ConfigError, match=held):
+        check_fits_nodes(three, one_cpu_nodes + [{"CPU": 0.5}], can_add_nodes=False)
+    # The cluster's sums fit (2 GPUs), yet no node can hold one 2-GPU worker.
+    gpus = load_config("tiny", ["train.workers=1", "train.max_workers=2", "train.gpus_per_worker=2"])
+    nodes = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]
+    with pytest.raises(ConfigError, match="hold 0 worker.*no node can hold one worker"):
+        check_fits_nodes(gpus, nodes, can_add_nodes=False)
+    check_fits_nodes(gpus, nodes, can_add_nodes=True)  # the autoscaler may add larger nodes: a warning
+    assert "waiting for the autoscaler" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# The record of each group's start
+
+
+def _decision(workers: int) -> ResizeDecision:
+    return ResizeDecision(num_workers=workers, resources_per_worker={"CPU": 0.5})
+
+
+def test_the_controller_callback_records_each_group_start_and_why_the_last_one_stopped(tmp_path) -> None:
+    files = RunFiles(Location.parse(str(tmp_path / "run")))
+    watch = GroupWatch(files)
+    watch.before_controller_execute_resize_decision(_decision(1))  # the launch's first group
+    first = read_group_record(files)
+    assert first["workers"] == 1 and first["previous"] is None and first["cause"] == "start"
+    watch.after_controller_state_update(SchedulingState(_decision(1)), RunningState())
+    before = time.time()
+    watch.after_controller_state_update(RunningState(), ResizingState(_decision(2)))
+    watch.after_controller_state_update(ResizingState(_decision(2)), SchedulingState(_decision(2)))
+    watch.before_controller_execute_resize_decision(_decision(2))
+    grown = read_group_record(files)
+    assert (grown["workers"], grown["previous"], grown["cause"]) == (2, 1, "resize")
+    assert before <= grown["stopped_at"] <= grown["scheduled_at"] <= time.time()
+    watch.after_controller_state_update(SchedulingState(_decision(2)), RunningState())
+    watch.after_controller_state_update(RunningState(), RestartingState(training_failed_error=None))
+    watch.before_controller_execute_resize_decision(_decision(1))
+    shrunk = read_group_record(files)
+    assert (shrunk["workers"], shrunk["previous"], shrunk["cause"]) == (1, 2, "failure")
+
+
+def test_rank_0_of_a_new_group_says_how_it_changed_and_what_the_restart_cost(tmp_path, caplog) -> None:
+    files = RunFiles(Location.parse(str(tmp_path / "run")))
+    assert GroupChange.at_start(files, 1, 0, time.time()) is None  # no record: a plain start
+    ticks = [{"images_seen": i, "tick": i // 4, "world_size": 1} for i in (4, 8, 12)]
+    files.metrics.write_text("".join(json.dumps(t) + "\n" for t in ticks))
+    stopped = time.time() - 5.0
+    write_group_record(files, {"workers": 2, "previous": 1, "cause": "resize", "stopped_at": stopped})
+    change = GroupChange.at_start(files, 2, 8, begun_at=stopped + 3.0)  # resumed at the checkpoint of 8
+    caplog.set_level("INFO", logger="pof3d.distributed.elastic")
+    figures = change.first_step(data_wait=0.5)
+    assert figures["group/previous_workers"] == 1 and figures["group/redone_images"] == 4
+    assert figures["group/start_s"] == pytest.approx(3.0)
+    assert 5.0 <= figures["group/restart_s"] < 60
+    assert "worker group grew from 1 to 2 workers (resize): training again" in caplog.text
+    assert "4 images the old group trained after that checkpoint (as far as its ticks show)" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# The data stream restarted at a checkpoint
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "faces"
+    return generate(out, 48, 16, "faces", seed=5, shard_mb=12 * 1500 / 2**20)
+
+
+def _stream(uri: Path, start: int, executions: int) -> list[tuple[int, float]]:
+    from pof3d.data.streaming import iter_train_batches, make_dataset
+
+    ds = make_dataset(str(uri), seed=4, xflip=True, epochs=3, start=start)
+    return [
+        (i, yaw)
+        for _ in range(executions)
+        for batch in iter_train_batches(ds, 7)
+        for i, yaw in zip(batch["id"].tolist(), batch["pose"][:, 0].tolist(), strict=True)
+    ]
+
+
+def test_a_stream_started_at_a_checkpoint_goes_on_where_the_unbroken_stream_was(ray_local, small_set) -> None:
+    whole = _stream(small_set, 0, executions=2)  # epochs 0-5
+    assert len(whole) == 6 * 48
+    for start in (5, 48 + 20):  # inside the first epoch, and inside the second
+        resumed = _stream(small_set, start, executions=1)
+        # The same rows in the same order with the same flips (the mirrored yaw), to the end of the
+        # execution's three epochs counted from the one the start falls in.
+        assert len(resumed) == 3 * 48 - start % 48
+        assert resumed == whole[start : start + len(resumed)]
+
+
+def _recorded_group(plan, workers: int, steps: int) -> list[list[list[int]]]:
+    """What a worker group of ``workers`` reads in ``steps`` steps, fed as a run's group is: its
+    TrainStream split by Ray Train's own ``DataConfig.configure`` (what Train's dataset manager calls for
+    every new group), each worker pulling its share of the batch per step in a thread of its own, the
+    steps in lockstep as the gradient all-reduce keeps them. The ids per worker and step."""
+    from ray.train import DataConfig
+
+    from pof3d.batch_split import micro_size, share
+    from pof3d.data.streaming import ingest_options, iter_train_batches
+    from pof3d.distributed.launcher import TrainStream
+
+    t = plan.cfg.train
+    size = micro_size(t.batch, t.batch_gpu, t.worker_range()[1])
+    splits = DataConfig(execution_options=ingest_options()).configure(
+        {"train": TrainStream(plan)()}, world_size=workers, worker_handles=None, worker_node_ids=None
+    )
+    taken: list[list[list[int]]] = [[] for _ in range(workers)]
+    lockstep = threading.Barrier(workers)
+
+    def worker(rank: int) -> None:
+        pull = share(t.batch, size, workers, rank)
+        batches = iter_train_batches(splits[rank]["train"], pull, drop_last=True)
+        for _ in range(steps):
+            taken[rank].append(next(batches)["id"].tolist())
+            lockstep.wait()
+
+    threads = [threading.Thread(target=worker, args=(rank,)) for rank in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    return taken
+
+
+def test_a_new_group_repeats_or_skips_only_the_images_the_old_one_had_in_flight(
+    ray_local, small_set, tmp_path, capsys
+) -> None:
+    import torch
+
+    from pof3d.checkpoint import save_checkpoint
+    from pof3d.data.streaming import iter_train_batches, make_dataset, stream_epochs
+    from pof3d.distributed.plan import plan_run
+
+    run = tmp_path / "run"
+    plan = plan_run(
+        TrainRequest(preset="tiny", data=str(small_set), batch=4, workers="1-2", run_dir=str(run))
+    )
+    steps = 4
+    old = _recorded_group(plan, 2, steps)  # two workers, 2 images each per step
+    seen = steps * plan.cfg.train.batch
+    # The checkpoint the next group resumes from, at the images the old group had trained.
+    save_checkpoint(
+        run / "checkpoints" / "checkpoint-a", {"x": torch.zeros(1)}, plan.cfg, {"images_seen": seen}
+    )
+    new = _recorded_group(plan, 1, steps)  # one worker, the whole batch
+    # The unbroken stream, as one reader sees it: positions 0, 1, ... of the run's data.
+    rows = 48
+    stream = make_dataset(str(small_set), seed=plan.cfg.data.shuffle_seed, epochs=stream_epochs(rows))
+    first_epoch = itertools.islice(iter_train_batches(stream, 8), rows // 8)
+    order = [i for b in first_epoch for i in b["id"].tolist()]
+    trained_before = {i for rank in old for step in rank for i in step}
+    trained_after = [i for step in new[0] for i in step]
+    assert len(trained_before) == seen and len(trained_after) == seen
+    # The new group reads the stream from the checkpoint's position on, not from its start.
+    assert trained_after == order[seen : 2 * seen]
+    skipped = set(order[:seen]) - trained_before  # before the checkpoint's position, never trained
+    ahead = trained_before - set(order[:seen])  # trained early: taken from the old workers' later blocks
+    # Only images the old workers held (dealt to them, not yet trained) are out of place, as many ahead
+    # as skipped; those ahead come again when the new stream reaches them.
+    assert len(skipped) == len(ahead)
+    assert ahead <= set(order[seen:])
+    with capsys.disabled():
+        print(f"\nresplit 2 -> 1 worker(s) at {seen} images: {len(skipped)} skipped, {len(ahead)} repeated")
+
+
+# ---------------------------------------------------------------------------------------------
+# A run that grows and shrinks (tests/elastic_scenario.py): one scenario, two tests of what it did
+
+
+@pytest.fixture(scope="module")
+def elastic_run(tmp_path_factory, s3_server) -> dict:
+    import boto3
+
+    bucket = "pof3d-elastic-run"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    work = tmp_path_factory.mktemp("elastic")
+    out = work / "out.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    started = time.monotonic()
+    for attempt in range(2):  # once more if Ray's 30 s node start bound passed (a loaded machine)
+        done = subprocess.run(
+            [sys.executable, str(SCENARIO), str(work), f"s3://{bucket}/run-{attempt}", str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        if done.returncode != CLUSTER_DID_NOT_START:
+            break
+    logs = done.stdout + done.stderr
+    assert done.returncode == 0, logs[-4000:]
+    result = json.loads(out.read_text())
+    assert "grow_error" not in result and "shrink_error" not in result, (result, logs[-4000:])
+    assert result["grow_exit_code"] == 0 and result["shrink_exit_code"] == 0, logs[-4000:]
+    files = RunFiles(Location.parse(result["run_dir"]))
+    ticks = read_metrics_log(files.metrics)
+    changes = [t for t in ticks if "group/previous_workers" in t]
+    resumes = [(u, float(k)) for u, k in re.findall(r"resumed from (\S+) at kimg ([\d.]+)", logs)]
+    took = time.monotonic() - started
+    return {
+        **result,
+        "logs": logs,
+        "files": files,
+        "ticks": ticks,
+        "changes": changes,
+        "resumes": resumes,
+        "s": took,
+    }
+
+
+# With the next test: one run in two launches on 3 nodes, 335 s on 2 cores at load 8-24 (680 s at 30-90).
+@pytest.mark.slow
+def test_an_elastic_run_grows_to_two_workers_when_a_node_joins(elastic_run) -> None:
+    run = elastic_run
+    grown_at = next(i for i, t in enumerate(run["ticks"]) if t["world_size"] == 2)
+    first_launch = [t["world_size"] for t in run["ticks"] if t["images_seen"] <= run["resumed"]]
+    # One worker until the node joined, then two; every tick says how many.
+    assert [size for size, _ in itertools.groupby(first_launch)] == [1, 2], first_launch
+    grown = run["changes"][0]
+    assert grown == run["ticks"][grown_at]  # said at the grown group's first tick
+    assert grown["group/previous_workers"] == 1 and grown["group/redone_images"] >= 0
+    assert 0 < grown["group/start_s"] < grown["group/restart_s"]
+    assert "worker group grew from 1 to 2 workers (resize): training again" in run["logs"]
+    # It restarted from a checkpoint: the first one, or a later one that the single worker wrote.
+    grown_from = [k * 1000 for _, k in run["resumes"] if 0 < k * 1000 < grown["images_seen"]]
+    assert grown_from and min(grown_from) >= run["grow_after_checkpoint"], run["resumes"]
+    # The two workers ran on the two worker nodes.
+    assert {w["node"] for w in run["two_workers"].values()} == {run["first_node"], run["second_node"]}
+
+
+@pytest.mark.slow
+def test_an_elastic_run_shrinks_to_one_worker_when_a_node_goes_and_finishes(elastic_run) -> None:
+    run, ticks, files = elastic_run, elastic_run["ticks"], elastic_run["files"]
+    second_launch = [t["world_size"] for t in ticks if t["images_seen"] > run["resumed"]]
+    assert [size for size, _ in itertools.groupby(second_launch)] == [2, 1], second_launch
+    shrunk = run["changes"][-1]
+    assert len(run["changes"]) == 2 and shrunk["world_size"] == 1 and shrunk["group/previous_workers"] == 2
+    assert "worker group shrank from 2 to 1 workers (failure): training again" in run["logs"]
+    # From the checkpoint written after the second launch resumed, on the node that stayed.
+    assert (run["shrink_after_checkpoint"] / 1000) in {k for _, k in run["resumes"]}, run["resumes"]
+    restarted = sorted(run["all_workers"].values(), key=lambda w: w["started"])[-1]
+    assert restarted["node"] == run["first_node"]
+    # images_seen continuous to the target over both launches, each tick once (the ticks fall every 8
+    # images, and at the notice that ended the first launch).
+    every, target = run["every"], run["target"]
+    seen = [t["images_seen"] for t in ticks]
+    assert seen[0] == every and seen[-1] == target, seen
+    assert all(0 < b - a <= every for a, b in zip(seen, seen[1:], strict=False)), seen
+    last = files.latest_checkpoint()
+    assert last is not None and read_progress(last)["images_seen"] == target
+    # One MLflow run for both launches, finished, with both group sizes and both restarts.
+    client = MlflowClient(run["mlflow_uri"])
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("pof3d").experiment_id])
+    assert mlflow_run.info.status == "FINISHED"
+    assert read_progress(last)["mlflow_run_id"] == mlflow_run.info.run_id
+    sizes = {m.value for m in client.get_metric_history(mlflow_run.info.run_id, "world_size")}
+    assert sizes == {1.0, 2.0}
+    assert len(client.get_metric_history(mlflow_run.info.run_id, "group/restart_s")) == 2
