@@ -85,7 +85,8 @@ def close_parent(
     status: str = "FINISHED",
     tags: dict[str, str] | None = None,
 ) -> None:
-    """Log the results table (its files, and as an MLflow table), the per-variant figures, and mark the
+    """Log the results table (its files, and as an MLflow table), the per-variant figures (or a
+    search's best objective and parameter importances), ``tags`` (a search's best trial), and mark the
     parent run ended."""
     client = MlflowClient(tracking_uri)
     for key, value in (tags or {}).items():
