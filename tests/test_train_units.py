@@ -126,7 +126,9 @@ def test_resource_check_rejects_requests_that_would_starve_ray_data() -> None:
 def test_flags_become_overrides_only_when_given() -> None:
     assert flag_overrides(TrainRequest()) == []
     request = TrainRequest(kimg=0.5, workers=2, data="/d")
-    assert flag_overrides(request) == ["data.path=/d", "train.kimg=0.5", "train.workers=2"]
+    # A fixed --workers N also sets max_workers=0, so that it replaces a resumed run's elastic range.
+    expected = ["data.path=/d", "train.kimg=0.5", "train.workers=2", "train.max_workers=0"]
+    assert flag_overrides(request) == expected
 
 
 def test_bad_requests_are_config_errors_before_anything_runs(tmp_path) -> None:
