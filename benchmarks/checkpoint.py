@@ -170,7 +170,7 @@ def _one_round(state: dict, cfg, s3: pafs.S3FileSystem, work: Path, remote: str)
 
 def step_times(preset: str, batch: int, steps: int, upload=None) -> list[float]:
     """Seconds of ``steps`` training steps after one warm-up step, with ``upload`` looping in a thread."""
-    trainer = Trainer(load_config(preset), device="cpu", seed=0)
+    trainer = Trainer(load_config(preset, [f"train.batch={batch}"]), device="cpu", seed=0)
     res = trainer.cfg.model.image_resolution
     real = torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
     trainer.train_step(real)

@@ -226,6 +226,23 @@ class Trainer:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item() > 0)
 
+    def check_finite_parameters(self) -> None:
+        """Raise :class:`TrainingError` when a network holds a non-finite value.
+
+        A non-finite update shows in the losses only when a later phase reads the network, which may be
+        after a snapshot fell due; run before every checkpoint, this keeps such values out of them."""
+        for name in ("G", "D", "G_ema"):
+            params = list(getattr(self, name).parameters())
+            finite = torch.stack([torch.isfinite(p).all() for p in params])
+            if bool(finite.all()):
+                continue
+            bad = sum(int((~torch.isfinite(p)).sum()) for p in params)
+            raise TrainingError(
+                f"non-finite parameters in {name} after step {self.step} (images seen {self.images_seen}): "
+                f"{bad} values; not saved as a checkpoint; expected finite values; lower the learning rates "
+                "or check the data"
+            )
+
     def _check_finite(self, phase: str, figures: dict[str, torch.Tensor]) -> None:
         if not figures:
             return

@@ -172,6 +172,15 @@ def test_non_finite_loss_raises_training_error() -> None:
         trainer.train_step(real)
 
 
+def test_non_finite_parameters_are_refused_before_a_checkpoint() -> None:
+    trainer = Trainer(_cfg(), seed=0)
+    trainer.check_finite_parameters()  # a fresh trainer passes
+    with torch.no_grad():
+        next(trainer.D.parameters()).view(-1)[:3] = float("inf")
+    with pytest.raises(TrainingError, match=r"non-finite parameters in D after step 0 .*: 3 values"):
+        trainer.check_finite_parameters()
+
+
 def _data_parallel_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 

