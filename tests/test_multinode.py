@@ -123,4 +123,8 @@ def test_a_run_survives_the_loss_of_a_workers_node_and_resumes_from_its_checkpoi
     client = MlflowClient(result["mlflow_uri"])
     (run,) = client.search_runs([client.get_experiment_by_name("pof3d").experiment_id])
     assert run.info.status == "FINISHED" and progress["mlflow_run_id"] == run.info.run_id
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/G_adv")] == [4, 8, 12, 16]
+    # A tick that the lost group had logged past the checkpoint is logged again when the new group redoes
+    # it (MLflow keeps both points: it cannot delete one); nothing at or before the checkpoint repeats.
+    logged = [m.step for m in client.get_metric_history(run.info.run_id, "loss/G_adv")]
+    assert sorted(set(logged)) == [4, 8, 12, 16] and logged[:2] == [4, 8], logged
+    assert all(step > 8 for step in logged[2:]) and len(logged) <= 5, logged

@@ -89,13 +89,10 @@ def _ticks(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_between_snapshots_and_the_run_resumes_from_there(
-    ray_local, tmp_path, capsys
-) -> None:
+def test_sigterm_checkpoints_between_snapshots_and_the_command_returns_0(ray_local, tmp_path, capsys) -> None:
     """SIGTERM to the training command (``pof3d.train.main`` in this process, whose main thread runs it):
     every worker finishes its step, rank 0 writes a checkpoint although no snapshot is due (snapshots
-    every 1 kimg), the command returns 0 saying it stopped at the notice, and ``--resume`` continues from
-    that checkpoint in the same MLflow run."""
+    every 1 kimg), and the command returns 0 saying it stopped at the notice."""
     run_dir = tmp_path / "run"
     timings: dict[str, float] = {}
 
@@ -128,19 +125,12 @@ def test_sigterm_checkpoints_between_snapshots_and_the_run_resumes_from_there(
             print(f"\nSIGTERM -> checkpoint {to_checkpoint:.1f} s, -> command returns {to_exit:.1f} s")
         assert to_checkpoint < 30
 
-        assert (
-            main(["--resume", "auto", "--run-dir", str(run_dir), "--kimg", f"{(images + 8) / 1000:g}"]) == 0
-        )
-    assert f"resumed from {checkpoint} at kimg {images / 1000:.3f}" in capsys.readouterr().err
-    _, _, progress = load_checkpoint(latest_checkpoint(run_dir))
-    assert progress["images_seen"] == images + 8
+    # Resuming from such a checkpoint: tests/test_slurm.py (a requeued job resumes from the notice's).
     ticks = _ticks(run_dir)
-    assert [t["tick"] for t in ticks] == list(range(1, len(ticks) + 1))
-    steps = [t["images_seen"] for t in ticks]
-    assert steps == sorted(set(steps)) and images in steps and steps[-1] == images + 8
+    assert [t["images_seen"] for t in ticks][-1] == images  # the notice's step ended with a tick
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("pof3d").experiment_id])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/G_adv")] == steps
+    assert run.data.tags["stop_reason"] == f"preemption notice (SIGTERM) after {images / 1000:.3f} kimg"
 
 
 @pytest.mark.slow  # a two-node Ray cluster in a process of its own: about a minute on an idle 2-core machine
