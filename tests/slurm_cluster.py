@@ -90,7 +90,8 @@ class SlurmCluster:
                 "SlurmdUser=root",
                 "AuthType=auth/munge",
                 "CredType=cred/munge",
-                f"AuthInfo=socket={munge_socket}",
+                # A requeued job may start again cred_expire + 1 s later (SLURM's default is 120 s).
+                f"AuthInfo=socket={munge_socket},cred_expire=5",
                 f"StateSaveLocation={r / 'state'}",
                 f"SlurmdSpoolDir={r / 'spool'}",
                 f"SlurmctldPidFile={r / 'slurmctld.pid'}",
