@@ -155,6 +155,18 @@ def test_aws_config_validates_against_the_schema_shipped_with_ray() -> None:
     validate_config(prepare_config(config))  # Ray's own check after filling defaults (what `ray up` does)
 
 
+def test_aws_workers_watch_for_a_spot_interruption_notice() -> None:
+    """Ray's launcher does nothing with AWS's two-minute notice; each worker runs the watcher that drains
+    its node as a preemption (tests/test_spot_notice.py), in the background, after its Ray started."""
+    import importlib.util
+
+    commands = load_yaml(CLUSTER / "aws-gpu.yaml")["worker_start_ray_commands"]
+    (watcher,) = [i for i, c in enumerate(commands) if "-m pof3d.distributed.spot_notice" in c]
+    starts = [i for i, c in enumerate(commands) if c.startswith("ray start")]
+    assert starts and watcher > max(starts) and commands[watcher].rstrip().endswith("&")
+    assert importlib.util.find_spec("pof3d.distributed.spot_notice") is not None
+
+
 def test_aws_config_secures_every_node_and_keeps_nothing_on_node_disks() -> None:
     config = load_yaml(CLUSTER / "aws-gpu.yaml")
     run_options = " ".join(config["docker"]["run_options"])
