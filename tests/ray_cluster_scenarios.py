@@ -5,6 +5,7 @@ a process with the test session's local Ray, so each scenario builds its cluster
 project's library against ``cluster.address`` and writes what it observed to a JSON file:
 
     python tests/ray_cluster_scenarios.py autoscale OUT.json
+    python tests/ray_cluster_scenarios.py node-loss WORK_DIR RUN_URI OUT.json
 
 Object-store endpoints and credentials come from the standard AWS environment of this process, which the
 Ray nodes it starts inherit.
@@ -26,6 +27,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,11 +38,15 @@ os.environ["AUTOSCALER_UPDATE_INTERVAL_S"] = "1"
 
 import psutil  # noqa: E402
 import ray  # noqa: E402
+from micro_config import MICRO  # noqa: E402  (tests/ is this script's folder, first on sys.path)
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from pof3d.distributed.resources import autoscaler_can_add_nodes, ensure_resources  # noqa: E402
 from pof3d.errors import ConfigError  # noqa: E402
 from pof3d.presets import load_config
+from pof3d.run_files import RunFiles  # noqa: E402
+from pof3d.storage import Location  # noqa: E402
+from pof3d.train import main  # noqa: E402
 
 CLUSTER_DID_NOT_START = 75  # EX_TEMPFAIL
 
@@ -184,11 +190,79 @@ def autoscale(out: Path) -> None:
     out.write_text(json.dumps(result, indent=2))
 
 
+def _train_workers(cluster: Cluster) -> dict[str, dict[str, Any]]:
+    actors = cluster.global_state.actor_table(None)
+    return {
+        actor_id: {"node": info["Address"]["NodeID"], "state": info["State"], "started": info["StartTime"]}
+        for actor_id, info in actors.items()
+        if info["ActorClassName"] == "RayTrainWorker"
+    }
+
+
+def node_loss(work: Path, run_uri: str, out: Path) -> None:
+    """A head and two worker nodes of 2 CPUs each; workers of 1.5 CPUs cannot share a node. The run is
+    stored at ``run_uri`` (an object store). Right after the first checkpoint (8 of 16 images) is there,
+    the node of one Train worker is removed (its processes killed); the run goes on from that checkpoint
+    on the head and the other node."""
+    os.environ["POF3D_CACHE"] = str(work / "cache")
+    # Ray Train gives a new worker group 60 s to start; on a loaded 2-core machine that can pass before
+    # the actors are up, and each such attempt costs a minute (it does not count against max_failures).
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "600"
+    files, mlflow_uri = RunFiles(Location.parse(run_uri)), f"sqlite:///{work / 'mlflow.db'}"
+    started = time.monotonic()
+    cluster = start_cluster(head_cpus=2)
+    others = [add_node(cluster, num_cpus=2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    result: dict[str, Any] = {
+        "cluster_start_s": time.monotonic() - started,
+        "head": cluster.head_node.node_id,
+    }
+
+    def remove_a_train_workers_node() -> None:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            # One listing per look until the checkpoint is there (the run's own requests share the
+            # S3 server and the two cores); the run needs several seconds beyond it to reach its target.
+            checkpoint = files.latest_checkpoint()
+            ticks = files.metrics.read_text().splitlines() if checkpoint is not None else []
+            if ticks:
+                alive = {k: v for k, v in _train_workers(cluster).items() if v["state"] == "ALIVE"}
+                victim = next(n for n in others if any(w["node"] == n.node_id for w in alive.values()))
+                result.update(
+                    before=alive,
+                    victim=victim.node_id,
+                    removed_at_images=json.loads(ticks[-1])["images_seen"],
+                    checkpoint_at_removal=str(checkpoint),
+                    removed_after_s=time.monotonic() - train_started,
+                )
+                cluster.remove_node(victim, allow_graceful=False)
+                return
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=remove_a_train_workers_node, daemon=True)
+    sets = [*MICRO, "train.cpus_per_worker=1.5"]
+    args = ["--kimg", "0.016", "--batch", "4", "--workers", "2", "--run-dir", str(files.root)]
+    args += ["--mlflow-uri", mlflow_uri, "--address", cluster.address]
+    try:
+        train_started = time.monotonic()
+        watcher.start()
+        result["exit_code"] = main([*args, *[a for s in sets for a in ("--set", s)]])
+        result["train_s"] = time.monotonic() - train_started
+        watcher.join(timeout=5)
+        result["all_workers"] = _train_workers(cluster)
+    finally:
+        stop_cluster(cluster)
+    result.update(run_dir=str(files.root), mlflow_uri=mlflow_uri)
+    out.write_text(json.dumps(result, indent=2))
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if sys.argv[1] == "autoscale":
             autoscale(Path(sys.argv[2]))
+        elif sys.argv[1] == "node-loss":
+            node_loss(Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4]))
         else:
             sys.exit(f"unknown scenario {sys.argv[1]!r}")
     except ClusterDidNotStart as exc:

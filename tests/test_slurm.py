@@ -67,6 +67,9 @@ def _submit(slurm, site, run: str, data: str, sbatch: list[str], train: list[str
         "POF3D_CACHE": str(site["cache"]),
         "POF3D_VENV": str(ROOT / ".venv"),
         "RAY_AUTH_TOKEN_PATH": str(site["root"] / "ray-token"),
+        # The test ends its last job with scancel: the 30 s node drain that SLURM's SIGTERM starts in
+        # `ray start --block` would only hold the node (and the module's teardown) that much longer.
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "1",
     }
     job_env.pop("MLFLOW_TRACKING_URI", None)
     sets = [a for item in MICRO for a in ("--set", item)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import http.server
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -143,7 +144,7 @@ def test_without_instance_metadata_the_watcher_says_so_and_exits_0(capsys) -> No
 DRAIN = """
 import datetime as dt, json, ray
 from pof3d.distributed.spot_notice import SpotNotice, drain_ray_node
-ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")  # never the session's
 context = ray.get_runtime_context()
 notice = SpotNotice("terminate", dt.datetime.now(dt.UTC) + dt.timedelta(seconds=120))
 accepted, why = drain_ray_node(context.gcs_address, context.get_node_id(), notice)
@@ -154,7 +155,8 @@ ray.shutdown()
 
 def test_the_drain_is_accepted_by_a_real_ray_node() -> None:
     """A Ray of its own in a subprocess: draining this session's shared Ray would end it."""
-    done = subprocess.run([sys.executable, "-c", DRAIN], capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", DRAIN], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"accepted": True, "why": ""}, result
