@@ -32,7 +32,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from pof3d.data.shard_reader import iter_rows, read_manifest, shard_paths
-from pof3d.data.streaming import DECODE_BATCH, TASK_ROWS, iter_train_batches, make_dataset
+from pof3d.data.shard_source import DECODE_BATCH, TASK_ROWS
+from pof3d.data.streaming import iter_train_batches, make_dataset
 from pof3d.data.synthetic import generate
 
 

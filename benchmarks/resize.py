@@ -51,22 +51,20 @@ from pof3d.distributed.preemption import write_notice
 from pof3d.presets import load_config
 from pof3d.run_files import RunFiles, read_metrics_log
 from pof3d.storage import Location
-from pof3d.testing.local_cluster import add_node, start_cluster, start_quick_coordinator, stop_cluster
+from pof3d.testing.local_cluster import (
+    add_node,
+    start_cluster,
+    start_quick_coordinator,
+    stop_cluster,
+    wait_during,
+)
 from pof3d.train import main
 
 COLUMNS = ("group/start_s", "group/resume_s", "group/first_batch_s", "group/first_step_s", "group/restart_s")
 
 
-def _wait(what: str, ready, training: threading.Thread, timeout: float = 3600.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and training.is_alive():
-        value = ready()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise TimeoutError(
-        f"no {what}: {'the run ended' if not training.is_alive() else f'{timeout:.0f} s passed'}"
-    )
+def _wait(what: str, ready, training: threading.Thread) -> Any:
+    return wait_during(training, what, ready, 3600.0)
 
 
 def resize_run(

@@ -44,6 +44,7 @@ from pof3d.testing.local_cluster import (
     start_quick_coordinator,
     stop_cluster,
     train_workers,
+    wait_during,
 )
 from pof3d.train import main
 
@@ -62,16 +63,7 @@ TIMEOUT_S = 600.0  # for each awaited event
 
 
 def _wait(what: str, ready, training: threading.Thread) -> Any:
-    """``ready()`` once it is true; an error after TIMEOUT_S or when the launch has ended without it."""
-    deadline = time.monotonic() + TIMEOUT_S
-    while time.monotonic() < deadline and training.is_alive():
-        value = ready()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise TimeoutError(
-        f"no {what} ({'the launch ended' if not training.is_alive() else f'{TIMEOUT_S:.0f} s'})"
-    )
+    return wait_during(training, what, ready, TIMEOUT_S)
 
 
 def _launch(files: RunFiles, cluster, mlflow_uri: str, kimg: float, drive) -> int:

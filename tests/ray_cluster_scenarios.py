@@ -36,7 +36,6 @@ from typing import Any
 os.environ["RAY_FAKE_CLUSTER"] = "1"
 os.environ["AUTOSCALER_UPDATE_INTERVAL_S"] = "1"
 
-import psutil  # noqa: E402
 import ray  # noqa: E402
 from micro_config import MICRO  # noqa: E402  (tests/ is this script's folder, first on sys.path)
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -46,13 +45,11 @@ from pof3d.errors import ConfigError  # noqa: E402
 from pof3d.presets import load_config
 from pof3d.run_files import RunFiles  # noqa: E402
 from pof3d.storage import Location  # noqa: E402
+from pof3d.testing.local_cluster import ClusterDidNotStart, add_node, train_workers  # noqa: E402
+from pof3d.testing.local_cluster import stop_cluster as stop_local_cluster  # noqa: E402
 from pof3d.train import main  # noqa: E402
 
 CLUSTER_DID_NOT_START = 75  # EX_TEMPFAIL
-
-
-class ClusterDidNotStart(RuntimeError):
-    pass
 
 
 def _free_port() -> int:
@@ -114,32 +111,9 @@ def start_cluster(head_cpus: int, worker_types: dict[str, Any] | None = None) ->
         raise ClusterDidNotStart(str(exc)) from exc
 
 
-def add_node(cluster: Cluster, **args: Any) -> Any:
-    try:
-        return cluster.add_node(**args)
-    except Exception as exc:
-        if "timed out during startup" not in str(exc):
-            raise
-        raise ClusterDidNotStart(str(exc)) from exc
-
-
 def stop_cluster(cluster: Cluster) -> None:
-    nodes = [cluster.head_node, *cluster.worker_nodes] if cluster.head_node else list(cluster.worker_nodes)
-    started: list[psutil.Process] = []
-    for node in nodes:
-        for infos in node.all_processes.values():
-            for info in infos:
-                try:
-                    started += psutil.Process(info.process.pid).children(recursive=True)
-                except psutil.NoSuchProcess:
-                    pass
-    ray.shutdown()
-    cluster.shutdown()
-    for process in started:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
+    """pof3d.testing.local_cluster's stop, and the fake autoscaler's config file removed."""
+    stop_local_cluster(cluster)
     if getattr(cluster, "autoscaling_config", None):
         os.unlink(cluster.autoscaling_config)
 
@@ -190,15 +164,6 @@ def autoscale(out: Path) -> None:
     out.write_text(json.dumps(result, indent=2))
 
 
-def _train_workers(cluster: Cluster) -> dict[str, dict[str, Any]]:
-    actors = cluster.global_state.actor_table(None)
-    return {
-        actor_id: {"node": info["Address"]["NodeID"], "state": info["State"], "started": info["StartTime"]}
-        for actor_id, info in actors.items()
-        if info["ActorClassName"] == "RayTrainWorker"
-    }
-
-
 def node_loss(work: Path, run_uri: str, out: Path) -> None:
     """A head and two worker nodes of 2 CPUs each; workers of 1.5 CPUs cannot share a node. The run is
     stored at ``run_uri`` (an object store). Right after the first checkpoint (8 of 16 images) is there,
@@ -226,7 +191,7 @@ def node_loss(work: Path, run_uri: str, out: Path) -> None:
             checkpoint = files.latest_checkpoint()
             ticks = files.metrics.read_text().splitlines() if checkpoint is not None else []
             if ticks:
-                alive = {k: v for k, v in _train_workers(cluster).items() if v["state"] == "ALIVE"}
+                alive = {k: v for k, v in train_workers(cluster).items() if v["state"] == "ALIVE"}
                 victim = next(n for n in others if any(w["node"] == n.node_id for w in alive.values()))
                 result.update(
                     before=alive,
@@ -249,7 +214,7 @@ def node_loss(work: Path, run_uri: str, out: Path) -> None:
         result["exit_code"] = main([*args, *[a for s in sets for a in ("--set", s)]])
         result["train_s"] = time.monotonic() - train_started
         watcher.join(timeout=5)
-        result["all_workers"] = _train_workers(cluster)
+        result["all_workers"] = train_workers(cluster)
     finally:
         stop_cluster(cluster)
     result.update(run_dir=str(files.root), mlflow_uri=mlflow_uri)

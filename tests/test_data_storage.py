@@ -18,8 +18,8 @@ import pytest
 from pof3d.data.__main__ import main as data_main
 from pof3d.data.shard_io import read_with_retry
 from pof3d.data.shard_reader import check_shards, iter_rows, read_manifest, shard_paths
+from pof3d.data.shard_source import read_pieces
 from pof3d.data.shards import ShardWriter, encode_png
-from pof3d.data.streaming import read_pieces
 from pof3d.data.synthetic import generate
 from pof3d.errors import DataError
 

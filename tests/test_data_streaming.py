@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pof3d.data.shard_reader import iter_rows
-from pof3d.data.streaming import _poses, ingest_options, iter_train_batches, make_dataset
+from pof3d.data.shard_source import _poses
+from pof3d.data.streaming import ingest_options, iter_train_batches, make_dataset
 from pof3d.data.synthetic import generate
 from pof3d.errors import DataError
 

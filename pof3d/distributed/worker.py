@@ -28,20 +28,17 @@ from pof3d.distributed.elastic import GroupChange
 from pof3d.distributed.plan import RunPlan
 from pof3d.distributed.preemption import Notice, NoticeWatch
 from pof3d.distributed.progress import TickMeter, TimeLimit, device_memory, next_boundary, progress_line
+from pof3d.distributed.snapshot_figures import pose_plot, sample_grid
 from pof3d.errors import CheckpointError, DataError, TrainingError
 from pof3d.loop import Trainer
 from pof3d.metrics import evaluate_generator
 from pof3d.metrics.spread import distributed_spread
-from pof3d.plots import plot_pose_distribution, save_image_grid
 from pof3d.run_files import RunFiles
 from pof3d.storage import Location, as_local_dir
 from pof3d.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_SEED = 123  # fixed latents so that sample grids are comparable across snapshots
-SAMPLE_COUNT = 16
-POSE_SAMPLES = 512
 TRUE_POSE_LIMIT = 4096
 
 
@@ -282,19 +279,7 @@ def _first_data_error(message: str | None, world: int, device: torch.device) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Figures
-
-
-@torch.no_grad()
-def _learned_poses(trainer: Any, count: int) -> np.ndarray:
-    g = trainer.G_ema
-    return g.eg3d_pose(g.predict_pose(g.map(_fixed_latents(g, count)))).float().cpu().numpy()
-
-
-def _fixed_latents(g: Any, count: int) -> torch.Tensor:
-    """The same latents at every snapshot, so grids and pose plots are comparable over training."""
-    z = torch.randn(count, g.cfg.z_dim, generator=torch.Generator().manual_seed(SAMPLE_SEED))
-    return z.to(next(g.parameters()).device)
+# Figures of a tick: replica spread and evaluation
 
 
 @torch.no_grad()
@@ -385,8 +370,8 @@ def _report(
     with tempfile.TemporaryDirectory(prefix="pof3d-ckpt-") as tmp:
         if notice is None:
             # Figures are drawn locally, then copied to the run's storage and logged to MLflow.
-            grid = _sample_grid(trainer, Path(tmp) / f"fakes-{kimg}.png")
-            poses = _pose_plot(trainer, Path(tmp) / f"poses-{kimg}.png", true_poses)
+            grid = sample_grid(trainer.G_ema, Path(tmp) / f"fakes-{kimg}.png")
+            poses = pose_plot(trainer.G_ema, Path(tmp) / f"poses-{kimg}.png", true_poses)
             # In MLflow both an image series (a step slider over images seen) and files on the run page.
             for figure, key in ((grid, "samples"), (poses, "poses")):
                 (plan.files.samples / figure.name).upload(figure)
@@ -400,19 +385,3 @@ def _report(
             checkpoint=ray.train.Checkpoint.from_directory(str(path)),
             checkpoint_dir_name=f"checkpoint-kimg{kimg}",
         )
-
-
-def _sample_grid(trainer: Any, path: Path) -> Path:
-    g = trainer.G_ema
-    z = _fixed_latents(g, SAMPLE_COUNT)
-    with torch.no_grad():
-        images = g(z, noise_mode="const")["image"]
-    return save_image_grid(images, path)
-
-
-def _pose_plot(trainer: Any, path: Path, true_poses: list[np.ndarray]) -> Path:
-    truth = np.concatenate(true_poses) if true_poses else None
-    if truth is not None:
-        truth = truth[np.isfinite(truth).all(axis=1)]
-        truth = truth if len(truth) else None
-    return plot_pose_distribution(_learned_poses(trainer, POSE_SAMPLES), path, true=truth)

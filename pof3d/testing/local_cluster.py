@@ -16,6 +16,9 @@ machine).
 from __future__ import annotations
 
 import socket
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -117,3 +120,15 @@ def stop_cluster(cluster: Cluster) -> None:
             process.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def wait_during(training: threading.Thread, what: str, ready: Callable[[], Any], timeout_s: float) -> Any:
+    """``ready()``'s first true value while ``training`` runs (looked at twice a second); a
+    ``TimeoutError`` naming ``what`` when the run ended without it or ``timeout_s`` passed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and training.is_alive():
+        value = ready()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise TimeoutError(f"no {what} ({'the run ended' if not training.is_alive() else f'{timeout_s:.0f} s'})")
