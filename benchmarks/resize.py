@@ -19,11 +19,13 @@ and the data iterators), "model + checkpoint" (the model built, the checkpoint d
 "first batch" (the data stream's start), "first step", and "redone", the images the old group had
 trained past the checkpoint it restarted from (its last tick; they are trained again).
 
-Checkpoint save on the way down: Ray Train stops a group for a resize without warning it, and a killed
-node cannot save, so neither restart here saves anything on its way down; what they lose is the work
-since the last snapshot (``redone``). A preemption notice saves first; its cost is one checkpoint save,
-timed here as a worker makes it (``save_checkpoint`` to a local folder, then the files' upload to the
-S3 server) on the preset's state.
+Checkpoint save on the way down: before Ray Train stops a healthy group for a resize (the grow), the
+run's controller callback asks it for a checkpoint after its step in progress and waits for it
+(``group/save_s``: from the request to the complete checkpoint in storage, a step and a save); the grown
+group resumes from it. A killed node (the shrink here) cannot save: that restart loses the work since the
+last snapshot (``redone``), as a preemption without notice does. "checkpoint save" is one save alone,
+timed as a worker makes it (``save_checkpoint`` to a local folder, then the files' upload to the S3
+server) on the preset's state: what a preemption notice costs.
 
 On CPU, nodes have 1 CPU and workers 0.75; with ``--gpus-per-worker 1`` each node has one GPU (two nodes
 on a one-GPU machine share it) and 2 CPUs. The machine's other load enters every figure.
@@ -133,7 +135,7 @@ def resize_run(
     return [t for t in read_metrics_log(files.metrics) if "group/previous_workers" in t]
 
 
-def save_on_the_way_down(preset: str, s3, work: Path) -> tuple[float, float]:
+def checkpoint_save(preset: str, s3, work: Path) -> tuple[float, float]:
     """Seconds of one checkpoint save (local write, then upload to the S3 server), and its MB."""
     trainer, state = build_state(preset)
     local = work / "checkpoint"
@@ -145,13 +147,14 @@ def save_on_the_way_down(preset: str, s3, work: Path) -> tuple[float, float]:
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| preset | restart | group start s | model + checkpoint s | first batch s | first step s | "
-        "stop to first step s | redone images | checkpoint MB | save on the way down s |"
+        "stop to first step s | redone images | save on the way down s | checkpoint MB | checkpoint save s |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         figures = " | ".join(f"{r[c]:.1f}" for c in COLUMNS)
+        saved = f"{r['group/save_s']:.1f}" if "group/save_s" in r else "none (killed)"
         lines.append(
-            f"| {r['preset']} | {r['restart']} | {figures} | {r['group/redone_images']:.0f} | "
+            f"| {r['preset']} | {r['restart']} | {figures} | {r['group/redone_images']:.0f} | {saved} | "
             f"{r['mb']:.0f} | {r['save_s']:.1f} |"
         )
     return "\n".join(lines)
@@ -165,7 +168,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             with tempfile.TemporaryDirectory(prefix="pof3d-resize-bench-") as tmp:
                 work = Path(tmp)
                 os.environ["POF3D_CACHE"] = str(work / "cache")
-                save_s, mb = save_on_the_way_down(preset, s3, work)
+                save_s, mb = checkpoint_save(preset, s3, work)
                 ticks = resize_run(
                     preset, work, args.gpus_per_worker, args.steps_per_snapshot, args.grow_only
                 )

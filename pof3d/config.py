@@ -183,6 +183,8 @@ class TrainConfig:
     #: seconds between an elastic run's looks for room to grow (Ray Train's
     #: elastic_resize_monitor_interval_s); a lost worker restarts the group at once
     resize_interval_s: float = 60.0
+    #: before a resize stops a healthy group, wait at most this long for its checkpoint (0: do not ask)
+    resize_save_timeout_s: float = 120.0
     gpus_per_worker: float = 0.0  #: GPUs per worker (0 = CPU)
     cpus_per_worker: float = 0.5  #: CPUs each worker holds; the rest is left to Ray Data's decoding
     #: torch threads of each worker; 0 = the node's cores shared evenly among its workers, less one for
@@ -390,8 +392,9 @@ def validate(cfg: Config) -> None:
             f"train.workers={t.workers} (--workers MIN-MAX with MIN <= MAX)"
         )
     check_split(t.batch, t.batch_gpu, *t.worker_range())
-    if t.resize_interval_s < 0:
-        raise ConfigError(f"train.resize_interval_s={t.resize_interval_s}: expected seconds >= 0")
+    for name in ("resize_interval_s", "resize_save_timeout_s"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name}={getattr(t, name)}: expected seconds >= 0")
     if t.cpu_threads < 0:
         raise ConfigError(f"train.cpu_threads={t.cpu_threads}: expected 0 (automatic) or a thread count")
     if t.cpus_per_worker <= 0 and t.gpus_per_worker <= 0:

@@ -125,6 +125,8 @@ def grow_then_shrink(work: Path, run_uri: str, out: Path) -> None:
                 training,
             )
             cluster.remove_node(nodes["second"], allow_graceful=False)
+            # The group may have written one more checkpoint between the look above and the removal.
+            result["checkpoint_at_removal"] = checkpoint_images()
         except Exception as exc:  # reported; the notice ends the launch
             result["shrink_error"] = repr(exc)
             write_notice(files, "tests/elastic_scenario.py")

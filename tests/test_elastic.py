@@ -24,7 +24,7 @@ from ray.train.v2._internal.execution.controller.state import (
 )
 from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
 
-from pof3d.checkpoint import read_progress
+from pof3d.checkpoint import read_progress, save_checkpoint
 from pof3d.data.synthetic import generate
 from pof3d.distributed.elastic import (
     GroupChange,
@@ -35,6 +35,7 @@ from pof3d.distributed.elastic import (
 )
 from pof3d.distributed.group_watch import GroupWatch
 from pof3d.distributed.plan import TrainRequest, flag_overrides
+from pof3d.distributed.preemption import NoticeWatch, notice_location
 from pof3d.errors import ConfigError
 from pof3d.presets import load_config
 from pof3d.run_files import RunFiles, read_metrics_log
@@ -138,17 +139,68 @@ def test_the_controller_callback_records_each_group_start_and_why_the_last_one_s
     assert (shrunk["workers"], shrunk["previous"], shrunk["cause"]) == (1, 2, "failure")
 
 
+def test_a_resize_waits_for_the_running_groups_checkpoint_then_stops_it(tmp_path, caplog) -> None:
+    """Rank 0 of the running group (its notice watch, and a checkpoint like the loop's) answers the
+    controller's request; without an answer the resize goes on after the timeout."""
+    files = RunFiles(Location.parse(str(tmp_path / "run")))
+    cfg = load_config("tiny")
+    save_checkpoint(files.checkpoints.local_path / "checkpoint-kimg000.008", {}, cfg, {"images_seen": 8})
+    rank0, done = NoticeWatch(files, rank=0, poll_s=0.05), threading.Event()
+    taken = []
+
+    def train() -> None:  # a step every 50 ms; a notice is acted on after the step, as in the loop
+        images = 8
+        while not done.wait(0.05):
+            images += 4
+            if (notice := rank0.check()) is not None:
+                taken.append(notice)
+                path = files.checkpoints.local_path / f"checkpoint-kimg{images / 1000:07.3f}"
+                save_checkpoint(path, {}, cfg, {"images_seen": images})
+                rank0.acknowledge()
+
+    group = threading.Thread(target=train, daemon=True)
+    group.start()
+    watch = GroupWatch(files, resize_save_timeout_s=30)
+    try:
+        watch.before_controller_execute_resize_decision(_decision(1))
+        watch.after_controller_state_update(SchedulingState(_decision(1)), RunningState())
+        watch.after_controller_state_update(RunningState(), ResizingState(_decision(2)))
+        watch.before_controller_execute_resize_decision(_decision(2))
+    finally:
+        done.set()
+        group.join(5)
+        rank0.close()
+    (notice,) = taken  # once, and training went on: no stop
+    assert notice.kind == "resize" and not notice.stop and notice.reason == "resize from 1 to 2 workers"
+    grown = read_group_record(files)
+    assert grown["cause"] == "resize" and 0 < grown["saved_s"] < 30
+    assert read_progress(files.latest_checkpoint())["images_seen"] > 8
+    assert not notice_location(files).is_file()
+    # Nobody answers (a group stuck in a long evaluation): the resize goes on after the timeout, and
+    # the notice is not left for the next group.
+    watch = GroupWatch(files, resize_save_timeout_s=0.3)
+    watch.before_controller_execute_resize_decision(_decision(2))
+    watch.after_controller_state_update(SchedulingState(_decision(2)), RunningState())
+    watch.after_controller_state_update(RunningState(), ResizingState(_decision(1)))
+    caplog.set_level("WARNING", logger="pof3d.distributed.group_watch")
+    watch.before_controller_execute_resize_decision(_decision(1))
+    assert read_group_record(files)["saved_s"] is None and not notice_location(files).is_file()
+    assert "within train.resize_save_timeout_s=0.3 s before the resize from 2 to 1" in caplog.text
+
+
 def test_rank_0_of_a_new_group_says_how_it_changed_and_what_the_restart_cost(tmp_path, caplog) -> None:
     files = RunFiles(Location.parse(str(tmp_path / "run")))
     assert GroupChange.at_start(files, 1, 0, time.time()) is None  # no record: a plain start
     ticks = [{"images_seen": i, "tick": i // 4, "world_size": 1} for i in (4, 8, 12)]
     files.metrics.write_text("".join(json.dumps(t) + "\n" for t in ticks))
     stopped = time.time() - 5.0
-    write_group_record(files, {"workers": 2, "previous": 1, "cause": "resize", "stopped_at": stopped})
+    record = {"workers": 2, "previous": 1, "cause": "resize", "stopped_at": stopped, "saved_s": 1.5}
+    write_group_record(files, record)
     change = GroupChange.at_start(files, 2, 8, begun_at=stopped + 3.0)  # resumed at the checkpoint of 8
     caplog.set_level("INFO", logger="pof3d.distributed.elastic")
     figures = change.first_step(data_wait=0.5)
     assert figures["group/previous_workers"] == 1 and figures["group/redone_images"] == 4
+    assert figures["group/save_s"] == 1.5 and "checkpointed on its way down in 1.5 s" in caplog.text
     assert figures["group/start_s"] == pytest.approx(3.0)
     assert 5.0 <= figures["group/restart_s"] < 60
     assert "worker group grew from 1 to 2 workers (resize): training again" in caplog.text
@@ -288,6 +340,7 @@ def elastic_run(tmp_path_factory, s3_server) -> dict:
         if done.returncode != CLUSTER_DID_NOT_START:
             break
     logs = done.stdout + done.stderr
+    (work / "scenario.log").write_text(logs)  # kept with pytest's --basetemp, for a failure's story
     assert done.returncode == 0, logs[-4000:]
     result = json.loads(out.read_text())
     assert "grow_error" not in result and "shrink_error" not in result, (result, logs[-4000:])
@@ -321,9 +374,14 @@ def test_an_elastic_run_grows_to_two_workers_when_a_node_joins(elastic_run) -> N
     assert grown["group/previous_workers"] == 1 and grown["group/redone_images"] >= 0
     assert 0 < grown["group/start_s"] < grown["group/restart_s"]
     assert "worker group grew from 1 to 2 workers (resize): training again" in run["logs"]
-    # It restarted from a checkpoint: the first one, or a later one that the single worker wrote.
-    grown_from = [k * 1000 for _, k in run["resumes"] if 0 < k * 1000 < grown["images_seen"]]
-    assert grown_from and min(grown_from) >= run["grow_after_checkpoint"], run["resumes"]
+    # Before the resize stopped it, the single worker checkpointed after its step in progress, and the
+    # grown group resumed from that checkpoint.
+    (saved,) = re.findall(
+        r"resize notice \(resize from 1 to 2 workers\): checkpoint at kimg ([\d.]+)", run["logs"]
+    )
+    grown_from = {k for _, k in run["resumes"] if 0 < k * 1000 < grown["images_seen"]}  # each rank says it
+    assert grown_from == {float(saved)} and float(saved) * 1000 > run["grow_after_checkpoint"], run["resumes"]
+    assert 0 < grown["group/save_s"] < 120
     # The two workers ran on the two worker nodes.
     assert {w["node"] for w in run["two_workers"].values()} == {run["first_node"], run["second_node"]}
 
@@ -336,8 +394,11 @@ def test_an_elastic_run_shrinks_to_one_worker_when_a_node_goes_and_finishes(elas
     shrunk = run["changes"][-1]
     assert len(run["changes"]) == 2 and shrunk["world_size"] == 1 and shrunk["group/previous_workers"] == 2
     assert "worker group shrank from 2 to 1 workers (failure): training again" in run["logs"]
-    # From the checkpoint written after the second launch resumed, on the node that stayed.
-    assert (run["shrink_after_checkpoint"] / 1000) in {k for _, k in run["resumes"]}, run["resumes"]
+    # From the latest checkpoint of this launch when the node went (the one seen before the removal,
+    # or one written while the removal was under way), on the node that stayed.
+    shrunk_from = list({round(k * 1000) for _, k in run["resumes"] if round(k * 1000) > run["resumed"]})
+    assert len(shrunk_from) == 1, run["resumes"]
+    assert run["shrink_after_checkpoint"] <= shrunk_from[0] <= run["checkpoint_at_removal"], run["resumes"]
     restarted = sorted(run["all_workers"].values(), key=lambda w: w["started"])[-1]
     assert restarted["node"] == run["first_node"]
     # images_seen continuous to the target over both launches, each tick once (the ticks fall every 8

@@ -59,6 +59,24 @@ def test_a_notice_file_reaches_rank_0_and_is_removed_once_acted_on(tmp_path) -> 
     assert other.check() is None and other._thread is None
 
 
+def test_a_notice_without_a_stop_is_taken_once_and_the_next_one_is_seen(tmp_path) -> None:
+    files = RunFiles(Location.parse(tmp_path / "run"))
+    watch = NoticeWatch(files, rank=0, poll_s=0.05)
+    try:
+        for reason in ("resize from 1 to 2 workers", "resize from 2 to 1 workers"):
+            write_notice(files, reason, stop=False, kind="resize")
+            notice = _wait(watch.check, 5, "the notice")
+            assert (notice.reason, notice.stop, notice.kind) == (reason, False, "resize")
+            watch.acknowledge()
+            time.sleep(0.3)  # several polls: the acted-on notice is not taken again
+            assert watch.check() is None and not notice_location(files).is_file()
+        # A notice file of an older writer (no "stop" field) still stops the run.
+        notice_location(files).write_text(json.dumps({"reason": "operator", "at": time.time()}))
+        assert _wait(watch.check, 5, "the old-style notice").stop
+    finally:
+        watch.close()
+
+
 def test_sigusr1_to_the_driver_writes_the_notice_and_the_handlers_are_restored(tmp_path) -> None:
     files = RunFiles(Location.parse(tmp_path / "run"))
     write_notice(files, "left by a run that never acted on it")

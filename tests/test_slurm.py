@@ -13,6 +13,7 @@ the checkpoint it resumed from, the test cancels it.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -135,7 +136,17 @@ def test_jobs_share_a_node_requeue_at_the_time_limit_and_refuse_missing_data(slu
     limited = _submit(
         slurm, site, "limited", "", ["--time=30"], ["--kimg", "2", "--set", "train.snapshot_kimg=1"]
     )
-    shared = _submit(slurm, site, "shared", str(site["shards"]), ["--time=30"], ["--kimg", "0.008"])
+    # Submitted with a node range: SLURM grants the one node it has, and the job trains the micro-batches
+    # of the range's top (2 workers: batch 4 in 2 micro-batches of 2) on its one worker.
+    shared = _submit(
+        slurm,
+        site,
+        "shared",
+        str(site["shards"]),
+        ["--time=30", "--nodes=1-2"],
+        ["--kimg", "0.008"],
+        MAX_NODES="2",
+    )
     missing = _submit(slurm, site, "missing", str(site["root"] / "no-such-dir"), [], [])
 
     # A missing DATA directory: exit 2 before any Ray starts.
@@ -151,6 +162,9 @@ def test_jobs_share_a_node_requeue_at_the_time_limit_and_refuse_missing_data(slu
     assert not (site["root"] / f"pof3d-{shared}.out").exists()
     assert "0 GPUs" in shared_log and not _head(shared_log)[0].startswith("127.")
     assert [t["images_seen"] for t in _ticks(runs / "shared")] == [4, 8]
+    assert "1 of up to 2 nodes: 1 workers, micro-batches of 2 images" in shared_log, shared_log[-4000:]
+    train = json.loads((runs / "shared" / "config.json").read_text())["train"]
+    assert (train["workers"], train["batch"], train["batch_gpu"]) == (1, 4, 2)
     assert _mlflow_steps(runs / "shared") == [4, 8]
     # Once training has exited, the job ends its Ray at once (no 30 s node drain) and frees the node.
     exited = re.search(r"(\d\d:\d\d:\d\d) pof3d.sbatch: training exited with status 0", shared_log).group(1)

@@ -16,8 +16,11 @@ Ray Train 2.60 does the resizing (``ScalingConfig(num_workers=(MIN, MAX))`` sele
   The loss counts against ``train.max_failures`` unless Ray saw it as a preemption (a drained node),
   which counts against Ray's own unlimited preemption budget.
 - **Every new group resumes from the run's newest checkpoint** (the worker's ``_resume``): what the old
-  group trained after it is trained again. Ray stops a group for a resize without warning it, so a grow
-  costs the work since the last snapshot; a preemption notice (``preemption.py``) checkpoints first.
+  group trained after it is trained again. Ray would stop a group for a resize without warning it; the
+  run's controller callback (``group_watch.py``) first asks it for a checkpoint after its step in
+  progress and waits for it (``train.resize_save_timeout_s``), so a grow redoes nothing. A node that
+  goes without notice cannot save (the work since the last snapshot is redone); a preemption notice
+  (``preemption.py``) checkpoints first.
 
 What the project adds: the global batch stays ``train.batch`` whatever the group's size
 (:mod:`pof3d.batch_split`); the data stream restarts at the checkpoint's images seen, split among the new
@@ -191,6 +194,7 @@ class GroupChange:
     restored_at: float  # when it had built the model and loaded the checkpoint
     resumed_images: int  # images seen at that checkpoint
     old_images: int  # images seen at the old group's last tick (the ticks after the checkpoint are redone)
+    saved_s: float | None = None  # the old group's checkpoint on its way down (a resize), notice to done
 
     @classmethod
     def at_start(cls, files: RunFiles, world: int, images_seen: int, begun_at: float) -> GroupChange | None:
@@ -209,6 +213,7 @@ class GroupChange:
             restored_at=time.time(),
             resumed_images=images_seen,
             old_images=max([int(t["images_seen"]) for t in ticks] + [images_seen]),
+            saved_s=float(record["saved_s"]) if isinstance(record.get("saved_s"), (int, float)) else None,
         )
 
     @property
@@ -232,11 +237,15 @@ class GroupChange:
             "group/first_step_s": now - first_batch_at,
             "group/redone_images": float(self.old_images - self.resumed_images),
         }
+        saved = ""
+        if self.saved_s is not None:
+            figures["group/save_s"] = self.saved_s
+            saved = f"; the old group checkpointed on its way down in {self.saved_s:.1f} s"
         logger.info(
             "worker group %s (%s): training again %.1f s after the old group stopped (group start %.1f s, "
             "model and checkpoint %.1f s, first batch %.1f s, first step %.1f s); resumed at kimg %.3f, "
             "%d images the old group trained after that checkpoint (as far as its ticks show) are "
-            "trained again",
+            "trained again%s",
             self.verb,
             self.cause,
             figures["group/restart_s"],
@@ -246,5 +255,6 @@ class GroupChange:
             figures["group/first_step_s"],
             self.resumed_images / 1000,
             self.old_images - self.resumed_images,
+            saved,
         )
         return figures

@@ -102,7 +102,7 @@ def launch(plan: RunPlan, callbacks: list[Any] = ()) -> LaunchResult:
             storage_filesystem=None if plan.root.is_local else fs,
             checkpoint_config=CheckpointConfig(num_to_keep=max(t.keep_checkpoints, 1)),
             failure_config=FailureConfig(max_failures=t.max_failures),
-            callbacks=[*callbacks, GroupWatch(plan.files)],
+            callbacks=[*callbacks, GroupWatch(plan.files, t.resize_save_timeout_s)],
             worker_runtime_env=worker_runtime_env(cfg),
             logging_config=train_logging_config(),
         ),

@@ -17,6 +17,11 @@ Two kinds of notice reach the training loop, and both are acted on after the ste
   checkpoint once, and training goes on; when the node is gone Ray Train restarts the group from that
   checkpoint (``FailureConfig.max_preemption_failures``, unlimited by default).
 
+A third kind asks for a checkpoint without a stop: before Ray Train stops a healthy group to resize it,
+the controller callback (:func:`checkpoint_before_resize`, called by ``group_watch.GroupWatch``) writes
+the notice file with ``"stop": false``, waits for the checkpoint and lets the resize go on; the new
+group resumes from it instead of the last snapshot.
+
 Rank 0 decides and, in a data-parallel run, broadcasts its answer at every step: a rank that stopped on
 its own would leave the others waiting in the next gradient all-reduce.
 """
@@ -36,6 +41,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pof3d.checkpoint import read_progress
+from pof3d.errors import CheckpointError
 from pof3d.run_files import WORKERS_DIR, RunFiles
 from pof3d.storage import Location
 
@@ -52,10 +59,12 @@ def notice_location(files: RunFiles) -> Location:
     return files.root / WORKERS_DIR / NOTICE_FILE
 
 
-def write_notice(files: RunFiles, reason: str) -> Location:
-    """Ask the run's workers to checkpoint and stop after their current step."""
+def write_notice(files: RunFiles, reason: str, stop: bool = True, kind: str = "preemption") -> Location:
+    """Ask the run's workers to checkpoint after their current step, and then to stop (``stop``) or to
+    train on."""
     location = notice_location(files)
-    location.write_text(json.dumps({"reason": reason, "at": time.time()}) + "\n")
+    record = {"reason": reason, "at": time.time(), "stop": stop, "kind": kind}
+    location.write_text(json.dumps(record) + "\n")
     return location
 
 
@@ -67,19 +76,53 @@ def clear_notice(files: RunFiles) -> None:
             fs.delete_file(path)
 
 
+def checkpoint_before_resize(
+    files: RunFiles, reason: str, timeout_s: float, poll_s: float = 0.5
+) -> float | None:
+    """Ask the running group for a checkpoint after its step in progress and wait until it is complete
+    in the run's storage (Ray Train's controller calls this before it stops the group for a resize).
+
+    Returns the seconds from the notice to the complete checkpoint, or None when none came within
+    ``timeout_s`` (the group is then stopped anyway, and the new one resumes from the last snapshot).
+    The group trains on meanwhile; only the resize waits.
+    """
+    before = _newest_images(files)
+    started = time.monotonic()
+    write_notice(files, reason, stop=False, kind="resize")
+    try:
+        while time.monotonic() - started < timeout_s:
+            if _newest_images(files) > before:
+                return time.monotonic() - started
+            time.sleep(poll_s)
+        return None
+    finally:
+        clear_notice(files)  # acted on, or too late: the next group must not take it
+
+
+def _newest_images(files: RunFiles) -> int:
+    try:
+        latest = files.latest_checkpoint()
+        return -1 if latest is None else int(read_progress(latest).get("images_seen", 0))
+    except (CheckpointError, OSError, ValueError, TypeError):  # storage briefly away: the next look
+        return -1
+
+
 @dataclass(frozen=True)
 class Notice:
     reason: str  # what sent it: "SIGUSR1", "node drain (...)"; the other ranks only know the kind
-    stop: bool  # True: the run stops after the checkpoint; False: one node goes, training goes on
+    stop: bool  # True: the run stops after the checkpoint; False: training goes on (a node or the group goes)
     given_at: float | None = None  # time.time() when it was written (rank 0, the file kind only)
+    kind: str = "preemption"  # or "resize": Ray Train is about to stop the group for a resize
 
     def log_checkpoint(self, images_seen: int) -> None:
         """Say what the notice did, and for a notice file how long it took from the notice to the
         checkpoint (the driver's signal handler writes the file: that is signal to checkpoint)."""
         after = f" {time.time() - self.given_at:.1f} s after the notice" if self.given_at else ""
-        then = "the run stops" if self.stop else "training goes on until the node goes"
+        goes = "the group is resized" if self.kind == "resize" else "the node goes"
+        then = "the run stops" if self.stop else f"training goes on until {goes}"
         logger.info(
-            "preemption notice (%s): checkpoint at kimg %.3f written%s; %s",
+            "%s notice (%s): checkpoint at kimg %.3f written%s; %s",
+            self.kind,
             self.reason,
             images_seen / 1000,
             after,
@@ -97,6 +140,7 @@ class NoticeWatch:
     def __init__(self, files: RunFiles, rank: int, poll_s: float = POLL_S) -> None:
         self.files, self.rank = files, rank
         self._file_notice: Notice | None = None
+        self._acknowledged_at: float | None = None  # the file notice acted on last (its "at")
         self._node_notice_taken = False
         self._closed = threading.Event()
         self._thread = None
@@ -109,7 +153,9 @@ class NoticeWatch:
     def check(self, world: int = 1, device: torch.device | str = "cpu") -> Notice | None:
         code, notice = _NONE, None
         if self.rank == 0:
-            notice = self._file_notice or self._node_notice()
+            notice = self._file_notice
+            if notice is None and (notice := self._node_notice()) is not None:
+                self._node_notice_taken = True  # once per group; a file notice leaves it for later
             code = _NONE if notice is None else (_RUN if notice.stop else _NODE)
         if world > 1:
             flag = torch.tensor([code], dtype=torch.int32, device=device)
@@ -119,14 +165,14 @@ class NoticeWatch:
             return None
         if notice is None:  # a rank other than 0
             notice = Notice(reason="rank 0's notice", stop=code == _RUN)
-        if not notice.stop:
-            self._node_notice_taken = True
         return notice
 
     def acknowledge(self) -> None:
-        """The notice was acted on: remove the file, so that the next start does not stop at once."""
+        """The notice was acted on: remove the file, so that the next start does not stop at once and a
+        notice without a stop is not taken twice; the poll goes on for the next one."""
         if self.rank == 0 and self._file_notice is not None:
             clear_notice(self.files)
+            self._acknowledged_at, self._file_notice = self._file_notice.given_at, None
 
     def close(self) -> None:
         self._closed.set()
@@ -143,12 +189,15 @@ class NoticeWatch:
                 continue
             record = record if isinstance(record, dict) else {}
             given_at = record.get("at")
+            given_at = float(given_at) if isinstance(given_at, (int, float)) else None
+            if self._file_notice is not None or (given_at is not None and given_at == self._acknowledged_at):
+                continue  # not acted on yet, or acted on and about to be removed
             self._file_notice = Notice(
                 reason=str(record.get("reason") or "notice file"),
-                stop=True,
-                given_at=float(given_at) if isinstance(given_at, (int, float)) else None,
+                stop=record.get("stop") is not False,  # a notice without the field is a stop
+                given_at=given_at,
+                kind=str(record.get("kind") or "preemption"),
             )
-            return
 
     def _node_notice(self) -> Notice | None:
         """Ray Train's mark of a node drain, taken once per worker group (a restarted group starts clean)."""
