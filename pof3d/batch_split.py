@@ -8,6 +8,15 @@ evenly as they divide. Every micro-batch therefore holds the same samples (and, 
 the same latents and noise) whatever the number of workers, which is what makes a run's trajectory
 independent of it. A worker's loss on a micro-batch is weighted by the micro-batch's share of the global
 batch, so an uneven deal (3 workers, batch 8) is exact, not rounded.
+
+An uneven deal turns with the step: at step ``s`` worker ``r`` takes the part dealt to position
+``(r + s) mod world``, so over any ``world`` consecutive steps every worker reads the same number of
+images. Each worker reads its own split of one Ray Data stream, which deals the splits equal rows; a
+worker that read fewer images at every step would fall further behind the others at each step until the
+stream, holding its unread rows, stalls the readers ahead of it (Ray's ``streaming_split``: "if one
+iterator falls behind, other iterators may be stalled"), and they wait for each other in the gradient
+all-reduce. Which worker computes a micro-batch does not change the step: its samples and seeds are
+those of its offset.
 """
 
 from __future__ import annotations
@@ -49,14 +58,15 @@ def check_split(batch: int, batch_gpu: int, min_workers: int, max_workers: int) 
     del min_workers  # every count up to max_workers divides at least as easily
 
 
-def micro_batches(batch: int, size: int, world: int, rank: int) -> list[MicroBatch]:
-    """The micro-batches worker ``rank`` of ``world`` processes, in order."""
+def micro_batches(batch: int, size: int, world: int, rank: int, step: int = 0) -> list[MicroBatch]:
+    """The micro-batches worker ``rank`` of ``world`` processes at ``step``, in order."""
     chunks = [MicroBatch(o, min(size, batch - o)) for o in range(0, batch, size)]
     per, extra = divmod(len(chunks), world)
-    start = rank * per + min(rank, extra)
-    return chunks[start : start + per + (1 if rank < extra else 0)]
+    position = (rank + step) % world  # the deal turns, so that every worker reads alike over world steps
+    start = position * per + min(position, extra)
+    return chunks[start : start + per + (1 if position < extra else 0)]
 
 
-def share(batch: int, size: int, world: int, rank: int) -> int:
-    """Images worker ``rank`` reads per step."""
-    return sum(m.size for m in micro_batches(batch, size, world, rank))
+def share(batch: int, size: int, world: int, rank: int, step: int = 0) -> int:
+    """Images worker ``rank`` reads at ``step``."""
+    return sum(m.size for m in micro_batches(batch, size, world, rank, step))

@@ -97,11 +97,17 @@ class Trainer:
         self.step = 0
         # Sized for the most workers the run may have, so that an elastic run's micro-batches (and so its
         # trajectory) stay the same when its worker group grows or shrinks.
-        size = micro_size(cfg.train.batch, cfg.train.batch_gpu, cfg.train.worker_range()[1])
-        self.micro: list[MicroBatch] = micro_batches(cfg.train.batch, size, self.world_size, self.rank)
-        self.share = sum(m.size for m in self.micro)  # images this worker reads per step
+        self.micro_size = micro_size(cfg.train.batch, cfg.train.batch_gpu, cfg.train.worker_range()[1])
+        self.micro: list[MicroBatch] = []  # this worker's micro-batches at the next step
+        self.share = 0  # the images it reads for the next step (an uneven deal turns with the step)
+        self._deal()
         if cfg.train.compile:
             self._compile()
+
+    def _deal(self) -> None:
+        batch = self.cfg.train.batch
+        self.micro = micro_batches(batch, self.micro_size, self.world_size, self.rank, self.step)
+        self.share = sum(m.size for m in self.micro)
 
     def _compile(self) -> None:
         """Compile the generator's convolution stacks in place (state-dict keys are unchanged).
@@ -161,6 +167,7 @@ class Trainer:
         update_ema(self.G_ema, self.G, training_ema_beta(self.cfg, batch, self.images_seen))
         self.images_seen += batch
         self.step += 1
+        self._deal()
         out = dict(zip(figures, torch.stack(list(figures.values())).tolist(), strict=True)) if figures else {}
         elapsed = time.perf_counter() - start
         out["blur_sigma"] = self.loss.blur_sigma(self.images_seen - batch)
@@ -319,6 +326,7 @@ class Trainer:
         self.opt_D.load_state_dict(state["opt_D"])
         self.images_seen = int(state["images_seen"])
         self.step = int(state["step"])
+        self._deal()
         self.seed = int(state.get("seed", self.seed))  # checkpoints before micro-batch seeding lack it
         set_rng_state(state["rng"])
         if self.world_size > 1:

@@ -3,6 +3,7 @@ workers whole, and a step gives the same losses and weights with 1, 2, 3 or 4 re
 
 from __future__ import annotations
 
+import itertools
 import socket
 
 import pytest
@@ -46,6 +47,18 @@ def test_micro_batches_are_slices_of_the_global_batch_dealt_whole() -> None:
     for world in (1, 2, 3, 4):
         every = [m for r in range(world) for m in micro_batches(8, 2, world, r)]
         assert every == micro_batches(8, 2, 1, 0)  # each image in exactly one micro-batch
+    # The uneven deal turns with the step: at step 1 worker 0 takes what worker 1 took at step 0, ...;
+    # every step still covers the batch once, and over 3 steps each worker reads 8 images.
+    assert [micro_batches(8, 3, 3, r, step=1) for r in range(3)] == [
+        [MicroBatch(3, 3)],
+        [MicroBatch(6, 2)],
+        [MicroBatch(0, 3)],
+    ]
+    for world, step in itertools.product((2, 3), range(4)):
+        every = sorted((m for r in range(world) for m in micro_batches(10, 3, world, r, step)), key=str)
+        assert every == sorted(micro_batches(10, 3, 1, 0), key=str)
+    assert [sum(share(8, 3, 3, r, s) for s in range(3)) for r in range(3)] == [8, 8, 8]
+    assert [sum(share(10, 2, 2, r, s) for s in range(2)) for r in range(2)] == [10, 10]
 
 
 @pytest.mark.parametrize(
@@ -86,12 +99,12 @@ def _run(trainer: Trainer) -> dict:
     """Two steps on this worker's slices of the same global batch: figures weighted by the share, the
     first step's averaged gradients (the last G and D phases'), the weights before and after."""
     real = _real()
-    mine = torch.cat([real[m.offset : m.offset + m.size] for m in trainer.micro])
     start = _weights(trainer)
     figures, grads = [], None
     for _ in range(STEPS):
+        mine, share = torch.cat([real[m.offset : m.offset + m.size] for m in trainer.micro]), trainer.share
         step = trainer.train_step(mine)
-        figures.append({k: v * trainer.share for k, v in step.items() if k.startswith(("loss/", "scores/"))})
+        figures.append({k: v * share for k, v in step.items() if k.startswith(("loss/", "scores/"))})
         if grads is None:  # a parameter without a gradient counts as zeros, as the all-reduce counts it
             nets = (trainer.G, trainer.D)
             grads = torch.cat(

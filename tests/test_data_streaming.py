@@ -141,20 +141,26 @@ def test_two_train_workers_see_every_row_once_per_epoch(ray_local, shard_set, tm
 
 @pytest.mark.slow
 def test_two_train_workers_share_a_multi_epoch_stream(ray_local, shard_set, tmp_path):
-    """As training runs it: 2 epochs per execution, Train's ingest options with preserve_order."""
+    """As training runs it: 2 epochs per execution, Train's ingest options with preserve_order, and an
+    uneven deal (batch 8 in micro-batches of 3: 6 and 2 images per step, turning with the step) read
+    through the training loop's StepFeed. Ray deals each worker's split the same rows, so a worker that
+    read 6 at every step would need a second execution that the other never starts, and wait forever."""
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     def _train_loop(config: dict) -> None:
         import ray.train
 
-        from pof3d.data.streaming import iter_train_batches
+        from pof3d.batch_split import share
+        from pof3d.data.streaming import StepFeed
 
         ctx = ray.train.get_context()
-        ids = [
-            i for b in iter_train_batches(ray.train.get_dataset_shard("train"), 8) for i in b["id"].tolist()
-        ]
-        (Path(config["out"]) / f"rank{ctx.get_world_rank()}.json").write_text(json.dumps(ids))
+        rank = ctx.get_world_rank()
+        feed = StepFeed(ray.train.get_dataset_shard("train"), share(8, 3, 2, rank))
+        ids = []
+        for step in range(2 * N_ROWS // 8):  # the two epochs, 8 images a step
+            ids.extend(feed.take(share(8, 3, 2, rank, step))["id"].tolist())
+        (Path(config["out"]) / f"rank{rank}.json").write_text(json.dumps(ids))
 
     TorchTrainer(
         _train_loop,

@@ -248,7 +248,7 @@ def _recorded_group(plan, workers: int, steps: int) -> list[list[list[int]]]:
     from ray.train import DataConfig
 
     from pof3d.batch_split import micro_size, share
-    from pof3d.data.streaming import ingest_options, iter_train_batches
+    from pof3d.data.streaming import StepFeed, ingest_options
     from pof3d.distributed.launcher import TrainStream
 
     t = plan.cfg.train
@@ -260,10 +260,9 @@ def _recorded_group(plan, workers: int, steps: int) -> list[list[list[int]]]:
     lockstep = threading.Barrier(workers)
 
     def worker(rank: int) -> None:
-        pull = share(t.batch, size, workers, rank)
-        batches = iter_train_batches(splits[rank]["train"], pull, drop_last=True)
-        for _ in range(steps):
-            taken[rank].append(next(batches)["id"].tolist())
+        feed = StepFeed(splits[rank]["train"], share(t.batch, size, workers, rank))
+        for step in range(steps):
+            taken[rank].append(feed.take(share(t.batch, size, workers, rank, step))["id"].tolist())
             lockstep.wait()
 
     threads = [threading.Thread(target=worker, args=(rank,)) for rank in range(workers)]

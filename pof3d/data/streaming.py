@@ -96,6 +96,46 @@ def iter_train_batches(
         raise DataError(str(original)) from exc
 
 
+class StepFeed:
+    """A worker's images for each step, as many as the step takes: an uneven deal of the global batch
+    turns with the step (pof3d/batch_split.py), so a worker's share changes from step to step, while a
+    Ray Data iterator hands out batches of one size. Batches of ``chunk`` images, execution after
+    execution of ``source``, are cut and joined to each request; a short last batch of an execution joins
+    the next request, so no image of the stream is skipped."""
+
+    def __init__(self, source: Any, chunk: int) -> None:
+        self.source, self.chunk = source, chunk
+        self._batches = self._endless()
+        self._held: dict[str, torch.Tensor] | None = None
+
+    def take(self, count: int) -> dict[str, torch.Tensor]:
+        """The next ``count`` images of this worker's stream (``iter_train_batches``' columns)."""
+        import torch
+
+        parts, got = [], 0
+        while got < count:
+            if self._held is None:
+                self._held = next(self._batches)
+            held = self._held
+            n = min(count - got, len(held["image"]))
+            parts.append({k: v[:n] for k, v in held.items()})
+            self._held = {k: v[n:] for k, v in held.items()} if n < len(held["image"]) else None
+            got += n
+        if len(parts) == 1:
+            return parts[0]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def _endless(self) -> Iterator[dict[str, torch.Tensor]]:
+        # One pass of the loop is one execution, which holds several epochs on small sets.
+        while True:
+            empty = True
+            for batch in iter_train_batches(self.source, self.chunk):
+                empty = False
+                yield batch
+            if empty:
+                raise DataError("the training data yields no images for this worker")
+
+
 def _data_error_in(exc: BaseException) -> DataError | None:
     """The project's ``DataError`` raised in a Ray task, found through Ray's wrappers (a read task's
     ``RayTaskError``, re-raised by Ray Train's split coordinator), or None."""

@@ -13,7 +13,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch
 from pof3d.checkpoint import load_checkpoint, read_progress, save_checkpoint
 from pof3d.config import Config
 from pof3d.console import quiet_train_worker
-from pof3d.data.streaming import iter_train_batches
+from pof3d.data.streaming import StepFeed
 from pof3d.distributed.elastic import GroupChange
 from pof3d.distributed.plan import RunPlan
 from pof3d.distributed.preemption import Notice, NoticeWatch
@@ -86,8 +85,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     target = int(round(cfg.train.kimg * 1000))
     # Whole micro-batches of the global batch (pof3d/batch_split.py): with an uneven deal, workers read
-    # different numbers of images per step.
-    batches = _endless_batches(ray.train.get_dataset_shard("train"), trainer.share)
+    # different numbers of images per step, turning with the step.
+    feed = StepFeed(ray.train.get_dataset_shard("train"), trainer.share)
     true_poses: list[np.ndarray] = []
     meter = TickMeter(target_images=target)
     next_tick = next_boundary(trainer.images_seen, cfg.train.tick_kimg)
@@ -100,7 +99,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     while stop_reason is None and trainer.images_seen < target:
         started = time.perf_counter()
         try:
-            batch, data_error = next(batches), None
+            batch, data_error = feed.take(trainer.share), None
         except DataError as exc:  # damaged data: retrying the worker would fail the same way again
             batch, data_error = None, str(exc)
         data_error = _first_data_error(data_error, world, device)
@@ -248,18 +247,6 @@ def _images_seen(checkpoint: Location) -> int:
         return int(read_progress(checkpoint).get("images_seen", 0))
     except (CheckpointError, ValueError, TypeError):
         return -1
-
-
-def _endless_batches(shard: Any, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Epoch after epoch of full batches from this worker's shard of the streaming dataset (one pass of
-    the loop is one execution, which holds several epochs on small sets); images float32 in [-1, 1]."""
-    while True:
-        empty = True
-        for batch in iter_train_batches(shard, batch_size, drop_last=True):
-            empty = False
-            yield batch
-        if empty:
-            raise TrainingError(f"the training data yields no full batch of {batch_size} images per worker")
 
 
 def _first_data_error(message: str | None, world: int, device: torch.device) -> str | None:
