@@ -17,7 +17,7 @@ from typing import Any
 
 from pof3d.batch_split import check_split
 from pof3d.config_choices import check_choices
-from pof3d.config_fields import valid_fields
+from pof3d.config_fields import coerce_value, valid_fields
 from pof3d.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -282,47 +282,6 @@ def _section(cfg: Config, name: str) -> Any:
     return getattr(cfg, name)
 
 
-def _coerce(value: Any, kind: Any, where: str) -> Any:
-    """Turn a JSON value or an override string into the field's declared type."""
-    origin = typing.get_origin(kind)
-    if origin is tuple:
-        args = typing.get_args(kind)
-        if isinstance(value, str):
-            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} comma-separated values, got {value!r}")
-        return tuple(_coerce(v, a, where) for v, a in zip(value, args, strict=True))
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{where}: expected a boolean (true/false), got {value!r}")
-    if kind is int:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        try:
-            return int(str(value).strip()) if isinstance(value, str) else int(value)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from exc
-    if kind is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            number = float(value)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from exc
-        if not math.isfinite(number):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-        return number
-    if kind is str:
-        return str(value)
-    raise ConfigError(f"{where}: unsupported field type {kind!r}")
-
-
 def _set_field(section: Any, section_name: str, name: str, raw: Any) -> None:
     hints = typing.get_type_hints(type(section))
     removed = REMOVED_FIELDS.get(f"{section_name}.{name}")
@@ -330,7 +289,7 @@ def _set_field(section: Any, section_name: str, name: str, raw: Any) -> None:
         raise ConfigError(f"{section_name}.{name} was removed: {removed}")
     if name not in hints:
         raise ConfigError(f"unknown field {section_name}.{name}; {valid_fields(Config(), section_name)}")
-    setattr(section, name, _coerce(raw, hints[name], f"{section_name}.{name}"))
+    setattr(section, name, coerce_value(raw, hints[name], f"{section_name}.{name}"))
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

@@ -1,4 +1,5 @@
-"""The configuration's fields as users look them up: dotted path, type, value and the doc line.
+"""The configuration's fields as users look them up (dotted path, type, value and the doc line) and set
+them (:func:`coerce_value` reads a ``--set`` string or a JSON value as the field's type).
 
 Each field of the config dataclasses (:mod:`pof3d.config`) is documented where it is defined, by a
 ``#:`` comment after it on its line or on the lines just above it (the attribute-comment form Sphinx's
@@ -14,6 +15,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import math
 import re
 import shutil
 import textwrap
@@ -129,3 +131,44 @@ def _value_text(value: Any) -> str:
     if isinstance(value, tuple):
         return ",".join(_value_text(v) for v in value)
     return '""' if value == "" else str(value)
+
+
+def coerce_value(value: Any, kind: Any, where: str) -> Any:
+    """Turn a JSON value or a ``--set`` string into a field's declared type; ``where`` names the field."""
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        args = typing.get_args(kind)
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} comma-separated values, got {value!r}")
+        return tuple(coerce_value(v, a, where) for v, a in zip(value, args, strict=True))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected a boolean (true/false), got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(str(value).strip()) if isinstance(value, str) else int(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from exc
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from exc
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
+    if kind is str:
+        return str(value)
+    raise ConfigError(f"{where}: unsupported field type {kind!r}")

@@ -99,6 +99,20 @@ def close_parent(
     client.set_terminated(run_id, status=status)
 
 
+def close_stopped_children(uri: str, experiment: str, parent: str) -> None:
+    """Trials stopped early by ASHA end without closing their run; mark those runs KILLED."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        client.set_terminated(run.info.run_id, status="KILLED")
+
+
 def _log_table(client: MlflowClient, run_id: str, table: Table) -> None:
     """``results_table.json``, which the UI shows as a table (and can line up across runs).
 

@@ -272,7 +272,7 @@ def run_study(
     if found is not None:
         table = ranked(table, records, found)
     if finished:
-        _close_stopped_children(mlflow_uri, request.experiment, parent)
+        mlflow_wiring.close_stopped_children(mlflow_uri, request.experiment, parent)
     with tempfile.TemporaryDirectory(prefix="pof3d-study-") as tmp:
         local = list(table.write(Path(tmp)))
         if found is not None:
@@ -388,19 +388,3 @@ def _records(grid: Any, cfg: Config) -> list[TrialRecord]:
             )
         )
     return records
-
-
-def _close_stopped_children(uri: str, experiment: str, parent: str) -> None:
-    """Trials stopped early by ASHA end without closing their run; mark those runs KILLED."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return
-    runs = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'",
-    )
-    for run in runs:
-        client.set_terminated(run.info.run_id, status="KILLED")
