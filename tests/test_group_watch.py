@@ -67,7 +67,7 @@ def test_a_resize_waits_for_the_running_groups_checkpoint_then_stops_it(tmp_path
                 taken.append(notice)
                 path = files.checkpoints.local_path / f"checkpoint-kimg{images / 1000:07.3f}"
                 save_checkpoint(path, {}, cfg, {"images_seen": images})
-                rank0.acknowledge()
+                rank0.acknowledge(notice)
 
     group = threading.Thread(target=train, daemon=True)
     group.start()
@@ -86,7 +86,7 @@ def test_a_resize_waits_for_the_running_groups_checkpoint_then_stops_it(tmp_path
     grown = read_group_record(files)
     assert grown["cause"] == "resize" and 0 < grown["saved_s"] < 30
     assert read_progress(files.latest_checkpoint())["images_seen"] > 8
-    assert not notice_location(files).is_file()
+    assert not notice_location(files, "resize").is_file()
     # Nobody answers (a group stuck in a long evaluation): the resize goes on after the timeout, and
     # the notice is not left for the next group.
     watch = GroupWatch(files, resize_save_timeout_s=0.3)
@@ -95,7 +95,7 @@ def test_a_resize_waits_for_the_running_groups_checkpoint_then_stops_it(tmp_path
     watch.after_controller_state_update(RunningState(), ResizingState(_decision(1)))
     caplog.set_level("WARNING", logger="pof3d.distributed.group_watch")
     watch.before_controller_execute_resize_decision(_decision(1))
-    assert read_group_record(files)["saved_s"] is None and not notice_location(files).is_file()
+    assert read_group_record(files)["saved_s"] is None and not notice_location(files, "resize").is_file()
     assert "within train.resize_save_timeout_s=0.3 s before the resize from 2 to 1" in caplog.text
 
 

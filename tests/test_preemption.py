@@ -48,7 +48,7 @@ def test_a_notice_file_reaches_rank_0_and_is_removed_once_acted_on(tmp_path) -> 
         write_notice(files, "maintenance")
         notice = _wait(watch.check, 5, "the notice")
         assert notice.stop and notice.reason == "maintenance" and abs(notice.given_at - written) < 1
-        watch.acknowledge()
+        watch.acknowledge(notice)
         assert not notice_location(files).is_file()
     finally:
         watch.close()
@@ -59,20 +59,30 @@ def test_a_notice_file_reaches_rank_0_and_is_removed_once_acted_on(tmp_path) -> 
     assert other.check() is None and other._thread is None
 
 
-def test_a_notice_without_a_stop_is_taken_once_and_the_next_one_is_seen(tmp_path) -> None:
+def test_a_resize_notice_is_taken_once_and_a_stop_outranks_it_without_being_lost(tmp_path) -> None:
     files = RunFiles(Location.parse(tmp_path / "run"))
     watch = NoticeWatch(files, rank=0, poll_s=0.05)
     try:
         for reason in ("resize from 1 to 2 workers", "resize from 2 to 1 workers"):
-            write_notice(files, reason, stop=False, kind="resize")
+            write_notice(files, reason, kind="resize")
             notice = _wait(watch.check, 5, "the notice")
             assert (notice.reason, notice.stop, notice.kind) == (reason, False, "resize")
-            watch.acknowledge()
+            watch.acknowledge(notice)
             time.sleep(0.3)  # several polls: the acted-on notice is not taken again
-            assert watch.check() is None and not notice_location(files).is_file()
-        # A notice file of an older writer (no "stop" field) still stops the run.
-        notice_location(files).write_text(json.dumps({"reason": "operator", "at": time.time()}))
-        assert _wait(watch.check, 5, "the old-style notice").stop
+            assert watch.check() is None and not notice_location(files, "resize").is_file()
+        # A stop arrives while the loop acts on a resize notice: it is neither overwritten by the resize
+        # notice nor removed with it, and it is the next notice taken.
+        write_notice(files, "resize from 2 to 3 workers", kind="resize")
+        resize = _wait(watch.check, 5, "the resize notice")
+        write_notice(files, "SIGUSR1")
+        stop = _wait(lambda: (n := watch.check()) is not None and n.stop and n, 5, "the stop")
+        watch.acknowledge(resize)
+        assert notice_location(files).is_file() and not notice_location(files, "resize").is_file()
+        assert watch.check() is stop
+        # A notice file of an older writer (no fields) still stops the run.
+        watch.acknowledge(stop)
+        notice_location(files).write_text("{}")
+        assert _wait(watch.check, 5, "the bare notice").stop
     finally:
         watch.close()
 

@@ -19,8 +19,9 @@ Two kinds of notice reach the training loop, and both are acted on after the ste
 
 A third kind asks for a checkpoint without a stop: before Ray Train stops a healthy group to resize it,
 the controller callback (:func:`checkpoint_before_resize`, called by ``group_watch.GroupWatch``) writes
-the notice file with ``"stop": false``, waits for the checkpoint and lets the resize go on; the new
-group resumes from it instead of the last snapshot.
+``ROOT/workers/resize-notice.json``, waits for the checkpoint and lets the resize go on; the new group
+resumes from it instead of the last snapshot. Each kind has its own file, so a stop that comes while a
+resize notice is pending is neither overwritten nor removed with it, and it is acted on first.
 
 Rank 0 decides and, in a data-parallel run, broadcasts its answer at every step: a rank that stopped on
 its own would leave the others waiting in the next gradient all-reduce.
@@ -48,28 +49,31 @@ from pof3d.storage import Location
 
 logger = logging.getLogger(__name__)
 
-NOTICE_FILE = "preemption-notice.json"
+# ROOT/workers/{kind}-notice.json, one file per kind so that neither overwrites or removes the other; a
+# stop (preemption) outranks a checkpoint for a resize.
+KINDS = ("preemption", "resize")
 POLL_S = 1.0  # how often rank 0 looks for the notice file: a stat locally, one HEAD request on S3
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _NONE, _NODE, _RUN = 0, 1, 2  # what the broadcast code says
 
 
-def notice_location(files: RunFiles) -> Location:
-    return files.root / WORKERS_DIR / NOTICE_FILE
+def notice_location(files: RunFiles, kind: str = "preemption") -> Location:
+    if kind not in KINDS:
+        raise ValueError(f"notice kind {kind!r}: expected one of {', '.join(KINDS)}")
+    return files.root / WORKERS_DIR / f"{kind}-notice.json"
 
 
-def write_notice(files: RunFiles, reason: str, stop: bool = True, kind: str = "preemption") -> Location:
-    """Ask the run's workers to checkpoint after their current step, and then to stop (``stop``) or to
-    train on."""
-    location = notice_location(files)
-    record = {"reason": reason, "at": time.time(), "stop": stop, "kind": kind}
-    location.write_text(json.dumps(record) + "\n")
+def write_notice(files: RunFiles, reason: str, kind: str = "preemption") -> Location:
+    """Ask the run's workers to checkpoint after their current step, and then to stop (a preemption
+    notice) or to train on (a resize notice)."""
+    location = notice_location(files, kind)
+    location.write_text(json.dumps({"reason": reason, "at": time.time()}) + "\n")
     return location
 
 
-def clear_notice(files: RunFiles) -> None:
-    location = notice_location(files)
+def clear_notice(files: RunFiles, kind: str = "preemption") -> None:
+    location = notice_location(files, kind)
     if location.is_file():
         fs, path = location.fs()
         with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another process
@@ -88,7 +92,7 @@ def checkpoint_before_resize(
     """
     before = _newest_images(files)
     started = time.monotonic()
-    write_notice(files, reason, stop=False, kind="resize")
+    write_notice(files, reason, kind="resize")
     try:
         while time.monotonic() - started < timeout_s:
             if _newest_images(files) > before:
@@ -96,7 +100,7 @@ def checkpoint_before_resize(
             time.sleep(poll_s)
         return None
     finally:
-        clear_notice(files)  # acted on, or too late: the next group must not take it
+        clear_notice(files, "resize")  # acted on, or too late: the next group must not take it
 
 
 def _newest_images(files: RunFiles) -> int:
@@ -140,7 +144,7 @@ class NoticeWatch:
     def __init__(self, files: RunFiles, rank: int, poll_s: float = POLL_S) -> None:
         self.files, self.rank = files, rank
         self._file_notice: Notice | None = None
-        self._acknowledged_at: float | None = None  # the file notice acted on last (its "at")
+        self._acknowledged: dict[str, float | None] = {}  # per kind, the "at" of the notice acted on last
         self._node_notice_taken = False
         self._closed = threading.Event()
         self._thread = None
@@ -167,37 +171,39 @@ class NoticeWatch:
             notice = Notice(reason="rank 0's notice", stop=code == _RUN)
         return notice
 
-    def acknowledge(self) -> None:
-        """The notice was acted on: remove the file, so that the next start does not stop at once and a
-        notice without a stop is not taken twice; the poll goes on for the next one."""
-        if self.rank == 0 and self._file_notice is not None:
-            clear_notice(self.files)
-            self._acknowledged_at, self._file_notice = self._file_notice.given_at, None
+    def acknowledge(self, notice: Notice) -> None:
+        """``notice`` (what :meth:`check` returned) was acted on: remove its file, so that the next start
+        does not stop at once and a resize notice is not taken twice; the poll goes on for the next one
+        (a stop that arrived meanwhile stays)."""
+        if self.rank != 0 or (notice is not self._file_notice and notice.given_at is None):
+            return  # another rank, or Ray's node notice: no file
+        clear_notice(self.files, notice.kind)
+        self._acknowledged[notice.kind] = notice.given_at
+        if self._file_notice is notice:
+            self._file_notice = None
 
     def close(self) -> None:
         self._closed.set()
 
     def _poll(self, poll_s: float) -> None:
-        location = notice_location(self.files)
         while not self._closed.wait(poll_s):
-            try:
-                if not location.is_file():
+            for kind in KINDS:  # the stop first
+                pending = self._file_notice
+                if pending is not None and (pending.stop or pending.kind == kind):
+                    continue  # not acted on yet; only a stop may take a resize notice's place
+                record = _read_notice(notice_location(self.files, kind))
+                if record is None:
                     continue
-                record = json.loads(location.read_text() or "{}")
-            except (OSError, ValueError) as exc:  # half written, or storage briefly unreachable: next poll
-                logger.debug("reading %s: %s", location, exc)
-                continue
-            record = record if isinstance(record, dict) else {}
-            given_at = record.get("at")
-            given_at = float(given_at) if isinstance(given_at, (int, float)) else None
-            if self._file_notice is not None or (given_at is not None and given_at == self._acknowledged_at):
-                continue  # not acted on yet, or acted on and about to be removed
-            self._file_notice = Notice(
-                reason=str(record.get("reason") or "notice file"),
-                stop=record.get("stop") is not False,  # a notice without the field is a stop
-                given_at=given_at,
-                kind=str(record.get("kind") or "preemption"),
-            )
+                given_at = record.get("at")
+                given_at = float(given_at) if isinstance(given_at, (int, float)) else None
+                if given_at is not None and given_at == self._acknowledged.get(kind):
+                    continue  # acted on, and about to be removed
+                self._file_notice = Notice(
+                    reason=str(record.get("reason") or "notice file"),
+                    stop=kind == "preemption",
+                    given_at=given_at,
+                    kind=kind,
+                )
 
     def _node_notice(self) -> Notice | None:
         """Ray Train's mark of a node drain, taken once per worker group (a restarted group starts clean)."""
@@ -212,6 +218,17 @@ class NoticeWatch:
             else ""
         )
         return Notice(reason=f"node drain for ranks {info.preempted_ranks}{deadline}", stop=False)
+
+
+def _read_notice(location: Location) -> dict | None:
+    try:
+        if not location.is_file():
+            return None
+        record = json.loads(location.read_text() or "{}")
+    except (OSError, ValueError) as exc:  # half written, or storage briefly unreachable: the next poll
+        logger.debug("reading %s: %s", location, exc)
+        return None
+    return record if isinstance(record, dict) else {}
 
 
 def _ray_preemption_info():
@@ -237,7 +254,8 @@ def notices_from_signals(files: RunFiles) -> Iterator[None]:
     that never acted on it is removed first. Handlers can only be installed from the main thread (a Tune
     trial runs elsewhere): there, nothing changes.
     """
-    clear_notice(files)
+    for kind in KINDS:
+        clear_notice(files, kind)
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -168,7 +168,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         _report(trainer, plan, metrics, tick, snapshot, done, rank, tracker, true_poses, notice)
         if notice is not None and rank == 0:
             notice.log_checkpoint(trainer.images_seen)
-            notices.acknowledge()
+            notices.acknowledge(notice)
     if rank == 0:
         ended = f"stopped: {stop_reason}" if stop_reason else f"reached kimg {trainer.images_seen / 1000:.3f}"
         logger.info("training %s after %d ticks", ended, tick)
