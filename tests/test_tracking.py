@@ -117,8 +117,14 @@ def test_calls_made_while_the_server_is_away_are_kept_or_back_filled(server, tmp
         tracker.log_metrics(_append_tick(path, step), step=step)
     assert time.monotonic() - started < 1.0, "logging waited for the server"
     _wait_for(lambda: any("not answering" in r.getMessage() for r in caplog.records), 60, "the warning")
+    # The run's end is queued while the server is still away (it takes the place of one more tick): the
+    # finish waits in a thread, and the server comes back only then, so the sender's next retry cannot
+    # get the kept calls through before the end is queued.
+    finishing = threading.Thread(target=tracker.finish, kwargs={"timeout_s": 120})
+    finishing.start()
+    _wait_for(lambda: tracker._sender._dropped["metrics"] == 4, 60, "the end in the queue")
     server.start()
-    tracker.finish(timeout_s=120)
+    finishing.join(150)
     assert _steps(server.uri, run_id) == [4, 8, 12, 16, 20, 24]  # each tick exactly once
     run = MlflowClient(server.uri).get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["while_away"] == "yes"
