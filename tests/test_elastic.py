@@ -263,14 +263,15 @@ def test_an_elastic_run_grows_to_two_workers_when_a_node_joins(elastic_run) -> N
     assert grown["group/previous_workers"] == 1 and grown["group/redone_images"] >= 0
     assert 0 < grown["group/start_s"] < grown["group/restart_s"]
     assert "worker group grew from 1 to 2 workers (resize): training again" in run["logs"]
-    # Before the resize stopped it, the single worker checkpointed after its step in progress, and the
-    # grown group resumed from that checkpoint.
-    (saved,) = re.findall(
-        r"resize notice \(resize from 1 to 2 workers\): checkpoint at kimg ([\d.]+)", run["logs"]
-    )
-    grown_from = {k for _, k in run["resumes"] if 0 < k * 1000 < grown["images_seen"]}  # each rank says it
-    assert grown_from == {float(saved)} and float(saved) * 1000 > run["grow_after_checkpoint"], run["resumes"]
+    # Before the resize stopped it, the single worker checkpointed after its step in progress (the
+    # controller recorded how long that took), and the grown group resumed from that checkpoint, newer
+    # than the first. The old worker's own log line of it may be lost: Ray stops its process right after.
     assert 0 < grown["group/save_s"] < 120
+    grown_from = {k for _, k in run["resumes"] if 0 < k * 1000 < grown["images_seen"]}  # each rank says it
+    assert len(grown_from) == 1 and min(grown_from) * 1000 > run["grow_after_checkpoint"], run["resumes"]
+    notice = r"resize notice \(resize from 1 to 2 workers\): checkpoint at kimg ([\d.]+)"
+    saved = re.findall(notice, run["logs"])
+    assert {float(k) for k in saved} <= grown_from, (saved, run["resumes"])
     # The two workers ran on the two worker nodes.
     assert {w["node"] for w in run["two_workers"].values()} == {run["first_node"], run["second_node"]}
 
