@@ -269,6 +269,14 @@ def find_latest(root: Location) -> Location | None:
     return best[1] if best else None
 
 
+def images_seen(checkpoint: Location) -> int:
+    """``images_seen`` of a checkpoint's ``progress.json``; -1 where it cannot be read."""
+    try:
+        return int(read_progress(checkpoint).get("images_seen", 0))
+    except (CheckpointError, ValueError, TypeError):
+        return -1
+
+
 def read_progress(checkpoint: Location) -> dict:
     """``progress.json`` of a checkpoint (local or remote) without reading its state."""
     try:

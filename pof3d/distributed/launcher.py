@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pof3d.checkpoint import read_progress
+from pof3d.checkpoint import images_seen
 from pof3d.config import Config
 from pof3d.console import quiet_dataset, train_logging_config, verbose
 from pof3d.data.streaming import ingest_options, make_dataset
@@ -23,7 +23,6 @@ from pof3d.distributed.plan import RunPlan
 from pof3d.distributed.progress import deadline
 from pof3d.distributed.resources import check_resources
 from pof3d.distributed.worker import train_loop_per_worker
-from pof3d.errors import CheckpointError
 from pof3d.host_memory import retaining_env
 from pof3d.run_files import CHECKPOINTS_DIR, RunFiles
 from pof3d.storage import Location
@@ -161,12 +160,5 @@ class TrainStream:
 def resume_images(files: RunFiles, resume_from: Location | None) -> int:
     """Images seen at the checkpoint a starting worker group resumes from: the most advanced of the run's
     newest checkpoint and ``--resume``'s, the rule of the worker's ``_resume``; 0 for a fresh start."""
-    seen = [0]
-    for checkpoint in (files.latest_checkpoint(), resume_from):
-        if checkpoint is None:
-            continue
-        try:
-            seen.append(int(read_progress(checkpoint).get("images_seen", 0)))
-        except (CheckpointError, ValueError, TypeError):
-            continue
-    return max(seen)
+    candidates = [c for c in (files.latest_checkpoint(), resume_from) if c is not None]
+    return max([0] + [images_seen(c) for c in candidates])

@@ -42,8 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pof3d.checkpoint import read_progress
-from pof3d.errors import CheckpointError
+from pof3d.checkpoint import images_seen
 from pof3d.run_files import WORKERS_DIR, RunFiles
 from pof3d.storage import Location
 
@@ -106,9 +105,9 @@ def checkpoint_before_resize(
 def _newest_images(files: RunFiles) -> int:
     try:
         latest = files.latest_checkpoint()
-        return -1 if latest is None else int(read_progress(latest).get("images_seen", 0))
-    except (CheckpointError, OSError, ValueError, TypeError):  # storage briefly away: the next look
+    except OSError:  # storage briefly away: the next look
         return -1
+    return -1 if latest is None else images_seen(latest)
 
 
 @dataclass(frozen=True)

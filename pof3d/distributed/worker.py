@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pof3d.checkpoint import load_checkpoint, read_progress, save_checkpoint
+from pof3d.checkpoint import images_seen, load_checkpoint, save_checkpoint
 from pof3d.config import Config
 from pof3d.console import quiet_train_worker
 from pof3d.data.streaming import StepFeed
@@ -28,7 +28,7 @@ from pof3d.distributed.plan import RunPlan
 from pof3d.distributed.preemption import Notice, NoticeWatch
 from pof3d.distributed.progress import TickMeter, TimeLimit, device_memory, next_boundary, progress_line
 from pof3d.distributed.snapshot_figures import pose_plot, sample_grid
-from pof3d.errors import CheckpointError, DataError, TrainingError
+from pof3d.errors import DataError, TrainingError
 from pof3d.loop import Trainer
 from pof3d.metrics import evaluate_generator
 from pof3d.metrics.spread import distributed_spread
@@ -234,19 +234,12 @@ def _resume(trainer: Any, files: RunFiles, resume_from: Location | None, device:
     candidates = [c for c in (files.latest_checkpoint(), resume_from) if c is not None]
     if not candidates:
         return {}
-    source = max(candidates, key=_images_seen)  # ties keep the earlier candidate
+    source = max(candidates, key=images_seen)  # ties keep the earlier candidate
     with tempfile.TemporaryDirectory(prefix="pof3d-resume-") as scratch:
         _, state, progress = load_checkpoint(as_local_dir(source, Path(scratch)), map_location=device)
     trainer.load_state_dict(state)
     logger.info("resumed from %s at kimg %.3f", source, trainer.images_seen / 1000)
     return progress
-
-
-def _images_seen(checkpoint: Location) -> int:
-    try:
-        return int(read_progress(checkpoint).get("images_seen", 0))
-    except (CheckpointError, ValueError, TypeError):
-        return -1
 
 
 def _first_data_error(message: str | None, world: int, device: torch.device) -> str | None:
