@@ -254,6 +254,33 @@ def test_parent_and_child_runs(tmp_path: Path) -> None:
     assert saved["data"] == [["full", 0.2], ["no_symmetry", 0.5]]
 
 
+def test_trials_stopped_early_are_killed_with_a_reason_and_failed_trials_stay_failed(tmp_path: Path) -> None:
+    """A stopped trial's run ends FAILED or RUNNING depending on how Tune's stop reached it; the study
+    marks both KILLED, and leaves a trial that really failed, and one that finished, as they are."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = mlflow_wiring.open_parent(uri, "studies", "search-1", {"mode": "search"})
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("studies").experiment_id
+    ends = {"stopped-a": "FAILED", "stopped-b": None, "failed": "FAILED", "done": "FINISHED", "lost": None}
+    runs = {}
+    for trial, status in ends.items():
+        runs[trial] = client.create_run(exp, tags=mlflow_wiring.child_tags(parent, "search-1", "x", trial))
+        if status:
+            client.set_terminated(runs[trial].info.run_id, status=status)
+    mlflow_wiring.close_stopped_children(uri, "studies", parent, {"stopped-a", "stopped-b"})
+    after = {trial: client.get_run(run.info.run_id) for trial, run in runs.items()}
+    statuses = {trial: run.info.status for trial, run in after.items()}
+    assert statuses == {
+        "stopped-a": "KILLED",
+        "stopped-b": "KILLED",
+        "failed": "FAILED",
+        "done": "FINISHED",
+        "lost": "KILLED",  # still RUNNING when the study ended: its process is gone
+    }
+    reasons = {trial for trial, run in after.items() if "ASHA" in run.data.tags.get("stop_reason", "")}
+    assert reasons == {"stopped-a", "stopped-b"}
+
+
 def test_studies_honour_mlflow_tracking_uri(tmp_path: Path, monkeypatch) -> None:
     study = Location.parse(tmp_path / "study")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")

@@ -99,18 +99,28 @@ def close_parent(
     client.set_terminated(run_id, status=status)
 
 
-def close_stopped_children(uri: str, experiment: str, parent: str) -> None:
-    """Trials stopped early by ASHA end without closing their run; mark those runs KILLED."""
+def close_stopped_children(uri: str, experiment: str, parent: str, stopped: set[str]) -> None:
+    """Mark the runs of the trials the scheduler stopped early (trial ids in ``stopped``) ``KILLED``,
+    with a ``stop_reason``, and any child still ``RUNNING`` ``KILLED`` too.
+
+    A stopped trial's run ends one of two ways, depending on whether Tune's stop reaches the training
+    code as an exception first (the run is then marked ``FAILED`` on the way out) or ends its process
+    (the run stays ``RUNNING``); neither says what happened. A trial that failed keeps ``FAILED``.
+    """
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return
     runs = client.search_runs(
         [exp.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'",
+        filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status != 'FINISHED'",
     )
     for run in runs:
-        client.set_terminated(run.info.run_id, status="KILLED")
+        early = run.data.tags.get(TRIAL_TAG) in stopped
+        if early:
+            client.set_tag(run.info.run_id, "stop_reason", "stopped early by the study's scheduler (ASHA)")
+        if early or run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def _log_table(client: MlflowClient, run_id: str, table: Table) -> None:

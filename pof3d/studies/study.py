@@ -272,7 +272,8 @@ def run_study(
     if found is not None:
         table = ranked(table, records, found)
     if finished:
-        mlflow_wiring.close_stopped_children(mlflow_uri, request.experiment, parent)
+        stopped = {r.trial_id for r in records if r.status == "stopped early"}
+        mlflow_wiring.close_stopped_children(mlflow_uri, request.experiment, parent, stopped)
     with tempfile.TemporaryDirectory(prefix="pof3d-study-") as tmp:
         local = list(table.write(Path(tmp)))
         if found is not None:
