@@ -25,16 +25,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from micro_config import MICRO
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-# A 32 px model, one tick of 4 images: the job's wiring is what is tested, not the model.
-SETS = [
-    "model.image_resolution=32", "data.resolution=32", "data.synthetic_n=32", "model.neural_resolution=16",
-    "model.triplane_resolution=16", "model.channel_max=32", "model.disc_channel_max=32",
-    "model.depth_samples=6", "model.importance_samples=6", "train.tick_kimg=0.004",
-]  # fmt: skip
 BIN = Path(sys.executable).parent
 
 
@@ -128,7 +123,7 @@ def test_job_submission_runs_training_and_logs_ticks(ray_head, tmp_path) -> None
         env, "submit", "--address", address, "--submission-id", job_id, "--no-wait",
         "--runtime-env", "cluster/runtime_env.yaml", "--working-dir", ".",
         "--", "python", "-m", "pof3d.train", "--kimg", "0.004", "--batch", "4", "--run-dir", str(run_dir),
-        *[arg for item in SETS for arg in ("--set", item)],
+        *[arg for item in MICRO for arg in ("--set", item)],
     )  # fmt: skip
     deadline = time.monotonic() + 300
     status = ""
