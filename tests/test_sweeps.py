@@ -20,7 +20,7 @@ from pof3d.errors import ConfigError
 from pof3d.presets import load_config, preset
 from pof3d.storage import Location
 from pof3d.studies import mlflow_wiring
-from pof3d.studies.resources import TrialFootprint, plan_concurrency
+from pof3d.studies.resources import TrialFootprint, plan_concurrency, trial_cpu_threads
 from pof3d.studies.results import Table, TrialRecord, build_table, variant_metrics
 from pof3d.studies.space import load_space
 from pof3d.studies.variants import VARIANTS, parse_variants, variant_overrides
@@ -170,6 +170,23 @@ def test_concurrency_follows_the_machine() -> None:
     assert plan_concurrency(tiny, {"CPU": 16.0}, None, trials=3) == 3
 
 
+def test_concurrent_cpu_trials_share_a_nodes_cores_instead_of_each_taking_them_all() -> None:
+    tiny = preset("tiny")  # 1 worker x 0.5 CPU + 1 CPU for Ray Data: 1.5 CPU a trial
+    # Ten trials fit on a 16-core node: one thread each, not the 15 a worker alone would take.
+    assert trial_cpu_threads(tiny, 10, [16.0]) == 1
+    # Two trials: half the node each, less a core for Ray Data.
+    assert trial_cpu_threads(tiny, 2, [16.0]) == 7
+    # The most crowded node decides: 4 trials on the 8-core node (2 threads each), not the 64-core one.
+    assert trial_cpu_threads(tiny, 4, [64.0, 8.0]) == 2
+    # Two workers per trial share the trial's part of the node.
+    two = apply_overrides(tiny, ["train.workers=2"])  # 2.0 CPU a trial
+    assert trial_cpu_threads(two, 2, [16.0]) == 3
+    # One trial at a time, a thread count the user set, or GPU trials: the worker's own rule holds.
+    assert trial_cpu_threads(tiny, 1, [16.0]) is None
+    assert trial_cpu_threads(apply_overrides(tiny, ["train.cpu_threads=4"]), 10, [16.0]) is None
+    assert trial_cpu_threads(apply_overrides(tiny, ["train.gpus_per_worker=1"]), 4, [16.0]) is None
+
+
 def test_unschedulable_concurrency_is_refused_with_the_sums() -> None:
     tiny = TrialFootprint.of(preset("tiny"))
     with pytest.raises(ConfigError, match=r"--concurrency=2 cannot be scheduled.*3 CPU.*2 CPU.*at most 1"):
@@ -254,28 +271,37 @@ def test_parent_and_child_runs(tmp_path: Path) -> None:
     assert saved["data"] == [["full", 0.2], ["no_symmetry", 0.5]]
 
 
-def test_trials_stopped_early_are_killed_with_a_reason_and_failed_trials_stay_failed(tmp_path: Path) -> None:
-    """A stopped trial's run ends FAILED or RUNNING depending on how Tune's stop reached it; the study
-    marks both KILLED, and leaves a trial that really failed, and one that finished, as they are."""
+def test_each_trials_run_ends_with_what_the_trial_did_whatever_its_process_managed(tmp_path: Path) -> None:
+    """A trial's run can end FAILED or RUNNING when Tune stops it, and RUNNING when it trained to its
+    budget but was ended before closing its run; the study gives each run the status of its trial's
+    record (and leaves a finished run and a really failed one as they are)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = mlflow_wiring.open_parent(uri, "studies", "search-1", {"mode": "search"})
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("studies").experiment_id
-    ends = {"stopped-a": "FAILED", "stopped-b": None, "failed": "FAILED", "done": "FINISHED", "lost": None}
+    ends = {
+        "stopped-a": ("FAILED", "stopped early"),
+        "stopped-b": (None, "stopped early"),
+        "done-a": ("FINISHED", "done"),
+        "done-b": (None, "done"),
+        "failed": ("FAILED", "error"),
+        "lost": (None, None),  # no record: its process is gone
+    }
     runs = {}
-    for trial, status in ends.items():
+    for trial, (status, _) in ends.items():
         runs[trial] = client.create_run(exp, tags=mlflow_wiring.child_tags(parent, "search-1", "x", trial))
         if status:
             client.set_terminated(runs[trial].info.run_id, status=status)
-    mlflow_wiring.close_stopped_children(uri, "studies", parent, {"stopped-a", "stopped-b"})
+    outcomes = {trial: outcome for trial, (_, outcome) in ends.items() if outcome}
+    mlflow_wiring.close_trial_runs(uri, "studies", parent, outcomes)
     after = {trial: client.get_run(run.info.run_id) for trial, run in runs.items()}
-    statuses = {trial: run.info.status for trial, run in after.items()}
-    assert statuses == {
+    assert {trial: run.info.status for trial, run in after.items()} == {
         "stopped-a": "KILLED",
         "stopped-b": "KILLED",
+        "done-a": "FINISHED",
+        "done-b": "FINISHED",
         "failed": "FAILED",
-        "done": "FINISHED",
-        "lost": "KILLED",  # still RUNNING when the study ended: its process is gone
+        "lost": "KILLED",
     }
     reasons = {trial for trial, run in after.items() if "ASHA" in run.data.tags.get("stop_reason", "")}
     assert reasons == {"stopped-a", "stopped-b"}

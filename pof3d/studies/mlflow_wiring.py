@@ -99,28 +99,34 @@ def close_parent(
     client.set_terminated(run_id, status=status)
 
 
-def close_stopped_children(uri: str, experiment: str, parent: str, stopped: set[str]) -> None:
-    """Mark the runs of the trials the scheduler stopped early (trial ids in ``stopped``) ``KILLED``,
-    with a ``stop_reason``, and any child still ``RUNNING`` ``KILLED`` too.
+# What a trial's record says (pof3d.studies.results.TrialRecord.status) -> the status of its MLflow run.
+TRIAL_RUN_STATUS = {"done": "FINISHED", "stopped early": "KILLED", "error": "FAILED"}
 
-    A stopped trial's run ends one of two ways, depending on whether Tune's stop reaches the training
-    code as an exception first (the run is then marked ``FAILED`` on the way out) or ends its process
-    (the run stays ``RUNNING``); neither says what happened. A trial that failed keeps ``FAILED``.
+
+def close_trial_runs(uri: str, experiment: str, parent: str, outcomes: dict[str, str]) -> None:
+    """Give each trial's run the status of what the trial did (``outcomes``: trial id -> its record's
+    status), and a ``stop_reason`` to the runs of trials the scheduler stopped early; a child with no
+    record that is still ``RUNNING`` (its process is gone) becomes ``KILLED``.
+
+    A run's own end is not enough: when Tune stops a trial, its run ends ``FAILED`` if the stop reaches
+    the training code as an exception first, or stays ``RUNNING`` if the process ends first, and a trial
+    that trained to its budget can be ended the same way before it closes its run (the 4-kimg search
+    had 4 stopped trials ``FAILED`` and two finished ones ``RUNNING``).
     """
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return
     runs = client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status != 'FINISHED'",
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'", max_results=10000
     )
     for run in runs:
-        early = run.data.tags.get(TRIAL_TAG) in stopped
-        if early:
+        outcome = outcomes.get(run.data.tags.get(TRIAL_TAG, ""))
+        status = TRIAL_RUN_STATUS.get(outcome, "KILLED" if run.info.status == "RUNNING" else None)
+        if outcome == "stopped early":
             client.set_tag(run.info.run_id, "stop_reason", "stopped early by the study's scheduler (ASHA)")
-        if early or run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status="KILLED")
+        if status is not None and status != run.info.status:
+            client.set_terminated(run.info.run_id, status=status)
 
 
 def _log_table(client: MlflowClient, run_id: str, table: Table) -> None:

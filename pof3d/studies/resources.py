@@ -72,3 +72,30 @@ def plan_concurrency(
             "CPUs stall waiting for Ray Data, so this is refused instead of hanging"
         )
     return requested
+
+
+def trial_cpu_threads(cfg: Config, concurrency: int, node_cpus: list[float]) -> int | None:
+    """Torch threads for each CPU trial worker when concurrent trials may share a node; ``None`` leaves
+    the worker's own rule (``train.cpu_threads`` set, GPU trials, or one trial at a time).
+
+    A worker shares its node's cores among the workers of its own run only; it cannot see the other
+    trials on the node. Ten concurrent trials on a 16-core node would each take 15 threads, and a
+    trainer whose OpenMP threads outnumber the free cores waits at every parallel region for a
+    descheduled thread: on 2 cores two ``tiny`` trainers at once took 4.43 s a step on two threads each
+    and 0.88 s on one thread each (``python benchmarks/threads.py --preset tiny --batch 8``). So each
+    worker gets the cores of the most crowded node divided among the most trial workers it can hold,
+    less one core for Ray Data where that share is more than two.
+    """
+    t = cfg.train
+    if t.cpu_threads > 0 or t.gpus_per_worker > 0 or concurrency <= 1:
+        return None
+    footprint = TrialFootprint.of(cfg)
+    shares = []
+    for cpus in node_cpus:
+        trials_here = min(concurrency, int(cpus // footprint.cpus + 1e-9))
+        if trials_here >= 1:
+            shares.append(int(cpus // (trials_here * t.workers)))
+    if not shares:
+        return None
+    share = max(1, min(shares))
+    return share - 1 if share > 2 else share

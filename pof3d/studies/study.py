@@ -30,7 +30,7 @@ from pof3d.presets import load_config
 from pof3d.storage import Location, check_reachable
 from pof3d.studies import mlflow_wiring
 from pof3d.studies.importance import SearchFindings, findings, ranked
-from pof3d.studies.resources import TRIAL_DRIVER_CPU, TrialFootprint, plan_concurrency
+from pof3d.studies.resources import TRIAL_DRIVER_CPU, TrialFootprint, plan_concurrency, trial_cpu_threads
 from pof3d.studies.results import Table, TrialRecord, build_table, variant_metrics
 from pof3d.studies.space import SearchSpace, load_space
 from pof3d.studies.trainable import SEARCH_VARIANT, StudySetup, run_trial
@@ -225,6 +225,16 @@ def run_study(
     concurrency = plan_concurrency(
         TrialFootprint.of(cfg), ray.cluster_resources(), request.concurrency, trials
     )
+    node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]]
+    threads = trial_cpu_threads(cfg, concurrency, node_cpus)
+    if threads is not None:
+        base.append(f"train.cpu_threads={threads}")
+        logger.info(
+            "study %s: %d trials may share a node: %d thread(s) per worker",
+            request.name,
+            concurrency,
+            threads,
+        )
     if not cfg.data.path:  # generated once, before trials start (they would race for it)
         base.append(f"data.path={synthetic_data(cfg)}")
 
@@ -272,8 +282,8 @@ def run_study(
     if found is not None:
         table = ranked(table, records, found)
     if finished:
-        stopped = {r.trial_id for r in records if r.status == "stopped early"}
-        mlflow_wiring.close_stopped_children(mlflow_uri, request.experiment, parent, stopped)
+        outcomes = {r.trial_id: r.status for r in records}
+        mlflow_wiring.close_trial_runs(mlflow_uri, request.experiment, parent, outcomes)
     with tempfile.TemporaryDirectory(prefix="pof3d-study-") as tmp:
         local = list(table.write(Path(tmp)))
         if found is not None:
