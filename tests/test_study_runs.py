@@ -194,6 +194,10 @@ def test_search_with_asha_stops_a_clearly_worse_trial_early_and_resumes_with_its
     summary = run_study(_request(study_env, "search"), resume=True)
     assert summary.finished and summary.study_dir.uri == str(study_env / "studies" / "search")
     assert summary.parent_run_id == first.parent_run_id
+    # The command's last line (sweeps/ablation.py prints it): where the table is and how to see the parent.
+    line = summary.line()
+    assert line.startswith("study search finished: 3 row(s) in ") and "mlflow ui --backend-store-uri" in line
+    assert f"runs/{summary.parent_run_id}" in line, line
     assert all(attempts(run) == 1 for run in finished_runs)
     rows = {row["loss.r1_gamma"]: row for row in summary.table.rows}
     assert sorted(rows) == [1e-4, 1e-2, 1000.0]
