@@ -226,15 +226,9 @@ def run_study(
         TrialFootprint.of(cfg), ray.cluster_resources(), request.concurrency, trials
     )
     node_cpus = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]]
-    threads = trial_cpu_threads(cfg, concurrency, node_cpus)
-    if threads is not None:
+    if (threads := trial_cpu_threads(cfg, concurrency, node_cpus)) is not None:
         base.append(f"train.cpu_threads={threads}")
-        logger.info(
-            "study %s: %d trials may share a node: %d thread(s) per worker",
-            request.name,
-            concurrency,
-            threads,
-        )
+        logger.info("study %s: trials share nodes: %d thread(s) per trial worker", request.name, threads)
     if not cfg.data.path:  # generated once, before trials start (they would race for it)
         base.append(f"data.path={synthetic_data(cfg)}")
 
