@@ -1,4 +1,5 @@
-"""Shared fixtures: the session's S3-compatible server and local Ray, fresh buckets, one torch thread."""
+"""Shared fixtures: the session's S3-compatible server and local Ray, fresh buckets, one torch thread; the
+share of the cores and the test order when the suite runs on several pytest-xdist workers."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ pytest_plugins = ["loss_setup"]  # the loss tests' fixtures (tests/loss_setup.py
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+# Several xdist workers on one machine share its cores. A worker whose torch kept one thread per core
+# would run more OpenMP threads than there are cores, and a 2-thread step beside another busy process
+# runs 5-10x slower (docs/training-step.md), so each worker computes on its share.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _workers))
 
 
 @pytest.fixture(scope="session")
@@ -79,11 +87,43 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def pytest_collection_modifyitems(config, items):
-    """Run the study tests last.
+# The longest modules, longest first (their tests' durations in a whole run on two cores, 2026-12-07:
+# 250, 190, 175, 160, 150, 120 and 115 s). Starting them first lets the short ones even out the workers.
+LONGEST_MODULES = [
+    "tests/test_slurm.py",
+    "tests/test_train_e2e.py",
+    "tests/test_study_runs.py",
+    "tests/test_elastic.py",
+    "tests/test_batch_split.py",
+    "tests/test_multinode.py",
+    "tests/test_preemption.py",
+]
 
-    An ASHA-stopped trial is killed by Tune; Ray Train's placement-group cleaner may keep that trial's
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist, the longest modules first, then the other end-to-end (``slow``) ones; always the study
+    tests last.
+
+    First: with ``-n 2`` xdist hands out whole modules (``--dist loadfile --no-loadscope-reorder`` in
+    pyproject.toml) in this order, so the long ones start early and the short ones fill in at the end. A
+    run in one process keeps the modules' own order.
+
+    Last: an ASHA-stopped trial is killed by Tune; Ray Train's placement-group cleaner may keep that trial's
     worker reservation (0.5 CPU) alive for the rest of the Ray session. On a 2-core machine that is enough
     to starve a later Train run of this session's shared local Ray, so the Tune tests go at the end.
     """
-    items.sort(key=lambda item: item.nodeid.startswith("tests/test_sweeps.py"))
+    slow_modules = {_module(item) for item in items if item.get_closest_marker("slow")}
+    spread = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+
+    def order(item) -> tuple[bool, int, bool]:
+        module = _module(item)
+        if not spread:
+            return (module == "tests/test_sweeps.py", 0, False)
+        rank = LONGEST_MODULES.index(module) if module in LONGEST_MODULES else len(LONGEST_MODULES)
+        return (module == "tests/test_sweeps.py", rank, module not in slow_modules)
+
+    items.sort(key=order)
+
+
+def _module(item) -> str:
+    return item.nodeid.split("::")[0]

@@ -54,7 +54,10 @@ def test_field_docs_are_the_doc_comments_only() -> None:
     assert "Mapping network" not in field_docs(ModelConfig)["z_dim"]
 
 
-def test_list_fields_shows_path_type_preset_value_and_doc(capsys: pytest.CaptureFixture[str]) -> None:
+def test_list_fields_shows_path_type_preset_value_and_doc(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "160")  # docs wrap at the terminal's width, narrower under xdist
     assert train.main(["--preset", "tiny", "--list-fields", "train", "--set", "train.kimg=3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     kimg = next(line for line in lines if line.startswith("train.kimg "))

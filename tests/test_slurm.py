@@ -201,8 +201,13 @@ def test_jobs_share_a_node_requeue_at_the_time_limit_and_refuse_missing_data(slu
     assert f"resumed from {checkpoint} at kimg {notice_images / 1000:.3f}" in log, log[-4000:]
     steps = [t["images_seen"] for t in _ticks(runs / "limited")]
     assert steps == sorted(set(steps)) and notice_images in steps and steps[-1] > notice_images
-    logged = _mlflow_steps(runs / "limited")  # one MLflow run; the cancel may cut off its last tick
-    assert logged == steps[: len(logged)] and notice_images in logged
+    # One MLflow run. The cancel may cut off the last tick on either side: MLflow's sender may not send
+    # it, or a worker killed by the cancel may be restarted from a checkpoint before the job ends, and
+    # the restart drops the ticks after that checkpoint from metrics.jsonl, where MLflow already has them.
+    logged = _mlflow_steps(runs / "limited")
+    common = min(len(logged), len(steps))
+    assert logged[:common] == steps[:common] and abs(len(logged) - len(steps)) <= 1, (logged, steps)
+    assert notice_images in logged
     print(
         f"\nSLURM jobs: {time.monotonic() - started:.0f} s; notice to checkpoint {written.group(2)} s; "
         f"node released {released} s after training exited"
