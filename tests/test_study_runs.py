@@ -97,6 +97,10 @@ def test_interrupted_ablation_on_s3_resumes_and_tracks_parent_children_and_table
     assert row["loss/G_sym"] is None  # the no_symmetry trial has no symmetry term at all
     assert summary.table.rows[0]["loss/G_sym"] is not None
     assert (summary.study_dir / "results.csv").is_file() and (summary.study_dir / "results.md").is_file()
+    # Resuming the finished study runs nothing and rebuilds the same table, rows in the variants' order.
+    rebuilt = run_study(again, resume=True)
+    assert rebuilt.finished and [r["variant"] for r in rebuilt.table.rows] == ["full", "no_symmetry"]
+    assert rebuilt.table.rows == summary.table.rows
 
     # Tracking: the parent holds the table, each child its variant's parameters and per-tick metrics.
     client = MlflowClient(summary.mlflow_uri)

@@ -219,10 +219,14 @@ def test_results_table_one_row_per_variant_with_seed_means(tmp_path: Path) -> No
     assert full["JS"] == pytest.approx(0.3) and full["loss/G_adv"] == pytest.approx(2.0)
     assert full["trials"] == 2 and full["kimg"] == pytest.approx(0.04) and full["FID"] is None
     assert table.rows[1]["Pose"] == 7.5
+    # The seeds' spread (half their range) beside each column measured with two seeds or more.
+    assert full["JS ±"] == pytest.approx(0.1) and table.rows[1]["JS ±"] is None
+    assert table.columns.index("JS ±") == table.columns.index("JS") + 1 and "Pose ±" not in table.columns
     csv_path, md_path = table.write(tmp_path)
     rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
     assert rows[0]["variant"] == "full" and math.isclose(float(rows[0]["JS"]), 0.3)
     assert rows[0]["FID"] == ""  # not measured: empty, never invented
+    assert math.isclose(float(rows[0]["JS ±"]), 0.1) and rows[1]["JS ±"] == ""
     md = md_path.read_text().splitlines()
     assert md[0].startswith("| variant | trials | status | kimg | FID | Depth | Pose | JS |")
     assert "| no_symmetry |" in md[3] and "| 0.5 |" in md[3]

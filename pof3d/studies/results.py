@@ -1,9 +1,13 @@
-"""The study's results table: one row per variant (mean over seeds), the paper's columns we measure.
+"""The study's results table: one row per variant (mean over seeds, and the seeds' spread), the paper's
+columns we measure.
 
 Trials report per-tick figures under the names the training loop and the evaluation functions use;
 this module picks the last reported value of each, maps them to the poster's columns (FID, depth,
 pose, RE, JS) plus the final losses, and writes the table as CSV and Markdown. Missing figures (e.g.
-FID, which needs an Inception network) are left empty rather than guessed.
+FID, which needs an Inception network) are left empty rather than guessed. Where a variant ran with
+several seeds, each measured poster column gets a ``<column> ±`` column beside it: half the range of the
+seeds' figures, so that mean ± spread covers every seed and a difference between two rows can be held
+against it.
 """
 
 from __future__ import annotations
@@ -117,10 +121,13 @@ def build_table(records: list[TrialRecord], by_variant: bool = True) -> Table:
     # Always show the poster's main columns, even when empty, so tables line up with the paper.
     paper = [c for c in PAPER_COLUMNS if c in measured or c in ("FID", "Depth", "Pose", "JS")]
     if by_variant:
-        columns = ["variant", "trials", "status", "kimg", *paper, *losses]
+        variants = dict.fromkeys(r.variant for r in records)
+        groups = {v: [r for r in records if r.variant == v] for v in variants}
+        spread = [c for c in paper if any(_spread(g, c) is not None for g in groups.values())]
+        with_spread = [name for c in paper for name in ((c, f"{c} ±") if c in spread else (c,))]
+        columns = ["variant", "trials", "status", "kimg", *with_spread, *losses]
         rows = []
-        for variant in dict.fromkeys(r.variant for r in records):
-            group = [r for r in records if r.variant == variant]
+        for variant, group in groups.items():
             row: dict[str, Any] = {
                 "variant": variant,
                 "trials": len(group),
@@ -129,6 +136,8 @@ def build_table(records: list[TrialRecord], by_variant: bool = True) -> Table:
             }
             for column in paper:
                 row[column] = _mean(paper_figures(r.metrics)[column] for r in group)
+            for column in spread:
+                row[f"{column} ±"] = _spread(group, column)
             for name in losses:
                 row[name] = _mean(_number(r.metrics.get(name)) for r in group)
             rows.append(row)
@@ -142,6 +151,12 @@ def build_table(records: list[TrialRecord], by_variant: bool = True) -> Table:
         row.update({n: _number(r.metrics.get(n)) for n in losses})
         rows.append(row)
     return Table(columns, rows)
+
+
+def _spread(group: list[TrialRecord], column: str) -> float | None:
+    """Half the range of a column over a variant's seeds; None with fewer than two measured."""
+    values = [v for v in (paper_figures(r.metrics)[column] for r in group) if v is not None]
+    return (max(values) - min(values)) / 2 if len(values) >= 2 else None
 
 
 def _mean(values: Iterable[float | None]) -> float | None:

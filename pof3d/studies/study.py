@@ -392,4 +392,4 @@ def _records(grid: Any, cfg: Config) -> list[TrialRecord]:
                 params={k: v for k, v in config.items() if "." in k},
             )
         )
-    return records
+    return sorted(records, key=lambda r: r.trial_id)  # creation order: a restored grid lists them reversed
