@@ -113,11 +113,11 @@ def pytest_collection_modifyitems(config, items):
     to starve a later Train run of this session's shared local Ray, so the Tune tests go at the end.
     """
     slow_modules = {_module(item) for item in items if item.get_closest_marker("slow")}
-    spread = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+    under_xdist = bool(os.environ.get("PYTEST_XDIST_WORKER"))
 
     def order(item) -> tuple[bool, int, bool]:
         module = _module(item)
-        if not spread:
+        if not under_xdist:
             return (module == "tests/test_sweeps.py", 0, False)
         rank = LONGEST_MODULES.index(module) if module in LONGEST_MODULES else len(LONGEST_MODULES)
         return (module == "tests/test_sweeps.py", rank, module not in slow_modules)
