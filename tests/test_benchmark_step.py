@@ -131,3 +131,18 @@ def test_tiny_run_reports_flops_rates_and_peak() -> None:
         assert 0 < float(phase_rate) <= fp32_peak and 0 < float(phase_percent) <= 100, (name, out)
     assert sum(float(p[1]) for p in phases) == pytest.approx(gflop, abs=0.02)
     assert "warning" not in out and "without a FLOP rule" not in out, out
+
+
+def test_loop_benchmark_prints_train_step_against_the_phases_per_block() -> None:
+    import loop
+
+    args = loop.parse_args(["--iters", "2", "--block", "1", "--threads", "1", "--set", "train.batch=2"])
+    lines = loop.run(args)
+    assert lines[0].startswith("tiny, batch 2, 1 threads, fp32"), lines
+    rows = [line.split() for line in lines[2:]]
+    assert [row[0] for row in rows] == ["1-1", "2-2"], lines
+    for _, step_s, phases_s, ratio in rows:
+        assert float(step_s) > 0 and float(phases_s) > 0
+        assert float(ratio) == pytest.approx(float(step_s) / float(phases_s), rel=0.05)
+    with pytest.raises(SystemExit):
+        loop.parse_args(["--iters", "4", "--block", "8"])
