@@ -77,6 +77,17 @@ def test_report_tables_and_figures(tmp_path):
     assert "| no_symmetry (w/o symmetry loss) | 3 | 0.35 | – |" in text
 
 
+def test_curves_take_batch_figures_from_every_tick_and_eval_figures_from_evaluations(tmp_path):
+    report = _load_report()
+    run = tmp_path / "run"
+    _fake_run(run)
+    rows, ticks = report.load_full_run(run), report.load_ticks(run)
+    x, y = report.curve(rows, ticks, "pose/h_std_deg")
+    assert list(x) == [0.5, 1.0, 1.5, 2.0] and list(y) == [39.5, 39.0, 38.5, 38.0]
+    x, y = report.curve(rows, ticks, "eval/js")
+    assert list(x) == [1.0, 2.0] and list(y) == [0.40, 0.30]
+
+
 def test_report_refuses_a_folder_without_metrics(tmp_path, capsys):
     report = _load_report()
     assert report.main(["--full", str(tmp_path)]) == 2

@@ -102,7 +102,16 @@ def true_pose_std_deg(kind: str = "faces", n: int = 200_000) -> tuple[float, flo
     return tuple(float(s) for s in np.degrees(poses.std(axis=0)))  # type: ignore[return-value]
 
 
-def plot_curves(rows: list[dict], path: Path) -> Path:
+def curve(rows: list[dict], ticks: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Points of one curve: a training figure of the batch (``pose/...``) at every tick, an evaluated
+    figure at every evaluation."""
+    return _series(ticks if key.startswith("pose/") else rows, key)
+
+
+def plot_curves(rows: list[dict], path: Path, ticks: list[dict] | None = None) -> Path:
+    """Six panels over kimg: evaluations as points, the batch's pose figures of every tick (``ticks``,
+    default: the evaluation rows only) as thin lines."""
+    ticks = rows if ticks is None else ticks
     true_h, true_v = true_pose_std_deg()
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     panels = [
@@ -125,6 +134,8 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
             [
                 ("eval/learned_yaw_mean_deg", "yaw"),
                 ("eval/learned_pitch_mean_deg", "pitch"),
+                ("pose/h_mean_deg", "yaw (batch)"),
+                ("pose/v_mean_deg", "pitch (batch)"),
                 ("eval/true_yaw_mean_deg", "true yaw"),
                 ("eval/true_pitch_mean_deg", "true pitch"),
             ],
@@ -145,9 +156,10 @@ def plot_curves(rows: list[dict], path: Path) -> Path:
     ]
     for ax, (title, keys, target) in zip(axes.flat, panels, strict=True):
         for key, label in keys:
-            x, y = _series(rows, key)
+            x, y = curve(rows, ticks, key)
             if len(x):
-                ax.plot(x, y, marker="o", label=label)
+                style = {"linewidth": 1.0} if key.startswith("pose/") else {"marker": "o"}
+                ax.plot(x, y, label=label, **style)
         if target is not None:
             ax.axhline(target, color="grey", linestyle="--", label=f"target {target:g}")
         if title.startswith("D pose error"):
@@ -305,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = args.out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     rows = load_full_run(args.full)
-    plot_curves(rows, figures / "curves.png")
+    plot_curves(rows, figures / "curves.png", load_ticks(args.full))
     grids = pick_snapshots(args.full, "fakes")
     side_by_side(grids, figures / "samples.png")
     plots = pick_snapshots(args.full, "poses")
