@@ -110,15 +110,21 @@ class Generator(nn.Module):
         truncated = self.mapping.truncate(ws, truncation_psi)
         return truncated, self.predict_pose(truncated if self.cfg.pose_from_truncated_w else ws)
 
-    def synthesize_planes(self, ws: torch.Tensor, noise_mode: str = "random") -> torch.Tensor:
+    def synthesize_planes(
+        self, ws: torch.Tensor, noise_mode: str = "random", convert: bool = True
+    ) -> torch.Tensor:
         """Tri-planes ``[B, 3, C, R, R]`` (xy, xz, zy) from the backbone's ``3C``-channel image.
 
         Stored channels-innermost per plane (:func:`~pof3d.triplane.channels_last`), the layout that
         sampling reads fastest: converted once here rather than once per render (G's main phase
-        renders the same planes from two cameras).
+        renders the same planes from two cameras). ``convert=False`` returns a view of the backbone's
+        channels-last image instead (the planes' channels interleave per texel), which the CPU kernel
+        samples in place: for a few thousand points, as the density regulariser samples, that costs
+        less than converting the planes and converting their gradient back (docs/training-step.md).
         """
         img = self.backbone(ws, noise_mode=noise_mode)
-        return channels_last(img.view(img.shape[0], 3, self.cfg.triplane_channels, *img.shape[-2:]))
+        planes = img.view(img.shape[0], 3, self.cfg.triplane_channels, *img.shape[-2:])
+        return channels_last(planes) if convert else planes
 
     def render(
         self, planes: torch.Tensor, ws: torch.Tensor, pose: torch.Tensor, noise_mode: str = "random"

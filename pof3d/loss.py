@@ -230,7 +230,8 @@ class PoF3DLoss:
         loss_cfg, G = self.cfg.loss, self.G
         batch, device = real.shape[0], real.device
         ws = G.map(self.latents(batch, device))
-        planes = G.synthesize_planes(ws, noise_mode=self.noise_mode)
+        # A few thousand points: sampled in place from the backbone's image (Generator.synthesize_planes).
+        planes = G.synthesize_planes(ws, noise_mode=self.noise_mode, convert=False)
         half = 1.0 if loss_cfg.density_reg_region == "cube" else 0.5 * self.cfg.model.box_warp
         points = (torch.rand(batch, DENSITY_POINTS, 3, device=device) * 2 - 1) * half
         perturbed = points + torch.randn_like(points) * loss_cfg.density_reg_sigma

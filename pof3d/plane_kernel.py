@@ -90,8 +90,9 @@ def _load() -> ctypes.CDLL:
                 raise RuntimeError("no C++ compiler found (c++, g++, clang++ or $CXX)")
             library = ctypes.CDLL(str(_build(compiler)))
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            library.plane_sum_forward.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, i64, ctypes.c_int]
-            library.plane_sum_backward.argtypes = [ptr] * 5 + [i64] * 5 + [ctypes.c_int]
+            # pointers; B, P, H, W, C; the planes' strides for B, plane, row and texel; threads
+            library.plane_sum_forward.argtypes = [ptr] * 3 + [i64] * 9 + [ctypes.c_int]
+            library.plane_sum_backward.argtypes = [ptr] * 5 + [i64] * 9 + [ctypes.c_int]
             _library = library
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             detail = (
@@ -131,13 +132,31 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def dense_channels_innermost(t: torch.Tensor) -> bool:
+    """Channels consecutive and every element stored once, with no gaps: the kernel reads such planes in
+    place, whatever the order of the other dimensions (the backbone's channels-last image viewed as
+    ``[B, 3, H, W, C]`` is one), and writes their gradient with the same strides."""
+    if t.stride(-1) != 1:
+        return False
+    expected = 1
+    for dim in sorted(range(t.dim()), key=t.stride):
+        if t.size(dim) == 1:
+            continue
+        if t.stride(dim) != expected:
+            return False
+        expected *= t.size(dim)
+    return True
+
+
 class _PlaneSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, planes: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         b, _, h, w, c = planes.shape
         p = grid.shape[2]
         out = planes.new_empty(b, p, c)
-        _load().plane_sum_forward(_ptr(planes), _ptr(grid), _ptr(out), b, p, h, w, c, torch.get_num_threads())
+        _load().plane_sum_forward(
+            _ptr(planes), _ptr(grid), _ptr(out), b, p, h, w, c, *planes.stride()[:4], torch.get_num_threads()
+        )
         ctx.save_for_backward(planes, grid)
         return out
 
@@ -147,7 +166,9 @@ class _PlaneSum(torch.autograd.Function):
         planes, grid = ctx.saved_tensors
         b, _, h, w, c = planes.shape
         grad = grad.contiguous()
-        grad_planes = torch.zeros_like(planes) if ctx.needs_input_grad[0] else None
+        grad_planes = (
+            torch.empty_strided(planes.shape, planes.stride()).zero_() if ctx.needs_input_grad[0] else None
+        )
         grad_grid = torch.empty_like(grid) if ctx.needs_input_grad[1] else None
         _load().plane_sum_backward(
             _ptr(grad),
@@ -160,6 +181,7 @@ class _PlaneSum(torch.autograd.Function):
             h,
             w,
             c,
+            *planes.stride()[:4],
             torch.get_num_threads(),
         )
         return grad_planes, grad_grid
@@ -174,4 +196,6 @@ def plane_sum(planes: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"planes must be [B, 3, H, W, C] and grid [B, 3, P, 2], got {planes.shape}, {grid.shape}"
         )
-    return _PlaneSum.apply(planes.contiguous(), grid.contiguous())
+    if not dense_channels_innermost(planes):
+        planes = planes.contiguous()
+    return _PlaneSum.apply(planes, grid.contiguous())

@@ -2,7 +2,9 @@
 //
 // The same values and gradients as torch's grid_sample (bilinear, zero padding, align_corners=False)
 // followed by a sum over the planes, but laid out for the tri-plane renderer: planes channels-innermost
-// [B, 3, H, W, C], output and its gradient [B, P, C]. Each bilinear tap then reads (and its gradient
+// [B, 3, H, W, C] with any strides for B, the plane, H and W (the backbone's channels-last image read in
+// place: its three planes' channels interleave per texel), output and its gradient [B, P, C]. The planes'
+// gradient is written with the planes' own strides. Each bilinear tap then reads (and its gradient
 // writes) C consecutive floats, and every tap of a point is handled while its rows are in cache; torch's
 // CPU backward walks all points once per channel, which makes its scatter into the planes' gradient the
 // largest single cost of a training step at the benchmark size.
@@ -32,6 +34,12 @@ inline Tap tap_of(const float* g, int64_t H, int64_t W) {
   const float fx = std::floor(ix), fy = std::floor(iy);
   return {static_cast<int64_t>(fx), static_cast<int64_t>(fy), ix - fx, iy - fy};
 }
+
+// Element strides of the planes (and of their gradient) for the batch, the plane, a row and a texel;
+// channels are always consecutive.
+struct Strides {
+  int64_t b, k, y, x;
+};
 
 inline bool inside(int64_t x, int64_t y, int64_t H, int64_t W) { return x >= 0 && x < W && y >= 0 && y < H; }
 
@@ -64,7 +72,7 @@ void split(int64_t n, int threads, Body body) {
 
 VECTOR_CLONES
 static void forward_range(const float* __restrict__ planes, const float* __restrict__ grid, float* __restrict__ out,
-                          int64_t P, int64_t H, int64_t W, int64_t C, int64_t begin, int64_t end) {
+                          int64_t P, int64_t H, int64_t W, int64_t C, Strides st, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     const int64_t b = i / P, p = i % P;
     float* __restrict__ o = out + i * C;
@@ -72,13 +80,13 @@ static void forward_range(const float* __restrict__ planes, const float* __restr
     for (int64_t k = 0; k < 3; ++k) {
       const int64_t image = b * 3 + k;
       const Tap t = tap_of(grid + (image * P + p) * 2, H, W);
-      const float* __restrict__ plane = planes + image * H * W * C;
+      const float* __restrict__ plane = planes + b * st.b + k * st.k;
       for (int dy = 0; dy < 2; ++dy) {
         for (int dx = 0; dx < 2; ++dx) {
           const int64_t x = t.x0 + dx, y = t.y0 + dy;
           if (!inside(x, y, H, W)) continue;
           const float w = (dx ? t.wx : 1.0f - t.wx) * (dy ? t.wy : 1.0f - t.wy);
-          const float* __restrict__ f = plane + (y * W + x) * C;
+          const float* __restrict__ f = plane + y * st.y + x * st.x;
           for (int64_t c = 0; c < C; ++c) o[c] += w * f[c];
         }
       }
@@ -90,11 +98,11 @@ VECTOR_CLONES
 static void backward_range(const float* __restrict__ grad_out, const float* __restrict__ planes,
                            const float* __restrict__ grid, float* __restrict__ grad_planes,
                            float* __restrict__ grad_grid, int64_t P, int64_t H, int64_t W, int64_t C,
-                           int64_t begin, int64_t end) {
+                           Strides st, int64_t begin, int64_t end) {
   for (int64_t image = begin; image < end; ++image) {
-    const int64_t b = image / 3;
-    const float* __restrict__ plane = planes + image * H * W * C;
-    float* __restrict__ gplane = grad_planes ? grad_planes + image * H * W * C : nullptr;
+    const int64_t b = image / 3, k = image % 3;
+    const float* __restrict__ plane = planes + b * st.b + k * st.k;
+    float* __restrict__ gplane = grad_planes ? grad_planes + b * st.b + k * st.k : nullptr;
     for (int64_t p = 0; p < P; ++p) {
       const float* __restrict__ g = grad_out + (b * P + p) * C;
       const Tap t = tap_of(grid + (image * P + p) * 2, H, W);
@@ -103,7 +111,7 @@ static void backward_range(const float* __restrict__ grad_out, const float* __re
         for (int dx = 0; dx < 2; ++dx) {
           const int64_t x = t.x0 + dx, y = t.y0 + dy;
           if (!inside(x, y, H, W)) continue;  // zero padding: no value, no gradient
-          const int64_t offset = (y * W + x) * C;
+          const int64_t offset = y * st.y + x * st.x;
           const float wx = dx ? t.wx : 1.0f - t.wx, wy = dy ? t.wy : 1.0f - t.wy;
           if (gplane) {
             const float w = wx * wy;
@@ -132,17 +140,20 @@ extern "C" {
 
 // out[b, p, :] = sum over planes k of bilinear(planes[b, k], grid[b, k, p]).
 void plane_sum_forward(const float* planes, const float* grid, float* out, int64_t B, int64_t P, int64_t H,
-                       int64_t W, int64_t C, int threads) {
+                       int64_t W, int64_t C, int64_t sb, int64_t sk, int64_t sy, int64_t sx, int threads) {
+  const Strides st{sb, sk, sy, sx};
   split(B * P, threads,
-        [=](int64_t begin, int64_t end) { forward_range(planes, grid, out, P, H, W, C, begin, end); });
+        [=](int64_t begin, int64_t end) { forward_range(planes, grid, out, P, H, W, C, st, begin, end); });
 }
 
 // Gradients of sum(grad_out * out): into the planes (grad_planes, zero on entry) and into the grid
 // coordinates (grad_grid). Either may be null when its input needs no gradient.
 void plane_sum_backward(const float* grad_out, const float* planes, const float* grid, float* grad_planes,
-                        float* grad_grid, int64_t B, int64_t P, int64_t H, int64_t W, int64_t C, int threads) {
+                        float* grad_grid, int64_t B, int64_t P, int64_t H, int64_t W, int64_t C, int64_t sb,
+                        int64_t sk, int64_t sy, int64_t sx, int threads) {
+  const Strides st{sb, sk, sy, sx};
   split(B * 3, threads, [=](int64_t begin, int64_t end) {
-    backward_range(grad_out, planes, grid, grad_planes, grad_grid, P, H, W, C, begin, end);
+    backward_range(grad_out, planes, grid, grad_planes, grad_grid, P, H, W, C, st, begin, end);
   });
 }
 

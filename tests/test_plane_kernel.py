@@ -39,6 +39,41 @@ def test_values_and_both_gradients_match_grid_sample(quirk: bool) -> None:
     assert ref_points.abs().max() > 1  # the point gradients are not trivially small
 
 
+def test_a_channels_last_backbone_image_is_sampled_in_place_with_the_same_values_and_gradients() -> None:
+    """A view of the backbone's channels-last [B, 3C, H, W] image, whose three planes interleave per
+    texel (what the density regulariser samples): the kernel reads it without a copy, its gradient keeps
+    that layout (the backbone gets a channels-last gradient), and every figure equals grid_sample's."""
+    torch.manual_seed(1)
+    image = torch.randn(2, 3 * 8, 16, 12).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    planes = image.view(2, 3, 8, 16, 12)
+    assert plane_kernel.dense_channels_innermost(planes.permute(0, 1, 3, 4, 2))
+    copies = []
+    original = torch.Tensor.contiguous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            torch.Tensor, "contiguous", lambda t, *a, **k: copies.append(t.shape) or original(t, *a, **k)
+        )
+        plane_kernel.plane_sum(planes.permute(0, 1, 3, 4, 2), torch.zeros(2, 3, 5, 2))
+    assert (2, 3, 16, 12, 8) not in copies, copies  # the planes were not copied
+    points = (torch.rand(2, 500, 3) * 1.5 - 0.75).requires_grad_(True)
+    weights = torch.randn(2, 8, 500)
+    got = sample_plane_sum(planes, points, 1.0, True)
+    got_image, got_points = torch.autograd.grad((got * weights).sum(), (image, points))
+    assert got_image.is_contiguous(memory_format=torch.channels_last)
+    ref = _reference(image.view(2, 3, 8, 16, 12), points, True)
+    ref_image, ref_points = torch.autograd.grad((ref * weights).sum(), (image, points))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_image, ref_image, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_points, ref_points, rtol=1e-4, atol=1e-4)
+    # Planes with gaps (every other channel, or a cropped plane) are copied first, with the same values.
+    grid = torch.rand(1, 3, 20, 2) * 2 - 1
+    for gapped in (torch.randn(1, 3, 8, 8, 16)[..., ::2], torch.randn(1, 3, 9, 8, 8)[:, :, 1:]):
+        assert not plane_kernel.dense_channels_innermost(gapped)
+        torch.testing.assert_close(
+            plane_kernel.plane_sum(gapped, grid), plane_kernel.plane_sum(gapped.contiguous(), grid)
+        )
+
+
 def test_the_kernel_runs_and_each_gradient_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     original = plane_kernel._PlaneSum.apply
