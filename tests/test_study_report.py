@@ -88,6 +88,38 @@ def test_curves_take_batch_figures_from_every_tick_and_eval_figures_from_evaluat
     assert list(x) == [1.0, 2.0] and list(y) == [0.40, 0.30]
 
 
+def test_goals_are_judged_per_evaluation_from_its_own_figures():
+    report = _load_report()
+    row = {
+        "images_seen": 48000,
+        "eval/js_yaw": 0.017,
+        "eval/js_pitch": 0.039,
+        "eval/learned_yaw_mean_deg": 87.3,
+        "eval/true_yaw_mean_deg": 90.1,
+        "eval/learned_pitch_mean_deg": 96.0,
+        "eval/true_pitch_mean_deg": 90.0,
+        "eval/learned_yaw_std_deg": 14.5,  # 28 % under the truth's 20.0: within 30 % counts both ways
+        "eval/true_yaw_std_deg": 20.0,
+        "eval/learned_pitch_std_deg": 13.1,
+        "eval/true_pitch_std_deg": 8.5,
+        "eval/pose_error_deg": 8.5,
+        "eval/pose_error_guess_deg": 16.9,
+    }
+    assert report.goals(row) == {
+        "JS yaw": True,
+        "yaw mean": True,
+        "yaw std": True,
+        "JS pitch": False,
+        "pitch mean": False,  # 6° off
+        "pitch std": False,
+        "D error": False,  # 8.5 > 16.9 / 2
+    }
+    table = report.full_run_table([row, {"images_seen": 8000, "eval/js": 0.3}])
+    assert "| goals met |" in table and "3/7: JS yaw, yaw mean, yaw std |" in table
+    assert table.splitlines()[3].endswith("| – |")  # a row with nothing to judge
+    assert report.goals({"images_seen": 1}) == {}
+
+
 def test_report_refuses_a_folder_without_metrics(tmp_path, capsys):
     report = _load_report()
     assert report.main(["--full", str(tmp_path)]) == 2

@@ -44,6 +44,8 @@ POSTER_ROW = {
     "pose_lr_x0.1": "lr = 2.5e-6",
 }
 PER_AXIS_JS_GOAL = 0.02  # nats: the per-axis goal of the long run
+MEAN_GOAL_DEG = 5.0  # the learned mean of each axis within this of the truth
+SPREAD_GOAL = 0.3  # the learned spread of each axis within 30 % of the truth's
 EVAL_COLUMNS = (
     ("JS", "eval/js"),
     ("JS yaw", "eval/js_yaw"),
@@ -259,12 +261,46 @@ def _fmt(value: object, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if _finite(value) else "–"
 
 
+def goals(row: dict) -> dict[str, bool]:
+    """The study's goals that this evaluation's figures can judge, each met or not: per-axis JS, each
+    axis's mean (within ``MEAN_GOAL_DEG``) and spread (within ``SPREAD_GOAL`` of the truth's), and D's
+    pose error on reals at most half the mean-pose guess."""
+    e = {k.removeprefix("eval/"): v for k, v in row.items() if k.startswith("eval/") and _finite(v)}
+    verdict = {}
+    for axis in ("yaw", "pitch"):
+        if f"js_{axis}" in e:
+            verdict[f"JS {axis}"] = e[f"js_{axis}"] <= PER_AXIS_JS_GOAL
+        for stat in ("mean", "std"):
+            learned, true = e.get(f"learned_{axis}_{stat}_deg"), e.get(f"true_{axis}_{stat}_deg")
+            if learned is not None and true is not None:
+                bound = MEAN_GOAL_DEG if stat == "mean" else SPREAD_GOAL * true
+                verdict[f"{axis} {stat}"] = abs(learned - true) <= bound
+    if "pose_error_deg" in e and "pose_error_guess_deg" in e:
+        verdict["D error"] = e["pose_error_deg"] <= e["pose_error_guess_deg"] / 2
+    return verdict
+
+
+def _goals_cell(row: dict) -> str:
+    verdict = goals(row)
+    met = [name for name, ok in verdict.items() if ok]
+    return f"{len(met)}/{len(verdict)}" + (f": {', '.join(met)}" if met else "") if verdict else "–"
+
+
 def full_run_table(rows: list[dict]) -> str:
     present = [(name, key) for name, key in EVAL_COLUMNS if any(_finite(r.get(key)) for r in rows)]
-    lines = ["| kimg | " + " | ".join(n for n, _ in present) + " |", "|---|" + "---|" * len(present)]
+    judged = any(goals(r) for r in rows)
+    names = [n for n, _ in present] + (["goals met"] if judged else [])
+    lines = ["| kimg | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for r in rows:
-        cells = [_fmt(r.get(key)) for _, key in present]
+        cells = [_fmt(r.get(key)) for _, key in present] + ([_goals_cell(r)] if judged else [])
         lines.append(f"| {r['images_seen'] / 1000:.1f} | " + " | ".join(cells) + " |")
+    if judged:
+        lines += [
+            "",
+            f"Goals: JS of each axis at most {PER_AXIS_JS_GOAL}, each axis's learned mean within "
+            f"{MEAN_GOAL_DEG:g}° and spread within {SPREAD_GOAL:.0%} of the truth's, D's pose error on reals "
+            "at most half the mean-pose guess.",
+        ]
     return "\n".join(lines)
 
 
