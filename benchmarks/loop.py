@@ -25,7 +25,7 @@ import sys
 import time
 
 import torch
-from step import PRECISIONS, build, time_iteration
+from step import PRECISIONS, build, fixed_real_batch, time_iteration
 
 from pof3d.host_memory import restart_retaining
 
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--iters", type=int, default=96, help="iterations of each trainer")
-    parser.add_argument("--block", type=int, default=16, help="iterations per printed median")
+    parser.add_argument("--block", type=int, default=16, help="iterations per printed mean")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
@@ -50,8 +50,7 @@ def run(args: argparse.Namespace) -> list[str]:
     stepped = build(args.preset, "shared", device, args.precision, args.set)
     phased = build(args.preset, "shared", device, args.precision, args.set)
     cfg = stepped.cfg
-    res = cfg.model.image_resolution
-    real = torch.rand(cfg.train.batch, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    real = fixed_real_batch(cfg, device)
     intervals = {p.name: p.interval for p in phased.phases}
     lines = [
         f"{args.preset}, batch {cfg.train.batch}, {args.threads} threads, {args.precision}; "

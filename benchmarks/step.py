@@ -82,6 +82,12 @@ def build(preset: str, schedule: str, device: torch.device, precision: str, over
     return trainer
 
 
+def fixed_real_batch(cfg: Config, device: torch.device) -> torch.Tensor:
+    """The "real" images every timed iteration trains on: uniform noise in [-1, 1], the same each run."""
+    batch, res = cfg.train.batch, cfg.model.image_resolution
+    return torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+
+
 def time_iteration(trainer: Trainer, real: torch.Tensor) -> dict[str, float]:
     """Run every phase once, each timed on its own (counters advance as in training).
 
@@ -193,8 +199,7 @@ def run(args: argparse.Namespace) -> list[str]:
     rate_rows, uncounted = [], set()
     for preset in args.preset.split(","):
         cfg = load_config(preset, [*precision_overrides(args.precision), *args.set])
-        batch, res = cfg.train.batch, cfg.model.image_resolution
-        real = torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+        batch, real = cfg.train.batch, fixed_real_batch(cfg, device)
         flops = {}
         for s in schedules:
             flops[s], missed = count_flops(preset, s, args, real)

@@ -166,9 +166,8 @@ class _PlaneSum(torch.autograd.Function):
         planes, grid = ctx.saved_tensors
         b, _, h, w, c = planes.shape
         grad = grad.contiguous()
-        grad_planes = (
-            torch.empty_strided(planes.shape, planes.stride()).zero_() if ctx.needs_input_grad[0] else None
-        )
+        # With the planes' strides: zeros_like keeps them for dense planes, the only kind passed here.
+        grad_planes = torch.zeros_like(planes) if ctx.needs_input_grad[0] else None
         grad_grid = torch.empty_like(grid) if ctx.needs_input_grad[1] else None
         _load().plane_sum_backward(
             _ptr(grad),
