@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pof3d import evaluate
+from pof3d.cache import CACHE_ENV
 from pof3d.metrics import default_metrics
 from pof3d.metrics import fid as fidlib
 
@@ -38,7 +39,7 @@ def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     thread.start()
     for name in ("no_proxy", "NO_PROXY"):  # a proxy from the environment must not see these requests
         monkeypatch.setenv(name, "*")
-    monkeypatch.setenv(fidlib.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(fidlib.URL_ENV, raising=False)
     monkeypatch.delenv(fidlib.INCEPTION_ENV, raising=False)
     yield f"http://127.0.0.1:{httpd.server_address[1]}"

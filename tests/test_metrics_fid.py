@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pof3d.cache import CACHE_ENV
 from pof3d.metrics import fid as fidlib
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -85,7 +86,7 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
 
 
 def test_missing_inception_error_is_exact(tmp_path, monkeypatch):
-    monkeypatch.setenv(fidlib.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(fidlib.INCEPTION_ENV, raising=False)
     with pytest.raises(fidlib.WeightsError) as info:
         fidlib.find_inception()

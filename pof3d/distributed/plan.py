@@ -20,6 +20,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from pof3d.cache import cache_dir
 from pof3d.checkpoint import MANIFEST_FILE, find_latest, read_progress
 from pof3d.config import Config, apply_overrides
 from pof3d.data.synthetic import ensure_synthetic
@@ -35,7 +36,6 @@ logger = logging.getLogger(__name__)
 
 STORAGE_ENV = "POF3D_STORAGE"  # root of default run and study directories (default ./runs)
 OLD_RUNS_ENV = "POF3D_RUNS"  # read by earlier versions; now only warned about
-CACHE_ENV = "POF3D_CACHE"  # where the built-in synthetic set is generated (default ~/.cache/pof3d)
 DEFAULT_EXPERIMENT = "pof3d"
 DEFAULT_PRESET = "tiny"
 SYNTHETIC_SEED = 0  # one cached synthetic set per size, shared by all runs
@@ -128,10 +128,6 @@ def storage_base() -> Location:
     if os.environ.get(OLD_RUNS_ENV) and not os.environ.get(STORAGE_ENV):
         logger.warning("%s is no longer read; set %s (a path or URI) instead", OLD_RUNS_ENV, STORAGE_ENV)
     return Location.parse(os.environ.get(STORAGE_ENV) or "runs")
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "pof3d")).expanduser().resolve()
 
 
 def plan_run(request: TrainRequest) -> RunPlan:
@@ -306,7 +302,7 @@ def default_tracking_uri_for(root: Location) -> str:
     if root.is_local:
         return default_tracking_uri(root.local_path)
     slug = "".join(c if c.isalnum() or c in "-." else "_" for c in root.uri)
-    return default_tracking_uri(default_cache_dir() / "mlflow" / slug)
+    return default_tracking_uri(cache_dir() / "mlflow" / slug)
 
 
 def prepare_tracking_store(tracking_uri: str) -> None:
@@ -329,7 +325,7 @@ def synthetic_data(cfg: Config) -> str:
     """The built-in synthetic set, generated into the cache on first use."""
     d = cfg.data
     path = ensure_synthetic(
-        default_cache_dir(),
+        cache_dir(),
         n=d.synthetic_n,
         resolution=d.resolution,
         poses=d.synthetic_poses,

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pof3d.cache import cache_dir
 from pof3d.errors import Pof3dError
 from pof3d.metrics.progress import ProgressLog
 
@@ -36,18 +37,12 @@ URL_ENV = "POF3D_INCEPTION_URL"  # a mirror to fetch from instead of INCEPTION_U
 FETCH_COMMAND = "python -m pof3d.evaluate --fetch-weights"
 DOWNLOAD_CHUNK = 1 << 20
 DOWNLOAD_LOG_EVERY_S = 10.0
-CACHE_ENV = "POF3D_CACHE"
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # images [B,3,H,W] in [-1,1] -> features [B,D]
 
 
 class WeightsError(Pof3dError):
     """A feature-network weights file that is missing or does not match its checksum."""
-
-
-def cache_dir() -> Path:
-    """Folder for weights and cached real-image statistics (``$POF3D_CACHE`` or ``~/.cache/pof3d``)."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "pof3d")
 
 
 def sha256_file(path: Path) -> str:

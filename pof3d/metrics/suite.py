@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pof3d.cache import cache_dir
 from pof3d.camera import pose_to_cam2world, to_eg3d
 from pof3d.config import Config
 from pof3d.data.shard_reader import iter_rows, load_arrays
@@ -170,7 +171,7 @@ def evaluate_generator(
     ``data_uri``: shard set with the real images (and poses/depth where known); None means the
     built-in synthetic setting (JS against its true pose sampler; no image metrics). ``feature_fn``
     replaces the Inception network (its real-image features are then not cached); ``cache`` is the
-    folder for real-image features and the depth estimator (default :func:`pof3d.metrics.fid.cache_dir`).
+    folder for real-image features and the depth estimator (default :func:`pof3d.cache.cache_dir`).
 
     ``spread``: the place of this process among the workers that share the evaluation; every one of them
     calls this with the same arguments, each renders its share of the image-metric samples, and rank 0
@@ -178,9 +179,7 @@ def evaluate_generator(
     ``kd_random`` instead of ``fid``/``kid`` when the Inception file is missing, rather than skipping.
     """
     groups = resolve_metrics(metrics)
-    run = EvalRun(
-        G, cfg, data_uri, num_samples, torch.device(device), seed, Path(cache or fidlib.cache_dir())
-    )
+    run = EvalRun(G, cfg, data_uri, num_samples, torch.device(device), seed, Path(cache or cache_dir()))
     results: dict[str, float] = {}
     started = time.perf_counter()
     modes = (G.training, D.training if D is not None else False)

@@ -21,7 +21,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from pof3d.distributed.plan import default_tracking_uri_for
 from pof3d.storage import Location
 from pof3d.studies.results import Table
-from pof3d.tracking import experiment_id
+from pof3d.tracking import client_for, experiment_id
 from pof3d.tracking.ui import command_line, source_tags, study_description
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def open_parent(
     existing_run_id: str | None = None,
 ) -> str:
     """Create the study's parent run (or reopen ``existing_run_id`` on resume); returns its id."""
-    client = MlflowClient(tracking_uri)
+    client = client_for(tracking_uri)
     if existing_run_id:
         client.update_run(existing_run_id, status="RUNNING")
         logger.info("resuming MLflow parent run %s", existing_run_id)
@@ -88,7 +88,7 @@ def close_parent(
     """Log the results table (its files, and as an MLflow table), the per-variant figures (or a
     search's best objective and parameter importances), ``tags`` (a search's best trial), and mark the
     parent run ended."""
-    client = MlflowClient(tracking_uri)
+    client = client_for(tracking_uri)
     for key, value in (tags or {}).items():
         client.set_tag(run_id, key, value)
     for path in files:
@@ -113,7 +113,7 @@ def close_trial_runs(uri: str, experiment: str, parent: str, outcomes: dict[str,
     that trained to its budget can be ended the same way before it closes its run (the 4-kimg search
     had 4 stopped trials ``FAILED`` and two finished ones ``RUNNING``).
     """
-    client = MlflowClient(uri)
+    client = client_for(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return

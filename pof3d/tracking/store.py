@@ -3,19 +3,24 @@ opens it (the ``mlflow ui`` command and a link to the run in the UI's training v
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import sqlite3
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from pof3d.cache import cache_dir
 from pof3d.tracking.ui import run_url
 
 logger = logging.getLogger(__name__)
 
 _PROBE_TIMEOUT_S = 3.0
+SQLITE_PREFIX = "sqlite:///"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # What the experiment is, for MLflow versions whose UI reads it; 3.17's does not (see pof3d.tracking.ui).
 EXPERIMENT_KIND = "custom_model_development"
@@ -25,7 +30,7 @@ _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_T
 
 def default_tracking_uri(run_dir: Path) -> str:
     """A local SQLite store inside the run directory (MLflow 3 refuses plain file stores by default)."""
-    return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
+    return f"{SQLITE_PREFIX}{(run_dir / 'mlflow.db').resolve()}"
 
 
 def ui_command(tracking_uri: str, run_id: str | None = None) -> str:
@@ -69,8 +74,8 @@ def experiment_id(client: Any, name: str, tracking_uri: str) -> str:
             client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     location = None
-    if tracking_uri.startswith("sqlite:///"):
-        location = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
+    if tracking_uri.startswith(SQLITE_PREFIX):
+        location = artifact_root(Path(tracking_uri[len(SQLITE_PREFIX) :])).as_uri()
     return client.create_experiment(
         name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
     )
@@ -80,6 +85,8 @@ def client_for(tracking_uri: str) -> Any:
     """An ``MlflowClient`` whose HTTP calls fail fast (the sender does the retrying)."""
     from mlflow.tracking import MlflowClient
 
+    if tracking_uri.startswith(SQLITE_PREFIX):
+        seed_sqlite_store(Path(tracking_uri[len(SQLITE_PREFIX) :]))
     if tracking_uri.startswith(("http://", "https://")):
         for key, value in _HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
@@ -122,3 +129,60 @@ def run_exists(client: Any, run_id: str) -> bool:
             return False
         raise  # the server is away: not a reason to open a second run
     return True
+
+
+def artifact_root(db: Path) -> Path:
+    """Where the experiments of the SQLite store ``db`` keep their artifacts: next to the database."""
+    return (db.parent / "mlartifacts").resolve()
+
+
+def seed_sqlite_store(db: Path) -> None:
+    """Start a new SQLite store as a copy of an empty one, instead of letting MLflow build it.
+
+    MLflow builds a new store by running its whole chain of schema migrations, about 3 s on a 2-core
+    machine for every run directory (and every test run), while copying an empty store of the same
+    MLflow version takes milliseconds. The empty store is made once per MLflow version by MLflow itself
+    (in the cache folder). Its only contents, the "Default" experiment, gets the artifact folder and
+    creation time that this store's own experiments would get. An existing ``db`` is left alone; if
+    anything here fails, MLflow builds the store as it always would.
+    """
+    if db.exists():
+        return
+    try:
+        template = _empty_store()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        partial = db.with_name(f".{db.name}.{os.getpid()}.partial")
+        shutil.copyfile(template, partial)
+        now = int(time.time() * 1000)
+        with contextlib.closing(sqlite3.connect(partial)) as con, con:
+            con.execute(
+                "UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ?"
+                " WHERE experiment_id = 0",
+                ((artifact_root(db) / "0").as_uri(), now, now),
+            )
+        try:
+            os.link(partial, db)  # never over a store another process has just made
+        except FileExistsError:
+            pass
+        finally:
+            partial.unlink()
+    except (OSError, sqlite3.Error) as exc:
+        logger.debug("MLflow builds the store %s itself: %s", db, exc)
+
+
+def _empty_store() -> Path:
+    import mlflow
+
+    template = cache_dir() / "mlflow" / f"empty-store-{mlflow.__version__}.db"
+    if template.exists():
+        return template
+    template.parent.mkdir(parents=True, exist_ok=True)
+    partial = template.with_name(f".{template.name}.{os.getpid()}.partial")
+    partial.unlink(missing_ok=True)
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    # The store class itself, not a client: clients keep their stores (and an open database) per URI.
+    store = SqlAlchemyStore(f"{SQLITE_PREFIX}{partial}", artifact_root(partial).as_uri())
+    store.engine.dispose()
+    os.replace(partial, template)
+    return template
