@@ -29,6 +29,14 @@ from pof3d.storage import Location
 
 logger = logging.getLogger(__name__)
 
+# How often Ray Train's controller looks at its workers (Ray's default: every 2 s). Each look is one
+# status call per worker; a launch waits for up to one interval to see its workers started, each report
+# and the workers finished, so the default adds seconds to every launch (a 4-step run on 2 cores: 24 s
+# -> 19 s at 0.5 s, benchmarks/launch.py). Ray hands the driver's value to the controller; a value the
+# user sets wins.
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+HEALTH_CHECK_INTERVAL_S = "0.5"
+
 
 @dataclass
 class LaunchResult:
@@ -113,6 +121,7 @@ def launch(plan: RunPlan, callbacks: list[Any] = ()) -> LaunchResult:
         f" (elastic, looking for room every {t.resize_interval_s:g} s)" if low < high else "",
         plan.files.checkpoints,
     )
+    os.environ.setdefault(HEALTH_CHECK_ENV, HEALTH_CHECK_INTERVAL_S)
     result = trainer.fit()
     final: dict[str, Any] = result.return_value or {}
     checkpoint = None
