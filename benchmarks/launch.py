@@ -25,32 +25,7 @@ import time
 from pathlib import Path
 
 from pof3d.distributed.launcher import HEALTH_CHECK_ENV
-
-# The end-to-end tests' micro model (tests/micro_config.py): 32 px, a few thousand parameters.
-MICRO = [
-    "model.image_resolution=32",
-    "data.resolution=32",
-    "data.synthetic_n=64",
-    "model.neural_resolution=16",
-    "model.triplane_resolution=16",
-    "model.triplane_channels=8",
-    "model.channel_base=256",
-    "model.channel_max=32",
-    "model.disc_channel_base=256",
-    "model.disc_channel_max=32",
-    "model.depth_samples=6",
-    "model.importance_samples=6",
-    "model.sr_channels=16",
-    "model.z_dim=32",
-    "model.w_dim=32",
-    "model.cmap_dim=32",
-    "model.pose_hidden=32",
-    "model.decoder_hidden=16",
-    "model.decoder_features=8",
-    "train.tick_kimg=0.004",
-    "train.snapshot_kimg=0.008",
-    "train.cpu_threads=1",
-]
+from pof3d.testing.micro import MICRO
 
 
 def busy_cpu_s() -> float:

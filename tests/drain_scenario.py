@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from micro_config import MICRO  # tests/ is this script's folder, first on sys.path
 from ray.core.generated import autoscaler_pb2
 from ray_cluster_scenarios import (
     CLUSTER_DID_NOT_START,
@@ -33,6 +32,7 @@ from ray_cluster_scenarios import (
 
 from pof3d.run_files import read_metrics_log
 from pof3d.storage import Location
+from pof3d.testing.micro import MICRO
 from pof3d.train import main
 
 DRAIN_DEADLINE_S = 300  # far beyond the run's end: the run finishes on the draining node

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from micro_config import MICRO  # tests/ is this script's folder, first on sys.path
 
 from pof3d.checkpoint import read_progress
 from pof3d.distributed.preemption import write_notice
@@ -46,6 +45,7 @@ from pof3d.testing.local_cluster import (
     train_workers,
     wait_during,
 )
+from pof3d.testing.micro import MICRO
 from pof3d.train import main
 
 CLUSTER_DID_NOT_START = 75  # EX_TEMPFAIL: the test runs the scenario once more

@@ -37,7 +37,6 @@ os.environ["RAY_FAKE_CLUSTER"] = "1"
 os.environ["AUTOSCALER_UPDATE_INTERVAL_S"] = "1"
 
 import ray  # noqa: E402
-from micro_config import MICRO  # noqa: E402  (tests/ is this script's folder, first on sys.path)
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from pof3d.distributed.resources import autoscaler_can_add_nodes, ensure_resources  # noqa: E402
@@ -47,6 +46,7 @@ from pof3d.run_files import RunFiles  # noqa: E402
 from pof3d.storage import Location  # noqa: E402
 from pof3d.testing.local_cluster import ClusterDidNotStart, add_node, train_workers  # noqa: E402
 from pof3d.testing.local_cluster import stop_cluster as stop_local_cluster  # noqa: E402
+from pof3d.testing.micro import MICRO  # noqa: E402
 from pof3d.train import main  # noqa: E402
 
 CLUSTER_DID_NOT_START = 75  # EX_TEMPFAIL

@@ -8,12 +8,12 @@ import socket
 
 import pytest
 import torch
-from micro_config import MICRO
 
 from pof3d.batch_split import MicroBatch, check_split, micro_batches, micro_size, share
 from pof3d.errors import ConfigError
 from pof3d.loop import Trainer
 from pof3d.presets import load_config
+from pof3d.testing.micro import MICRO
 
 STEPS = 2
 # The first step's losses and gradients agree to float32 rounding (sums in another order: an all-reduce of

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from micro_config import MICRO
 
 from pof3d import console
 from pof3d.data.streaming import ingest_options
+from pof3d.testing.micro import MICRO
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -237,9 +237,9 @@ def test_a_damaged_shard_stops_training_with_one_error_and_no_retry(
 ):
     """Shards on S3 read by two workers: the harder case (local shards read the same way, through the
     same reader, and the damaged-file errors of local shards are covered by the tests above)."""
-    from micro_config import MICRO
     from mlflow.tracking import MlflowClient
 
+    from pof3d.testing.micro import MICRO
     from pof3d.train import main as train_main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -14,13 +14,13 @@ from pathlib import Path
 import mlflow
 import mlflow.tracking.fluent
 import pytest
-from micro_config import MICRO
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pof3d.generator import Generator
 from pof3d.presets import load_config
 from pof3d.studies.mlflow_wiring import open_parent
+from pof3d.testing.micro import MICRO
 from pof3d.tracking import Tracker, logged_model, ui_command
 from pof3d.tracking.system_metrics import NodeMonitor
 from pof3d.tracking.ui import (

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-from micro_config import MICRO
 from mlflow.tracking import MlflowClient
 from scoped_env import isolated_run_env
 
@@ -23,6 +22,7 @@ from pof3d.checkpoint import latest_checkpoint, load_checkpoint
 from pof3d.distributed.preemption import NoticeWatch, notice_location, notices_from_signals, write_notice
 from pof3d.run_files import RunFiles
 from pof3d.storage import Location
+from pof3d.testing.micro import MICRO
 from pof3d.train import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 import slurm_cluster
-from micro_config import MICRO
 from mlflow.tracking import MlflowClient
 
 from pof3d.data.synthetic import ensure_synthetic
 from pof3d.distributed.plan import SYNTHETIC_SEED
 from pof3d.run_files import read_metrics_log
 from pof3d.storage import Location
+from pof3d.testing.micro import MICRO
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "cluster" / "slurm" / "pof3d.sbatch"

@@ -12,11 +12,11 @@ import math
 from pathlib import Path
 
 import pytest
-from micro_config import MICRO as MICRO_MODEL
 from mlflow.tracking import MlflowClient
 from scoped_env import isolated_run_env
 
 from pof3d.errors import ConfigError
+from pof3d.testing.micro import MICRO as MICRO_MODEL
 
 # The training tests' micro model: a few seconds per trial on 2 cores.
 MICRO = [*MICRO_MODEL, "train.eval_metrics=pose,js"]

@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from micro_config import MICRO
 from mlflow.tracking import MlflowClient
 from mlflow_server import MlflowServer
 from scoped_env import isolated_run_env
 
 from pof3d.run_files import RunFiles, read_metrics_log
 from pof3d.storage import Location
+from pof3d.testing.micro import MICRO
 from pof3d.tracking import Tracker, experiment_id
 from pof3d.tracking.backfill import backfill, metric_entities, send_metrics
 

@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-from micro_config import MICRO
 from mlflow.tracking import MlflowClient
 from scoped_env import isolated_run_env
 
 from pof3d.checkpoint import latest_checkpoint, load_checkpoint
 from pof3d.run_files import RunFiles
 from pof3d.storage import Location
+from pof3d.testing.micro import MICRO
 from pof3d.tracking.ui import command_name, figure_key
 from pof3d.train import main
 

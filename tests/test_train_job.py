@@ -25,7 +25,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from micro_config import MICRO
+
+from pof3d.testing.micro import MICRO
 
 pytestmark = pytest.mark.slow
 

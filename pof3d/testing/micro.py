@@ -1,4 +1,5 @@
-"""A micro model (32 px, a few thousand parameters) for end-to-end Ray tests that must finish fast.
+"""A micro model (32 px, a few thousand parameters) for end-to-end Ray tests that must finish fast, and
+for benchmarks/launch.py, which times what such a short run costs around its steps.
 
 Its workers train on one thread (``train.cpu_threads=1``): the end-to-end tests run several trainers,
 Ray nodes, data tasks or servers on one machine at once, and a trainer whose OpenMP threads outnumber
