@@ -16,9 +16,12 @@ from pof3d.cache import CACHE_ENV
 from pof3d.tracking import client_for, default_tracking_uri, experiment_id
 
 
-def _schema(db: Path) -> tuple[list[tuple[str, str]], list[tuple[str]]]:
+def _schema(db: Path) -> tuple[dict[str, list[str]], list[tuple[str]]]:
+    """Each table's and index's definition as a sorted list of its lines, and the schema version. Sorted:
+    two stores MLflow builds itself list a table's constraints in different orders."""
     with contextlib.closing(sqlite3.connect(db)) as con:
-        tables = sorted(con.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL"))
+        rows = con.execute("SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL")
+        tables = {name: sorted(line.strip().rstrip(",") for line in sql.splitlines()) for name, sql in rows}
         version = list(con.execute("SELECT version_num FROM alembic_version"))
     return tables, version
 
