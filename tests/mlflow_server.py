@@ -65,11 +65,13 @@ class MlflowServer:
         self.stop()
         raise RuntimeError(f"mlflow server did not answer within {START_TIMEOUT_S:g}s")
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = True) -> None:
+        """End the server: by SIGTERM, letting it finish the requests in flight (which can take seconds),
+        or, not ``graceful``, at once by SIGKILL, as a crashed server or a lost network would go."""
         if self._process is None:
             return
         group = os.getpgid(self._process.pid)
-        os.killpg(group, signal.SIGTERM)
+        os.killpg(group, signal.SIGTERM if graceful else signal.SIGKILL)
         try:
             self._process.wait(timeout=20)
         except subprocess.TimeoutExpired:
