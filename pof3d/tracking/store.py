@@ -152,20 +152,19 @@ def seed_sqlite_store(db: Path) -> None:
         template = _empty_store()
         db.parent.mkdir(parents=True, exist_ok=True)
         partial = db.with_name(f".{db.name}.{os.getpid()}.partial")
-        shutil.copyfile(template, partial)
-        now = int(time.time() * 1000)
-        with contextlib.closing(sqlite3.connect(partial)) as con, con:
-            con.execute(
-                "UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ?"
-                " WHERE experiment_id = 0",
-                ((artifact_root(db) / "0").as_uri(), now, now),
-            )
-        try:
-            os.link(partial, db)  # never over a store another process has just made
-        except FileExistsError:
-            pass
+        try:  # a copy that failed half-way is removed too
+            shutil.copyfile(template, partial)
+            now = int(time.time() * 1000)
+            with contextlib.closing(sqlite3.connect(partial)) as con, con:
+                con.execute(
+                    "UPDATE experiments SET artifact_location = ?, creation_time = ?, last_update_time = ?"
+                    " WHERE experiment_id = 0",
+                    ((artifact_root(db) / "0").as_uri(), now, now),
+                )
+            with contextlib.suppress(FileExistsError):
+                os.link(partial, db)  # never over a store another process has just made
         finally:
-            partial.unlink()
+            partial.unlink(missing_ok=True)
     except (OSError, sqlite3.Error) as exc:
         logger.debug("MLflow builds the store %s itself: %s", db, exc)
 
