@@ -202,7 +202,10 @@ class TrainConfig:
     #: gives up (pof3d/distributed/resources.py); 0 = do not wait. A cluster without an autoscaler fails
     #: at once
     resource_wait_min: float = 30.0
-    compile: bool = False  #: torch.compile the training step
+    #: torch.compile the generator's backbone and super-resolution; the compiled graphs are kept in
+    #: $POF3D_CACHE/inductor for the next start on the node (pof3d/compile_cache.py); off by default:
+    #: on a CPU it has not paid back (benchmarks/compile.py, docs/training-step.md)
+    compile: bool = False
     #: arithmetic of the training phases: auto (the official code's fp16/bf16 layers per
     #: model.num_fp16_res on a GPU, fp32 on a CPU), fp32, bf16 (G's and D's convolutions and matrix
     #: products in bfloat16, any device) or fp16 (the num_fp16_res layers in float16, clamped to +-256,

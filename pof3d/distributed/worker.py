@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pof3d.checkpoint import images_seen, load_checkpoint, save_checkpoint
+from pof3d.compile_cache import CompiledGraphs
 from pof3d.config import Config
 from pof3d.console import quiet_train_worker
 from pof3d.data.streaming import StepFeed
@@ -95,6 +96,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     time_limit = TimeLimit(plan.deadline)
     notices = NoticeWatch(files, rank)
     stop_reason = None
+    compiled = CompiledGraphs()
 
     while stop_reason is None and trainer.images_seen < target:
         started = time.perf_counter()
@@ -161,6 +163,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         metrics.update({"images_seen": trainer.images_seen, "tick": tick, "world_size": world})
         metrics.update(group_figures)  # at the first tick after a group change only
         group_figures = {}
+        if cfg.train.compile:  # graphs compiled and loaded from the cache so far in this launch
+            compiled = _count_compiled(compiled, metrics, rank)
         if rank == 0:
             logger.info(progress_line(tick, trainer.images_seen, target, metrics))
             metrics_log.append(metrics)
@@ -212,6 +216,14 @@ def _threads(cfg: Config, workers_on_node: int) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     share = max(1, cores // max(1, workers_on_node))
     return share - 1 if share > 2 else share
+
+
+def _count_compiled(before: CompiledGraphs, metrics: dict[str, float], rank: int) -> CompiledGraphs:
+    now = CompiledGraphs.so_far()
+    metrics.update(now.metrics())
+    if rank == 0 and now != before:
+        logger.info("compiled graphs so far: %d compiled, %d loaded from the cache", now.new, now.cached)
+    return now
 
 
 def _device(cfg: Config) -> torch.device:
