@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,7 @@ def _step(tmp_path: Path, name: str, *args: str) -> dict:
 
 # A cold compile of the micro model takes about 110 s on one thread of a 2-core machine, loading it 19 s.
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler (g++) for inductor's CPU code")
 def test_compiled_step_matches_eager_and_a_resume_loads_its_graphs_instead_of_compiling(tmp_path) -> None:
     folder = tmp_path / "cache" / "inductor"
     first = _step(tmp_path, "first")
