@@ -156,7 +156,8 @@ class SlurmCluster:
     def stop(self) -> None:
         """Cancel what still runs, give the jobs' processes 15 s to end (Ray's own shutdown), kill what
         is left of them (proctrack/linuxproc loses processes whose parent died first), then stop the
-        daemons."""
+        daemons: 3 s after SIGTERM they are killed (slurmctld had not stopped 20 s after it, and this
+        throwaway cluster keeps no state worth a clean stop)."""
         if self._daemons and all(d.poll() is None for d in self._daemons):
             self.run("scancel", "--user=root", check=False)
             with contextlib.suppress(RuntimeError):
@@ -170,7 +171,7 @@ class SlurmCluster:
             if daemon.poll() is None:
                 daemon.terminate()
                 try:
-                    daemon.wait(timeout=20)
+                    daemon.wait(timeout=3)
                 except subprocess.TimeoutExpired:
                     daemon.kill()
                     daemon.wait()
@@ -178,15 +179,21 @@ class SlurmCluster:
 
     def _job_processes(self) -> list[int]:
         """Processes this cluster's jobs started, wherever they were reparented: their environment has
-        this cluster's SLURM_CONF (the daemons too, which are not counted)."""
+        this cluster's SLURM_CONF. The daemons have it too and are not counted, nor is slurmctld's script
+        daemon (its child), which ends with it: waiting for it to end first would always take the whole
+        wait. slurmd's children (the jobs' step daemons) are counted."""
         marker = f"SLURM_CONF={self.env.get('SLURM_CONF')}".encode()
         daemons = {d.pid for d in self._daemons}
+        controller = {d.pid for d in self._daemons if Path(d.args[0]).name == "slurmctld"}
         found = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) in daemons or int(entry.name) == os.getpid():
                 continue
-            with contextlib.suppress(OSError):
-                if marker in (entry / "environ").read_bytes().split(b"\0"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if marker not in (entry / "environ").read_bytes().split(b"\0"):
+                    continue
+                # /proc/PID/stat: "pid (name) state ppid ...", the name may hold spaces
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) not in controller:
                     found.append(int(entry.name))
         return found
 
