@@ -37,6 +37,7 @@ CHILD = "--child-json"
 def child(preset: str, compile_: bool, iters: int, threads: int, overrides: list[str], out: Path) -> None:
     """In a process of its own (compiled graphs and inductor's counters last as long as the process)."""
     import torch
+    from step import fixed_real_batch  # benchmarks/step.py: the same batch every benchmark trains on
 
     from pof3d.compile_cache import CompiledGraphs
     from pof3d.loop import Trainer
@@ -45,8 +46,7 @@ def child(preset: str, compile_: bool, iters: int, threads: int, overrides: list
     torch.set_num_threads(threads)
     cfg = load_config(preset, [*overrides, f"train.compile={str(compile_).lower()}"])
     trainer = Trainer(cfg, device="cpu", seed=0)
-    res, batch = cfg.model.image_resolution, cfg.train.batch
-    real = torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    real, batch = fixed_real_batch(cfg, torch.device("cpu")), cfg.train.batch
     times = []
     for _ in range(iters + 1):
         started = time.perf_counter()

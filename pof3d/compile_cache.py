@@ -1,7 +1,7 @@
 """Compiled graphs kept across restarts and resumes (``train.compile``), and a count of what was compiled.
 
-Compiling the generator's convolution stacks costs minutes on a CPU (about 100 s for the tests' micro
-model on one thread, 2-core machine) and seconds to load again from a cache. PyTorch's inductor keeps
+Compiling the generator's convolution stacks costs minutes on a CPU (about two minutes for the tests'
+micro model on one thread, 2-core machine) and seconds to load again from a cache. PyTorch's inductor keeps
 compiled graphs in an on-disk cache that a later process finds by the graph's hash; by default under
 ``/tmp``, which a container restart or a node's reboot wipes. A run that compiles points it into pof3d's
 own cache folder, ``$POF3D_CACHE/inductor`` (``~/.cache/pof3d/inductor``), unless the user chose one with
