@@ -6,15 +6,17 @@ consumer's collate, as in training; DataLoader: ``num_workers=2``, ``shuffle=Tru
 set at 64 and 256 px. The Ray path streams all epochs in one execution (``make_dataset(epochs=E)``, each
 epoch every row once in a new order), the way training streams small sets; an epoch ends when its last
 row has been delivered. An extra row, "ray-data, 1 epoch per execution", starts a new execution every
-epoch instead. Epoch 1 includes start-up (Ray's first tasks, the DataLoader's worker processes); the
-DataLoader restarts its workers every epoch (its default); a last row keeps them alive
-(``persistent_workers=True``). Ray's worker processes are started by a throwaway read before timing.
-The ratio column compares whole runs (all epochs, epoch 1 included): a pipeline that decodes ahead can
-make its later epochs look faster, but not the whole run. The 1-minute load average is printed at the
+epoch instead, and "ray-data, N read task(s) at once" caps the stream's read tasks (``--max-tasks``, 1
+by default: what a training run of one worker streams with, ``data.decode_tasks``). Epoch 1 includes
+start-up (Ray's first tasks, the DataLoader's worker processes); the DataLoader restarts its workers
+every epoch (its default); a last row keeps them alive (``persistent_workers=True``). Ray's worker
+processes are started by a throwaway read before timing. The ratio column compares whole runs (all
+epochs, epoch 1 included): a pipeline that decodes ahead can make its later epochs look faster, but not
+the whole run. The 1-minute load average is printed at the
 start and the end: on a shared machine compare the ratios of one run, not absolute rates.
 
     python benchmarks/data.py [--n64 4096] [--n256 768] [--batch 32] [--epochs 3] [--workdir DIR]
-                              [--task-rows 512] [--block-rows 128]
+                              [--task-rows 512] [--block-rows 128] [--max-tasks 1]
 """
 
 from __future__ import annotations
@@ -78,11 +80,11 @@ def warm_up_ray(uri: str, batch: int) -> None:
 
 
 def bench_ray(
-    uri: str, batch: int, epochs: int, per_execution: int, sizes: dict[str, int]
+    uri: str, batch: int, epochs: int, per_execution: int, sizes: dict[str, int], max_tasks: int | None = None
 ) -> tuple[int, float, float, float]:
     """``per_execution`` epochs per Ray Data execution: ``epochs`` (one stream, as training streams small
-    sets) or 1 (a new execution every epoch)."""
-    ds = make_dataset(uri, seed=0, decode_cpus=1.0, epochs=per_execution, **sizes)
+    sets) or 1 (a new execution every epoch); ``max_tasks`` read tasks at once (None: as CPUs allow)."""
+    ds = make_dataset(uri, seed=0, decode_cpus=1.0, epochs=per_execution, max_tasks=max_tasks, **sizes)
     ds.context.enable_progress_bars = False
     rows = read_manifest(uri)["rows"]
     ends, count, start = [], 0, time.perf_counter()
@@ -127,6 +129,9 @@ def main() -> None:
     p.add_argument("--workdir", default=None, help="keep the generated data here (default: a temp dir)")
     p.add_argument("--task-rows", type=int, default=TASK_ROWS, help="rows per Ray read task")
     p.add_argument("--block-rows", type=int, default=DECODE_BATCH, help="rows per Ray block")
+    p.add_argument(
+        "--max-tasks", type=int, default=1, help="a row with at most this many read tasks at once (0: none)"
+    )
     args = p.parse_args()
     sizes = {"task_rows": args.task_rows, "block_rows": args.block_rows}
 
@@ -145,6 +150,9 @@ def main() -> None:
             warm_up_ray(uri, args.batch)
             stream = bench_ray(uri, args.batch, args.epochs, args.epochs, sizes)
             rows.append((resolution, "ray-data", *stream))
+            if args.max_tasks:
+                capped = bench_ray(uri, args.batch, args.epochs, args.epochs, sizes, args.max_tasks)
+                rows.append((resolution, f"ray-data, {args.max_tasks} read task(s) at once", *capped))
             rows.append((resolution, "dataloader", *bench_loader(folder, args.batch, args.epochs)))
             once = bench_ray(uri, args.batch, args.epochs, 1, sizes)
             rows.append((resolution, "ray-data, 1 epoch per execution", *once))

@@ -156,6 +156,10 @@ class DataConfig:
     resolution: int = 256  #: image side of the data; must equal model.image_resolution
     xflip: bool = False  #: add horizontally mirrored copies of the reals
     shuffle_seed: int = 0  #: seed of the data order
+    #: decode tasks each training worker may have running at once (each one a Ray worker process, about
+    #: 2 CPU seconds to start; one 0.25-CPU task decodes hundreds of images/s); 0 = as many as the free
+    #: CPUs allow
+    decode_tasks: int = 1
 
 
 @dataclass
@@ -361,6 +365,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.cpu_threads={t.cpu_threads}: expected 0 (automatic) or a thread count")
     if t.cpus_per_worker <= 0 and t.gpus_per_worker <= 0:
         raise ConfigError("train.cpus_per_worker and train.gpus_per_worker cannot both be 0")
+    if cfg.data.decode_tasks < 0:
+        raise ConfigError(f"data.decode_tasks={cfg.data.decode_tasks}: expected 0 (no cap) or a task count")
     if cfg.data.resolution != m.image_resolution:
         raise ConfigError(
             f"data.resolution={cfg.data.resolution} must equal model.image_resolution={m.image_resolution}"

@@ -193,6 +193,7 @@ def test_overrides_do_not_mutate_the_input() -> None:
         ("train.batch_gpu=-1", "train.batch_gpu=-1: expected 0"),
         ("train.eval_samples=1", "train.eval_samples=1: expected at least 2"),
         ("train.cpu_threads=-1", "train.cpu_threads=-1: expected 0"),
+        ("data.decode_tasks=-1", "data.decode_tasks=-1: expected 0 (no cap) or a task count"),
     ],
 )
 def test_bad_overrides_are_clear_errors(override: str, message: str) -> None:

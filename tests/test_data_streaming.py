@@ -59,7 +59,9 @@ def test_batches_are_decoded_images_and_poses_and_epochs_reshuffle(ray_local, sh
 
 @pytest.mark.slow
 def test_one_execution_streams_several_epochs_each_row_once_per_epoch(ray_local, shard_set):
-    ds = make_dataset(str(shard_set), seed=4, epochs=3)
+    # One read task at a time, as a training run of one worker streams by default (data.decode_tasks).
+    ds = make_dataset(str(shard_set), seed=4, epochs=3, max_tasks=1)
+    assert ds._logical_plan.dag.compute.size == 1  # Ray Data's read operator runs at most one task
     orders = []
     for _ in range(2):  # the second execution continues with epochs 3..5
         ids = [i for batch in iter_train_batches(ds, 7) for i in batch["id"].tolist()]
@@ -87,6 +89,11 @@ def test_flip_mirrors_the_image_and_negates_the_yaw_offset(ray_local, shard_set,
                 flipped += 1
             assert pose[1] == v0
     assert flipped + kept == N_ROWS and flipped > 5 and kept > 5
+
+
+def test_a_cap_of_no_read_task_is_refused(shard_set):
+    with pytest.raises(ValueError, match="max_tasks=0: expected at least 1 read task at a time, or None"):
+        make_dataset(str(shard_set), max_tasks=0)
 
 
 def test_full_shuffle_keeps_one_epoch_per_execution(shard_set):

@@ -14,6 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pof3d.checkpoint import save_checkpoint
+from pof3d.distributed.launcher import decode_task_cap
 from pof3d.distributed.plan import TrainRequest, flag_overrides, plan_run
 from pof3d.distributed.progress import (
     TickMeter,
@@ -121,6 +122,14 @@ def test_resource_check_rejects_requests_that_would_starve_ray_data() -> None:
         check_resources(gpu, {"CPU": 16.0})
     with pytest.raises(ConfigError, match=r"train.resource_wait_min=-1.0: expected minutes >= 0"):
         load_config("tiny", ["train.resource_wait_min=-1"])
+
+
+def test_the_stream_runs_decode_tasks_per_worker_of_the_largest_group() -> None:
+    assert decode_task_cap(load_config("tiny")) == 1  # one task at a time for one worker, by default
+    assert decode_task_cap(load_config("tiny", ["data.decode_tasks=3", "train.workers=2"])) == 6
+    elastic = load_config("tiny", ["data.decode_tasks=2", "train.workers=1", "train.max_workers=4"])
+    assert decode_task_cap(elastic) == 8  # made once per group: room for the largest
+    assert decode_task_cap(load_config("tiny", ["data.decode_tasks=0"])) is None  # as CPUs allow
 
 
 def test_flags_become_overrides_only_when_given() -> None:

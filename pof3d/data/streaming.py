@@ -189,6 +189,7 @@ def make_dataset(
     epochs: int | None = 1,
     decode_cpus: float = DECODE_CPUS,
     cpu_budget: float | None = None,
+    max_tasks: int | None = None,
     start: int = 0,
 ) -> ray.data.Dataset:
     """A lazily streamed Ray Dataset over the shard set at ``uri``: columns ``image`` (uint8 [3,R,R]),
@@ -201,7 +202,10 @@ def make_dataset(
 
     ``cars`` picks the left-right mirror of the pose for ``xflip``; by default it is read from a synthetic
     set's manifest (faces otherwise). ``cpu_budget`` caps the CPUs Ray Data may use for this dataset
-    (leave it None under Ray Train, which reserves the training workers' CPUs itself).
+    (leave it None under Ray Train, which reserves the training workers' CPUs itself). ``max_tasks`` caps
+    the read tasks running at once (None: as many as the free CPUs allow). Every task Ray runs at once
+    needs a worker process of its own, and starting one costs about two CPU seconds (Python, Ray and the
+    reader's imports), more than a short run's steps need of decoding (docs/data.md).
 
     ``start``: rows of the stream already read (a run's images seen at the checkpoint it resumes from).
     The stream then goes on from there, not from its first epoch: the rows, order within each read task
@@ -222,6 +226,8 @@ def make_dataset(
             f"full_shuffle with epochs={epochs}: a global shuffle would mix the epochs of one execution;"
             " expected epochs=1 (or None)"
         )
+    if max_tasks is not None and max_tasks < 1:
+        raise ValueError(f"max_tasks={max_tasks}: expected at least 1 read task at a time, or None")
     source = ShardSource(
         uri,
         seed=seed,
@@ -238,6 +244,7 @@ def make_dataset(
         source,
         num_cpus=decode_cpus,
         override_num_blocks=source.num_tasks(),
+        concurrency=max_tasks,
     )
     if full_shuffle:
         ds = ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
@@ -250,12 +257,13 @@ def make_dataset(
 
         ds.context.execution_options.resource_limits = ExecutionResources(cpu=cpu_budget)
     log.info(
-        "streaming %d rows (%d row groups) from %d shards of %s, %d epoch(s) per execution, from row %d",
+        "streaming %d rows (%d row groups) from %d shards of %s, %d epoch(s) per execution, from row %d, %s",
         manifest["rows"],
         len(source.groups),
         len(manifest["shards"]),
         uri,
         epochs,
         start,
+        f"at most {max_tasks} read task(s) at once" if max_tasks else "read tasks as CPUs allow",
     )
     return ds

@@ -159,11 +159,18 @@ class TrainStream:
             seed=cfg.data.shuffle_seed,
             shuffle=True,
             epochs=None,
+            max_tasks=decode_task_cap(cfg),
             start=start,
         )
         quiet_dataset(dataset)  # keep the per-tick lines readable in job logs
         dataset.context.print_on_execution_start = self.verbose  # the driver's choice, not this process's
         return dataset
+
+
+def decode_task_cap(cfg: Config) -> int | None:
+    """Read tasks the run's stream may run at once: ``data.decode_tasks`` for each of the most workers the
+    run may have (an elastic run's stream is made once per group, for the largest); None: no cap."""
+    return cfg.data.decode_tasks * cfg.train.worker_range()[1] if cfg.data.decode_tasks else None
 
 
 def resume_images(files: RunFiles, resume_from: Location | None) -> int:
