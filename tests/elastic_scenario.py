@@ -44,6 +44,7 @@ from pof3d.testing.local_cluster import (
     stop_cluster,
     train_workers,
     wait_during,
+    worker_logs,
 )
 from pof3d.testing.micro import MICRO
 from pof3d.train import main
@@ -144,6 +145,7 @@ def grow_then_shrink(work: Path, run_uri: str, out: Path) -> None:
         result["shrink_s"] = time.monotonic() - launched
         result["all_workers"] = train_workers(cluster)
     finally:
+        result["worker_logs"] = worker_logs(cluster)
         stop_cluster(cluster)
     result.update(run_dir=files.root.uri, mlflow_uri=mlflow_uri, every=EVERY)
     out.write_text(json.dumps(result, indent=2))

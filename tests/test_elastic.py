@@ -237,7 +237,10 @@ def elastic_run(tmp_path_factory, s3_server) -> dict:
     files = RunFiles(Location.parse(result["run_dir"]))
     ticks = read_metrics_log(files.metrics)
     changes = [t for t in ticks if "group/previous_workers" in t]
-    resumes = [(u, float(k)) for u, k in re.findall(r"resumed from (\S+) at kimg ([\d.]+)", logs)]
+    # The workers' lines are read from their own log files: the driver's copy is best effort, and on a
+    # loaded machine it once lacked a group change logged seconds before the cluster stopped.
+    worker_lines = result["worker_logs"]
+    resumes = [(u, float(k)) for u, k in re.findall(r"resumed from (\S+) at kimg ([\d.]+)", worker_lines)]
     took = time.monotonic() - started
     return {
         **result,
@@ -262,7 +265,7 @@ def test_an_elastic_run_grows_to_two_workers_when_a_node_joins(elastic_run) -> N
     assert grown == run["ticks"][grown_at]  # said at the grown group's first tick
     assert grown["group/previous_workers"] == 1 and grown["group/redone_images"] >= 0
     assert 0 < grown["group/start_s"] < grown["group/restart_s"]
-    assert "worker group grew from 1 to 2 workers (resize): training again" in run["logs"]
+    assert "worker group grew from 1 to 2 workers (resize): training again" in run["worker_logs"]
     # Before the resize stopped it, the single worker checkpointed after its step in progress (the
     # controller recorded how long that took), and the grown group resumed from that checkpoint, newer
     # than the first. The old worker's own log line of it may be lost: Ray stops its process right after.
@@ -283,7 +286,7 @@ def test_an_elastic_run_shrinks_to_one_worker_when_a_node_goes_and_finishes(elas
     assert [size for size, _ in itertools.groupby(second_launch)] == [2, 1], second_launch
     shrunk = run["changes"][-1]
     assert len(run["changes"]) == 2 and shrunk["world_size"] == 1 and shrunk["group/previous_workers"] == 2
-    assert "worker group shrank from 2 to 1 workers (failure): training again" in run["logs"]
+    assert "worker group shrank from 2 to 1 workers (failure): training again" in run["worker_logs"]
     # From the latest checkpoint of this launch when the node went (the one seen before the removal,
     # or one written while the removal was under way), on the node that stayed.
     shrunk_from = list({round(k * 1000) for _, k in run["resumes"] if round(k * 1000) > run["resumed"]})

@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -100,6 +101,18 @@ def train_workers(cluster: Cluster) -> dict[str, dict[str, Any]]:
         for actor_id, info in actors.items()
         if info["ActorClassName"] == "RayTrainWorker"
     }
+
+
+def worker_logs(cluster: Cluster) -> str:
+    """What the cluster's worker processes wrote to their log files (``worker-*.out`` and ``.err`` in the
+    session folder of every node still in the cluster, which the nodes on one machine share). The driver's
+    copy of these lines (``log_to_driver``) is best effort: on a loaded machine it lags, and lines written
+    shortly before the cluster stops can be missing from it."""
+    nodes = [cluster.head_node, *cluster.worker_nodes] if cluster.head_node else list(cluster.worker_nodes)
+    folders = sorted({Path(node.get_logs_dir_path()) for node in nodes})
+    return "".join(
+        path.read_text(errors="replace") for folder in folders for path in sorted(folder.glob("worker-*.*"))
+    )
 
 
 def stop_cluster(cluster: Cluster) -> None:
