@@ -5,9 +5,10 @@ in the same run (as a resubmission with ``--resume auto`` does); a missing DATA 
 job before Ray starts.
 
 The jobs overlap in time so that the module stays around two minutes on two idle cores. The limited job
-trains toward a target it cannot reach; once it trains, the test shortens its time limit to end in
-about three minutes (an operator may do so; SLURM's warning then comes within its 30 s check), so that
-how fast this machine starts Ray and training does not matter. Once its second start has trained past
+trains toward a target it cannot reach; once it trains, the test shortens its time limit to end 90 to
+150 s later (an operator may do so; SLURM's warning then comes within its 30 s check, and the notice
+falls at half the new limit, which has then passed or comes soon), so that how fast this machine starts
+Ray and training does not matter. Once its second start has trained past
 the checkpoint it resumed from, the test cancels it.
 """
 
@@ -174,7 +175,8 @@ def test_jobs_share_a_node_requeue_at_the_time_limit_and_refuse_missing_data(slu
     # Once the limited job trains, its limit comes near; it checkpoints between snapshots before the
     # limit and requeues itself (this SLURM holds a requeued job 6 s, not two minutes: cred_expire).
     info = _wait_job(slurm, limited, lambda i: _ended(i) or bool(_ticks(runs / "limited")), 600)
-    minutes = math.ceil((_seconds(info["RunTime"]) + 150) / 60)
+    # At least 90 s left: SLURM's warning within 30 s, and a minute for the checkpoint and the requeue.
+    minutes = math.ceil((_seconds(info["RunTime"]) + 90) / 60)
     slurm.run("scontrol", "update", f"JobId={limited}", f"TimeLimit={minutes}")
     info = _wait_job(slurm, limited, lambda i: int(i["Restarts"]) >= 1 or _ended(i), 240)
     limited_log = _log(info)
