@@ -12,8 +12,8 @@ start-up (Ray's first tasks, the DataLoader's worker processes); the DataLoader 
 every epoch (its default); a last row keeps them alive (``persistent_workers=True``). Ray's worker
 processes are started by a throwaway read before timing. The ratio column compares whole runs (all
 epochs, epoch 1 included): a pipeline that decodes ahead can make its later epochs look faster, but not
-the whole run. The 1-minute load average is printed at the
-start and the end: on a shared machine compare the ratios of one run, not absolute rates.
+the whole run. The 1-minute load average is printed at the start and the end: on a shared machine
+compare the ratios of one run, not absolute rates.
 
     python benchmarks/data.py [--n64 4096] [--n256 768] [--batch 32] [--epochs 3] [--workdir DIR]
                               [--task-rows 512] [--block-rows 128] [--max-tasks 1]

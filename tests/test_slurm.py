@@ -8,8 +8,8 @@ The jobs overlap in time so that the module stays around two minutes on two idle
 trains toward a target it cannot reach; once it trains, the test shortens its time limit to end 90 to
 150 s later (an operator may do so; SLURM's warning then comes within its 30 s check, and the notice
 falls at half the new limit, which has then passed or comes soon), so that how fast this machine starts
-Ray and training does not matter. Once its second start has trained past
-the checkpoint it resumed from, the test cancels it.
+Ray and training does not matter. Once its second start has trained past the checkpoint it resumed
+from, the test cancels it.
 """
 
 from __future__ import annotations

@@ -103,13 +103,17 @@ def train_workers(cluster: Cluster) -> dict[str, dict[str, Any]]:
     }
 
 
+def _nodes(cluster: Cluster) -> list[Any]:
+    """The cluster's nodes still in it, the head first (if it started)."""
+    return [cluster.head_node, *cluster.worker_nodes] if cluster.head_node else list(cluster.worker_nodes)
+
+
 def worker_logs(cluster: Cluster) -> str:
     """What the cluster's worker processes wrote to their log files (``worker-*.out`` and ``.err`` in the
     session folder of every node still in the cluster, which the nodes on one machine share). The driver's
     copy of these lines (``log_to_driver``) is best effort: on a loaded machine it lags, and lines written
     shortly before the cluster stops can be missing from it."""
-    nodes = [cluster.head_node, *cluster.worker_nodes] if cluster.head_node else list(cluster.worker_nodes)
-    folders = sorted({Path(node.get_logs_dir_path()) for node in nodes})
+    folders = sorted({Path(node.get_logs_dir_path()) for node in _nodes(cluster)})
     return "".join(
         path.read_text(errors="replace") for folder in folders for path in sorted(folder.glob("worker-*.*"))
     )
@@ -117,9 +121,8 @@ def worker_logs(cluster: Cluster) -> str:
 
 def stop_cluster(cluster: Cluster) -> None:
     """Shut the cluster down, and end the processes its nodes started (by their ids)."""
-    nodes = [cluster.head_node, *cluster.worker_nodes] if cluster.head_node else list(cluster.worker_nodes)
     started: list[psutil.Process] = []
-    for node in nodes:
+    for node in _nodes(cluster):
         for infos in getattr(node, "all_processes", {}).values():  # none on a node that failed to start
             for info in infos:
                 try:
