@@ -88,7 +88,7 @@ def stages(trainer: Trainer) -> dict[str, tuple[int, Stage]]:
             coarse, interval_weights(sigma.view(b, r * r, -1), coarse), m.importance_samples, True
         )
         depths = torch.cat((coarse, fine), dim=-1)
-        features2 = torch.cat([features.view(b, -1, r * r, m.depth_samples)] * 2, dim=-1)
+        features2 = torch.cat([features.view(b, r * r, m.depth_samples, -1)] * 2, dim=2)
         sigma2 = torch.cat([sigma.view(b, r * r, -1)] * 2, dim=-1)
         rendered = G.render(planes, ws, pose)
     passes = 2 if m.importance_samples > 0 else 1
@@ -119,7 +119,7 @@ def stages(trainer: Trainer) -> dict[str, tuple[int, Stage]]:
     def decoder():
         leaf = _leaf(plane_sum)
         s, f = G.decoder.decode(leaf)
-        return torch.cat((s[:, None], f), dim=1), [leaf]
+        return torch.cat((s[..., None], f), dim=-1), [leaf]
 
     def compositing():
         d, s, f = depths, _leaf(sigma2), _leaf(features2)

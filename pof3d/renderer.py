@@ -133,18 +133,18 @@ class VolumeRenderer(nn.Module):
     def _decode(
         self, planes: torch.Tensor, decoder: nn.Module, points: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float] | None]:
-        """Features ``[B, C, N]`` (channels first) and raw density ``[B, N]`` at ``points`` ``[B, N, 3]``,
-        with the affine colour map still to apply to composited features (None: already applied).
+        """Features ``[B, N, C]`` and raw density ``[B, N]`` at ``points`` ``[B, N, 3]``, with the affine
+        colour map still to apply to composited features (None: already applied).
 
-        The tri-plane decoder reads the plane sum channels first (:meth:`TriplaneDecoder.decode`); any
-        other module gets the per-plane samples ``[B, 3, N, C]`` and returns ``{"rgb": [B, N, C],
-        "sigma": [B, N, 1]}`` (the analytic fields of the renderer's tests).
+        The tri-plane decoder reads the plane sum, a row of channels per point
+        (:meth:`TriplaneDecoder.decode`); any other module gets the per-plane samples ``[B, 3, N, C]`` and
+        returns ``{"rgb": [B, N, C], "sigma": [B, N, 1]}`` (the analytic fields of the renderer's tests).
         """
         if isinstance(decoder, TriplaneDecoder):
             sigma, features = decoder.decode(sample_plane_sum(planes, points, self.box_warp, self.quirk))
             return features, sigma, RGB_AFFINE
         out = decoder(sample_triplanes(planes, points, self.box_warp, self.quirk))
-        return out["rgb"].transpose(1, 2), out["sigma"].squeeze(-1), None
+        return out["rgb"], out["sigma"].squeeze(-1), None
 
     def _query(
         self,
@@ -154,12 +154,12 @@ class VolumeRenderer(nn.Module):
         directions: torch.Tensor,
         depths: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float] | None]:
-        """Features ``[B, C, N, S]``, raw density ``[B, N, S]`` at the given depths along each ray, and
+        """Features ``[B, N, S, C]``, raw density ``[B, N, S]`` at the given depths along each ray, and
         the affine map still to apply to the composited features (None: already applied)."""
         b, n, s = depths.shape
         points = origins[:, :, None, :] + depths[..., None] * directions[:, :, None, :]
         features, sigma, affine = self._decode(planes, decoder, points.reshape(b, n * s, 3))
-        return features.view(b, -1, n, s), sigma.view(b, n, s), affine
+        return features.view(b, n, s, -1), sigma.view(b, n, s), affine
 
     def forward(
         self,
@@ -171,11 +171,10 @@ class VolumeRenderer(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Composite the field along rays ``[B, N, 3]``.
 
-        Returns ``features`` ``[B, N, C]`` (in [-1, 1]; first 3 channels RGB; a transposed view of the
-        channels-first ``[B, C, N]`` result, so ``features.transpose(1, 2)`` is the feature image
-        without a copy), ``depth`` ``[B, N, 1]`` (expected depth of the ray's termination) and
-        ``weights_sum`` ``[B, N, 1]`` (opacity). Depths are jittered when ``jitter`` is True; by default
-        in training mode only.
+        Returns ``features`` ``[B, N, C]`` (in [-1, 1]; first 3 channels RGB; ``features.transpose(1, 2)``
+        viewed as ``[B, C, H, W]`` is the feature image, channels-last, without a copy), ``depth``
+        ``[B, N, 1]`` (expected depth of the ray's termination) and ``weights_sum`` ``[B, N, 1]``
+        (opacity). Depths are jittered when ``jitter`` is True; by default in training mode only.
         """
         jitter = self.training if jitter is None else jitter
         b, n, _ = origins.shape
@@ -202,7 +201,7 @@ class VolumeRenderer(nn.Module):
         affine: tuple[float, float] | None = None,
     ) -> dict[str, torch.Tensor]:
         """March sorted samples; ``order`` maps sorted positions to the concatenated ``features``
-        (``[B, C, N, S]`` each, channels first).
+        (``[B, N, S, C]`` each).
 
         ``affine`` = (scale, offset) is the decoder's per-sample colour map, deferred to here:
         sum_s w_s (scale f_s + offset) = scale sum_s w_s f_s + offset sum_s w_s.
@@ -221,15 +220,14 @@ class VolumeRenderer(nn.Module):
             per_sample = torch.zeros_like(per_sample).scatter(-1, order, per_sample)
         out, start = None, 0
         for feat in features:
-            s = feat.shape[-1]
+            s = feat.shape[2]
             # A weighted sum over a ray's few samples: an element-wise product and a sum, which beat
             # a batched matrix product of one [1, S] x [S, C] product per ray.
-            part = (feat * per_sample[:, None, :, start : start + s]).sum(dim=-1)
+            part = (feat * per_sample[..., start : start + s, None]).sum(dim=2)
             out = part if out is None else out + part
             start += s
-        total_cf = total.transpose(1, 2)  # [B, 1, N]
         if affine is not None:
-            out = out * affine[0] + total_cf * affine[1]
+            out = out * affine[0] + total * affine[1]
         if self.white_background:
-            out = out + (1.0 - total_cf)
-        return {"features": (out * 2.0 - 1.0).transpose(1, 2), "depth": depth, "weights_sum": total}
+            out = out + (1.0 - total)
+        return {"features": out * 2.0 - 1.0, "depth": depth, "weights_sum": total}

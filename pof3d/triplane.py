@@ -88,19 +88,18 @@ def channels_last(planes: torch.Tensor) -> torch.Tensor:
 def sample_plane_sum(
     planes: torch.Tensor, points: torch.Tensor, box_warp: float, quirk: bool = False, kernel: bool = True
 ) -> torch.Tensor:
-    """Sum over the three planes of the bilinear features of ``points`` ``[B, N, 3]``: ``[B, C, N]``.
+    """Sum over the three planes of the bilinear features of ``points`` ``[B, N, 3]``: ``[B, N, C]``.
 
     The decoder takes the mean as this sum with 1/3 folded into its first layer's weight. On the CPU
     the sum comes from :mod:`pof3d.plane_kernel` (the same values and gradients, several times faster
-    than ``grid_sample``'s backward pass there) as a transposed view of its ``[B, N, C]`` result;
-    elsewhere from ``grid_sample``, channels first as it writes them, so neither the sum nor its
-    backward pass transposes anything. ``kernel=False`` takes ``grid_sample`` on the CPU too (for
-    side-by-side timings).
+    than ``grid_sample``'s backward pass there), one row of channels per point as the decoder reads it;
+    elsewhere from ``grid_sample`` (channels first as it writes them, returned as a transposed view).
+    ``kernel=False`` takes ``grid_sample`` on the CPU too (for side-by-side timings).
     """
     grid = _plane_grid(planes, points, box_warp, quirk)
     if kernel and plane_kernel.usable(planes, grid):
-        return plane_kernel.plane_sum(planes.permute(0, 1, 3, 4, 2), grid).transpose(1, 2)
-    return _grid_sample_planes(planes, grid).sum(dim=1)
+        return plane_kernel.plane_sum(planes.permute(0, 1, 3, 4, 2), grid)
+    return _grid_sample_planes(planes, grid).sum(dim=1).transpose(1, 2)
 
 
 class TriplaneDecoder(nn.Module):
@@ -108,7 +107,7 @@ class TriplaneDecoder(nn.Module):
 
     The first output channel is the raw density (activated by the renderer); the remaining
     ``out_features`` channels go through a widened sigmoid, the first three being RGB in [0, 1].
-    The renderer calls :meth:`decode` on the plane sum, channels first; ``forward`` takes per-plane
+    The renderer calls :meth:`decode` on the plane sum, a row per point; ``forward`` takes per-plane
     samples ``[B, 3, N, C]`` and computes the same through it.
     """
 
@@ -119,32 +118,30 @@ class TriplaneDecoder(nn.Module):
         self.out = FullyConnected(hidden, 1 + out_features, lr_mult=1.0)
 
     def decode(self, plane_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Plane sum ``[B, C, N]`` (:func:`sample_plane_sum`) -> raw density ``[B, N]`` and the plain
-        sigmoid of the features ``[B, out_features, N]``, channels first; the widening ``RGB_AFFINE`` is
-        left to the caller (the renderer applies it once per ray after compositing, which is linear and
-        whose weights sum to the opacity: two passes fewer over the per-sample features).
+        """Plane sum ``[B, N, C]`` (:func:`sample_plane_sum`) -> raw density ``[B, N]`` and the plain
+        sigmoid of the features ``[B, N, out_features]``; the widening ``RGB_AFFINE`` is left to the
+        caller (the renderer applies it once per ray after compositing, which is linear and whose
+        weights sum to the opacity: two passes fewer over the per-sample features).
 
-        Channels first, each layer is one ``[out, in] @ [in, N]`` product per image, and the features come
-        out in the layout of the image the renderer composites, so no per-sample tensor is transposed
-        forward or backward.
+        One row of channels per point: each layer is one ``[B N, in] @ [in, out]`` product, a shape the
+        CPU's matrix library runs faster for these narrow layers than the channels-first ``[out, in] @
+        [in, N]`` per image (docs/training-step.md), and the rows are what the CPU sampling kernel writes
+        and takes its gradient in, so nothing is transposed forward or backward.
         """
         # In the precision the phase asks for (pof3d/precision.py); the renderer gets float32 whatever the
         # MLP computed in, since its density activation, transmittance and compositing stay float32.
         with precision.region(plane_sum.device, "G"):
             # The mean over the three planes is folded into the first weight: W (s / 3) = (W / 3) s.
             w1 = self.hidden.weight * (self.hidden.weight_gain / 3.0)
-            b1 = self.hidden.bias * self.hidden.bias_gain
-            h = F.softplus(torch.baddbmm(b1[:, None], w1.expand(plane_sum.shape[0], -1, -1), plane_sum))
-            w2 = self.out.weight * self.out.weight_gain
-            b2 = self.out.bias * self.out.bias_gain
-            x = torch.baddbmm(b2[:, None], w2.expand(h.shape[0], -1, -1), h)
-            sigma, features = x.split((1, self.out_features), dim=1)  # split's backward: one concatenation
+            h = F.softplus(F.linear(plane_sum, w1, self.hidden.bias * self.hidden.bias_gain))
+            x = F.linear(h, self.out.weight * self.out.weight_gain, self.out.bias * self.out.bias_gain)
+            sigma, features = x.split((1, self.out_features), dim=-1)  # split's backward: one concatenation
             features = torch.sigmoid(features)
-        return sigma.squeeze(1).float(), features.float()
+        return sigma.squeeze(-1).float(), features.float()
 
     def forward(self, sampled: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-plane samples ``[B, 3, N, C]`` -> ``{"rgb": [B, N, out_features], "sigma": [B, N, 1]}``,
         the colour widened to ``RGB_AFFINE``."""
-        sigma, features = self.decode(sampled.sum(dim=1).transpose(1, 2))
+        sigma, features = self.decode(sampled.sum(dim=1))
         scale, offset = RGB_AFFINE
-        return {"rgb": features.transpose(1, 2) * scale + offset, "sigma": sigma.unsqueeze(-1)}
+        return {"rgb": features * scale + offset, "sigma": sigma.unsqueeze(-1)}

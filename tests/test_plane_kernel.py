@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(not plane_kernel.available(), reason="no C++ com
 
 
 def _reference(planes: torch.Tensor, points: torch.Tensor, quirk: bool) -> torch.Tensor:
-    """grid_sample per plane, summed over planes, channels first ``[B, C, N]``."""
-    return sample_triplanes(planes, points, 1.0, quirk).sum(dim=1).transpose(1, 2)
+    """grid_sample per plane, summed over planes, a row of channels per point ``[B, N, C]``."""
+    return sample_triplanes(planes, points, 1.0, quirk).sum(dim=1)
 
 
 @pytest.mark.parametrize("quirk", [True, False])
@@ -27,7 +27,7 @@ def test_values_and_both_gradients_match_grid_sample(quirk: bool) -> None:
     planes = channels_last(torch.randn(2, 3, 8, 16, 12)).requires_grad_(True)  # non-square planes too
     # A third of the points lie outside the box: zero padding gives them no value and no gradient there.
     points = (torch.rand(2, 600, 3) * 1.5 - 0.75).requires_grad_(True)
-    weights = torch.randn(2, 8, 600)
+    weights = torch.randn(2, 600, 8)
     results = []
     for sample in (_reference, lambda p, x, q: sample_plane_sum(p, x, 1.0, q)):
         out = sample(planes, points, quirk)
@@ -56,7 +56,7 @@ def test_a_channels_last_backbone_image_is_sampled_in_place_with_the_same_values
         plane_kernel.plane_sum(planes.permute(0, 1, 3, 4, 2), torch.zeros(2, 3, 5, 2))
     assert (2, 3, 16, 12, 8) not in copies, copies  # the planes were not copied
     points = (torch.rand(2, 500, 3) * 1.5 - 0.75).requires_grad_(True)
-    weights = torch.randn(2, 8, 500)
+    weights = torch.randn(2, 500, 8)
     got = sample_plane_sum(planes, points, 1.0, True)
     got_image, got_points = torch.autograd.grad((got * weights).sum(), (image, points))
     assert got_image.is_contiguous(memory_format=torch.channels_last)
@@ -109,7 +109,7 @@ PROBE = """
     from pof3d import plane_kernel
     from pof3d.triplane import sample_plane_sum, sample_triplanes
     planes, points = torch.randn(1, 3, 4, 8, 8), torch.rand(1, 20, 3) - 0.5
-    expected = sample_triplanes(planes, points, 1.0).sum(1).transpose(1, 2)
+    expected = sample_triplanes(planes, points, 1.0).sum(1)
     assert torch.allclose(sample_plane_sum(planes, points, 1.0), expected, atol=1e-6)
     print("available", plane_kernel.available())
 """

@@ -146,7 +146,7 @@ def test_fast_paths_match_plain_sampling_and_mean():
 
     def renderers_call() -> dict[str, torch.Tensor]:
         sigma, features = dec.decode(sample_plane_sum(planes, points, 1.0))
-        return {"sigma": sigma.unsqueeze(-1), "rgb": features.transpose(1, 2) * 1.002 - 0.001}
+        return {"sigma": sigma.unsqueeze(-1), "rgb": features * 1.002 - 0.001}
 
     results = []
     for fn in (plain, lambda: dec(sample_triplanes(planes, points, 1.0)), renderers_call):
@@ -164,8 +164,8 @@ def test_decoder_shapes_and_ranges():
     assert out["rgb"].shape == (2, 50, 12) and out["sigma"].shape == (2, 50, 1)
     assert out["rgb"].min() >= -1e-3 and out["rgb"].max() <= 1 + 1e-3
     assert out["sigma"].dtype == torch.float32
-    sigma, plain = dec.decode(torch.randn(2, 16, 50) * 10)  # the renderer's call: plane sum, channels first
-    assert sigma.shape == (2, 50) and plain.shape == (2, 12, 50)
+    sigma, plain = dec.decode(torch.randn(2, 50, 16) * 10)  # the renderer's call: plane sum, a row per point
+    assert sigma.shape == (2, 50) and plain.shape == (2, 50, 12)
     assert plain.min() >= 0 and plain.max() <= 1  # the widening is left to compositing
     assert RGB_AFFINE == (1.002, -0.001)
 
