@@ -19,7 +19,7 @@ from pof3d.pose_learner import PoseLearner
 from pof3d.renderer import VolumeRenderer, make_rays
 from pof3d.stylegan import MappingNetwork, SynthesisNetwork
 from pof3d.superres import SuperResolution
-from pof3d.triplane import TriplaneDecoder, channels_last
+from pof3d.triplane import TriplaneDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +123,16 @@ class Generator(nn.Module):
         less than converting the planes and converting their gradient back (docs/training-step.md).
         """
         img = self.backbone(ws, noise_mode=noise_mode)
-        planes = img.view(img.shape[0], 3, self.cfg.triplane_channels, *img.shape[-2:])
-        return channels_last(planes) if convert else planes
+        b, _, h, w = img.shape
+        c = self.cfg.triplane_channels
+        if not convert:
+            return img.view(b, 3, c, h, w)
+        # Converted through the texel-major view of the image ([B, H, W, 3C]: no copy when the image is
+        # channels-last, as the backbone makes it), so that the planes' gradient goes back into the
+        # image's own layout with one transposing copy; through the [B, 3, C, H, W] view it took two, the
+        # second into channels-last for the backbone's last layer.
+        rows = img.permute(0, 2, 3, 1).reshape(b, h, w, 3, c).permute(0, 3, 1, 2, 4).contiguous()
+        return rows.permute(0, 1, 4, 2, 3)
 
     def render(
         self, planes: torch.Tensor, ws: torch.Tensor, pose: torch.Tensor, noise_mode: str = "random"

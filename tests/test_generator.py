@@ -159,6 +159,25 @@ def test_generator_api_pieces_compose_to_forward(G, tiny):
     torch.testing.assert_close(img["image"], out["image"])
 
 
+def test_planes_hold_the_backbone_image_channels_innermost_and_its_gradient_keeps_its_layout(G, tiny):
+    """The converted planes hold the backbone image's values (channel k of plane p is image channel
+    p C + k), each texel's channels consecutive; the gradient reaches the channels-last image as one
+    channels-last tensor, so the backbone's last layer gets it without another copy."""
+    ws = G.map(torch.randn(2, tiny.z_dim))
+    image = G.backbone(ws, noise_mode="const").detach().requires_grad_(True)
+    G.backbone.forward, original = (lambda *a, **k: image), G.backbone.forward
+    try:
+        planes, in_place = G.synthesize_planes(ws), G.synthesize_planes(ws, convert=False)
+    finally:
+        G.backbone.forward = original
+    assert image.is_contiguous(memory_format=torch.channels_last)
+    assert planes.permute(0, 1, 3, 4, 2).is_contiguous()  # channels innermost, plane by plane
+    c = tiny.triplane_channels
+    assert torch.equal(planes, image.view(2, 3, c, *image.shape[-2:])) and torch.equal(planes, in_place)
+    (grad,) = torch.autograd.grad((planes * torch.randn_like(planes)).sum(), image)
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_truncation_psi_zero_gives_w_avg(G, tiny):
     G.map(torch.randn(64, tiny.z_dim), update_w_avg=True)
     assert torch.count_nonzero(G.mapping.w_avg) > 0
