@@ -152,7 +152,7 @@ class _PlaneSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, planes: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         b, _, h, w, c = planes.shape
-        p = grid.shape[2]
+        p = grid.shape[1]
         out = planes.new_empty(b, p, c)
         _load().plane_sum_forward(
             _ptr(planes), _ptr(grid), _ptr(out), b, p, h, w, c, *planes.stride()[:4], torch.get_num_threads()
@@ -176,7 +176,7 @@ class _PlaneSum(torch.autograd.Function):
             _ptr(grad_planes),
             _ptr(grad_grid),
             b,
-            grid.shape[2],
+            grid.shape[1],
             h,
             w,
             c,
@@ -188,12 +188,12 @@ class _PlaneSum(torch.autograd.Function):
 
 def plane_sum(planes: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """Bilinear samples summed over the planes: planes ``[B, 3, H, W, C]`` (channels innermost), grid
-    ``[B, 3, P, 2]`` (``grid_sample``'s (x, y) in [-1, 1]) -> ``[B, P, C]``. Float32 CPU tensors only
-    (:func:`usable`); differentiable once in both inputs."""
+    ``[B, P, 3, 2]`` (``grid_sample``'s (x, y) in [-1, 1] on each plane) -> ``[B, P, C]``. Float32 CPU
+    tensors only (:func:`usable`); differentiable once in both inputs."""
     b, planes_n, h, w, c = planes.shape
-    if planes_n != 3 or grid.shape[:2] != (b, 3) or grid.shape[-1] != 2:
+    if planes_n != 3 or grid.dim() != 4 or grid.shape[0] != b or grid.shape[2:] != (3, 2):
         raise ValueError(
-            f"planes must be [B, 3, H, W, C] and grid [B, 3, P, 2], got {planes.shape}, {grid.shape}"
+            f"planes must be [B, 3, H, W, C] and grid [B, P, 3, 2], got {planes.shape}, {grid.shape}"
         )
     if not dense_channels_innermost(planes):
         planes = planes.contiguous()

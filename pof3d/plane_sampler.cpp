@@ -3,7 +3,8 @@
 // The same values and gradients as torch's grid_sample (bilinear, zero padding, align_corners=False)
 // followed by a sum over the planes, but laid out for the tri-plane renderer: planes channels-innermost
 // [B, 3, H, W, C] with any strides for B, the plane, H and W (the backbone's channels-last image read in
-// place: its three planes' channels interleave per texel), output and its gradient [B, P, C]. The planes'
+// place: its three planes' channels interleave per texel), the sample positions [B, P, 3, 2] (a point's
+// three planes together, as the projection writes them), output and its gradient [B, P, C]. The planes'
 // gradient is written with the planes' own strides. Each bilinear tap then reads (and its gradient
 // writes) C consecutive floats, and every tap of a point is handled while its rows are in cache; torch's
 // CPU backward walks all points once per channel, which makes its scatter into the planes' gradient the
@@ -78,8 +79,7 @@ static void forward_range(const float* __restrict__ planes, const float* __restr
     float* __restrict__ o = out + i * C;
     for (int64_t c = 0; c < C; ++c) o[c] = 0.0f;
     for (int64_t k = 0; k < 3; ++k) {
-      const int64_t image = b * 3 + k;
-      const Tap t = tap_of(grid + (image * P + p) * 2, H, W);
+      const Tap t = tap_of(grid + (i * 3 + k) * 2, H, W);
       const float* __restrict__ plane = planes + b * st.b + k * st.k;
       for (int dy = 0; dy < 2; ++dy) {
         for (int dx = 0; dx < 2; ++dx) {
@@ -105,7 +105,8 @@ static void backward_range(const float* __restrict__ grad_out, const float* __re
     float* __restrict__ gplane = grad_planes ? grad_planes + b * st.b + k * st.k : nullptr;
     for (int64_t p = 0; p < P; ++p) {
       const float* __restrict__ g = grad_out + (b * P + p) * C;
-      const Tap t = tap_of(grid + (image * P + p) * 2, H, W);
+      const int64_t at = ((b * P + p) * 3 + k) * 2;
+      const Tap t = tap_of(grid + at, H, W);
       float gx = 0.0f, gy = 0.0f;
       for (int dy = 0; dy < 2; ++dy) {
         for (int dx = 0; dx < 2; ++dx) {
@@ -129,8 +130,8 @@ static void backward_range(const float* __restrict__ grad_out, const float* __re
       }
       if (grad_grid) {
         // d ix / d x = W / 2 and d iy / d y = H / 2 (align_corners=False).
-        grad_grid[(image * P + p) * 2] = gx * 0.5f * W;
-        grad_grid[(image * P + p) * 2 + 1] = gy * 0.5f * H;
+        grad_grid[at] = gx * 0.5f * W;
+        grad_grid[at + 1] = gy * 0.5f * H;
       }
     }
   }
@@ -138,7 +139,7 @@ static void backward_range(const float* __restrict__ grad_out, const float* __re
 
 extern "C" {
 
-// out[b, p, :] = sum over planes k of bilinear(planes[b, k], grid[b, k, p]).
+// out[b, p, :] = sum over planes k of bilinear(planes[b, k], grid[b, p, k]).
 void plane_sum_forward(const float* planes, const float* grid, float* out, int64_t B, int64_t P, int64_t H,
                        int64_t W, int64_t C, int64_t sb, int64_t sk, int64_t sy, int64_t sx, int threads) {
   const Strides st{sb, sk, sy, sx};

@@ -44,22 +44,27 @@ def project_to_planes(points: torch.Tensor, box_warp: float, quirk: bool = False
 
 
 def _plane_grid(planes: torch.Tensor, points: torch.Tensor, box_warp: float, quirk: bool) -> torch.Tensor:
-    """``grid_sample``'s coordinates ``[B, 3, N, 2]`` of ``points`` on each plane, after checking shapes."""
+    """``grid_sample``'s coordinates ``[B, N, 3, 2]`` of ``points`` on each plane, after checking shapes."""
     b, n_planes = planes.shape[:2]
     if n_planes != 3:
         raise ValueError(f"planes must be [B, 3, C, R, R], got shape {tuple(planes.shape)}")
     if points.dim() != 3 or points.shape[0] != b or points.shape[-1] != 3:
         raise ValueError(f"points must be [B={b}, N, 3], got shape {tuple(points.shape)}")
-    return project_to_planes(points.to(planes.dtype), box_warp, quirk).permute(0, 2, 1, 3)
+    return project_to_planes(points.to(planes.dtype), box_warp, quirk)
 
 
 def _grid_sample_planes(planes: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """``[B, 3, C, N]``: all planes in one grid_sample call, one grid row per (plane, sample)."""
+    """``[B, 3, C, N]`` at ``grid`` ``[B, N, 3, 2]``: all planes in one grid_sample call, one grid row per
+    (plane, sample)."""
     b, _, c, h, w = planes.shape
     # Channels-last planes make each bilinear tap read (and its gradient write) C contiguous values.
     flat = planes.reshape(b * 3, c, h, w).contiguous(memory_format=torch.channels_last)
     out = F.grid_sample(
-        flat, grid.reshape(b * 3, 1, -1, 2), mode="bilinear", padding_mode="zeros", align_corners=False
+        flat,
+        grid.transpose(1, 2).reshape(b * 3, 1, -1, 2),
+        mode="bilinear",
+        padding_mode="zeros",
+        align_corners=False,
     )
     return out.view(b, 3, c, -1)
 

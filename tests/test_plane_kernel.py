@@ -53,7 +53,7 @@ def test_a_channels_last_backbone_image_is_sampled_in_place_with_the_same_values
         patch.setattr(
             torch.Tensor, "contiguous", lambda t, *a, **k: copies.append(t.shape) or original(t, *a, **k)
         )
-        plane_kernel.plane_sum(planes.permute(0, 1, 3, 4, 2), torch.zeros(2, 3, 5, 2))
+        plane_kernel.plane_sum(planes.permute(0, 1, 3, 4, 2), torch.zeros(2, 5, 3, 2))
     assert (2, 3, 16, 12, 8) not in copies, copies  # the planes were not copied
     points = (torch.rand(2, 500, 3) * 1.5 - 0.75).requires_grad_(True)
     weights = torch.randn(2, 500, 8)
@@ -66,7 +66,7 @@ def test_a_channels_last_backbone_image_is_sampled_in_place_with_the_same_values
     torch.testing.assert_close(got_image, ref_image, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_points, ref_points, rtol=1e-4, atol=1e-4)
     # Planes with gaps (every other channel, or a cropped plane) are copied first, with the same values.
-    grid = torch.rand(1, 3, 20, 2) * 2 - 1
+    grid = torch.rand(1, 20, 3, 2) * 2 - 1
     for gapped in (torch.randn(1, 3, 8, 8, 16)[..., ::2], torch.randn(1, 3, 9, 8, 8)[:, :, 1:]):
         assert not plane_kernel.dense_channels_innermost(gapped)
         torch.testing.assert_close(
@@ -90,7 +90,7 @@ def test_the_kernel_runs_and_each_gradient_only_when_asked(monkeypatch: pytest.M
 
 def test_bad_shapes_are_refused() -> None:
     with pytest.raises(ValueError, match=r"planes must be \[B, 3, H, W, C\]"):
-        plane_kernel.plane_sum(torch.zeros(1, 2, 4, 4, 3), torch.zeros(1, 2, 5, 2))
+        plane_kernel.plane_sum(torch.zeros(1, 2, 4, 4, 3), torch.zeros(1, 5, 2, 2))
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
