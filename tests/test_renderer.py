@@ -144,12 +144,14 @@ def test_fast_paths_match_plain_sampling_and_mean():
         out = dec.out(h)
         return {"sigma": out[..., :1], "rgb": torch.sigmoid(out[..., 1:]) * 1.002 - 0.001}
 
-    def renderers_call() -> dict[str, torch.Tensor]:
-        sigma, features = dec.decode(sample_plane_sum(planes, points, 1.0))
+    def renderers_call(kernel: bool = True) -> dict[str, torch.Tensor]:
+        sigma, features = dec.decode(sample_plane_sum(planes, points, 1.0, kernel=kernel))
         return {"sigma": sigma.unsqueeze(-1), "rgb": features * 1.002 - 0.001}
 
     results = []
-    for fn in (plain, lambda: dec(sample_triplanes(planes, points, 1.0)), renderers_call):
+    # The renderer's call with the CPU kernel, and with grid_sample as on a GPU (a transposed sum).
+    calls = (renderers_call, lambda: renderers_call(kernel=False))
+    for fn in (plain, lambda: dec(sample_triplanes(planes, points, 1.0)), *calls):
         out = fn()
         grads = torch.autograd.grad(out["sigma"].sum() + out["rgb"].square().sum(), (planes, points))
         results.append((out["sigma"], out["rgb"], *grads))
