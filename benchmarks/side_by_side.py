@@ -58,7 +58,7 @@ def run_pair(checkouts: list[Path], cores: list[int], step_args: list[str], firs
             preexec_fn=lambda core=core: os.sched_setaffinity(0, {core}),
         )
     outs = [procs[i].communicate()[0] for i in (0, 1)]
-    for checkout, proc, out in zip(checkouts, (procs[0], procs[1]), outs, strict=True):
+    for checkout, proc, out in zip(checkouts, [procs[0], procs[1]], outs, strict=True):
         if proc.returncode != 0:
             raise RuntimeError(f"step.py of {checkout} exited {proc.returncode}:\n{out[-3000:]}")
     return outs
@@ -112,18 +112,13 @@ def main(argv: list[str] | None = None) -> int:
             for side, figures, core in (("before", before[key], cores[0]), ("after", after[key], cores[1])):
                 cells = " ".join(f"{figures[c]:8.3f}" for c in SHOWN)
                 print(f"{r + 1:5d} {key[0]:8} {side:6} {core:4d} {cells}")
-            ratio = {c: after[key][c] / before[key][c] for c in SHOWN if before[key][c] > 0}
-            print(
-                f"{r + 1:5d} {key[0]:8} {'ratio':6} {'':>4} "
-                + " ".join(f"{ratio.get(c, float('nan')):8.3f}" for c in SHOWN)
-            )
+            ratio = {c: after[key][c] / before[key][c] for c in SHOWN}  # step.py's seconds are never 0
+            print(f"{r + 1:5d} {key[0]:8} {'ratio':6} {'':>4} " + " ".join(f"{ratio[c]:8.3f}" for c in SHOWN))
             for c, v in ratio.items():
                 ratios.setdefault(key, {}).setdefault(c, []).append(v)
     print("median ratio after / before over the rounds (below 1: the after side is faster)")
     for key, by_column in ratios.items():
-        cells = " ".join(
-            f"{statistics.median(by_column[c]):8.3f}" if c in by_column else f"{'':8}" for c in SHOWN
-        )
+        cells = " ".join(f"{statistics.median(by_column[c]):8.3f}" for c in SHOWN)
         print(f"{'':5} {key[0]:8} {'median':6} {'':>4} {cells}")
     return 0
 

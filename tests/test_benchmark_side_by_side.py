@@ -21,7 +21,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
-def test_the_same_checkout_twice_gives_both_sides_and_a_ratio_per_round(tmp_path) -> None:
+def test_the_same_checkout_twice_gives_both_sides_and_a_ratio_per_round() -> None:
     cores = ",".join(map(str, sorted(os.sched_getaffinity(0))[:2]))
     step_args = ["--preset", "tiny", "--iters", "1", "--warmup", "0", "--set", "train.batch=4"]
     done = _run(
