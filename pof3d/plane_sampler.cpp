@@ -14,6 +14,13 @@
 // and caches it). Work is split over std::threads: the forward pass over points (each point sums its
 // three planes), the backward pass over the 3B plane images (each thread owns whole planes of the
 // gradient, so no two threads ever add into the same value).
+//
+// Three things keep the inner loops fast (docs/training-step.md has the timings): the common channel
+// counts (16, 32, 64) are compile-time constants, so a row of channels is a few whole vectors; a sum over
+// channels runs in one partial sum per vector lane, since a single running sum is a chain of dependent
+// additions that the compiler may not reorder (no -ffast-math) and would run one channel at a time; and
+// where a plane outgrows a core's cache, the rows of a point a few ahead are prefetched, so that their
+// misses overlap the work on this one.
 
 #include <algorithm>
 #include <cmath>
@@ -71,34 +78,83 @@ void split(int64_t n, int threads, Body body) {
 #define VECTOR_CLONES
 #endif
 
-VECTOR_CLONES
-static void forward_range(const float* __restrict__ planes, const float* __restrict__ grid, float* __restrict__ out,
-                          int64_t P, int64_t H, int64_t W, int64_t C, Strides st, int64_t begin, int64_t end) {
+namespace {
+
+constexpr int LANES = 16;                        // partial sums of a sum over channels
+constexpr int64_t AHEAD = 4;                     // points ahead whose rows are prefetched
+constexpr int64_t CACHED_PLANE = int64_t{1} << 20;  // bytes of a plane below which prefetching only costs
+
+// The four taps of a point on one plane, (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1): their
+// offsets, whether each is inside the plane, and the row each reads (a row of zeros outside: zero padding).
+struct Quad {
+  const float* f[4];
+  int64_t offset[4];
+  bool in[4];
+  float wx, wy;
+};
+
+inline Quad quad_of(const float* g, const float* plane, const float* zeros, int64_t H, int64_t W, Strides st) {
+  const Tap t = tap_of(g, H, W);
+  Quad q;
+  q.wx = t.wx;
+  q.wy = t.wy;
+  for (int j = 0; j < 4; ++j) {
+    const int64_t x = t.x0 + (j & 1), y = t.y0 + (j >> 1);
+    q.in[j] = inside(x, y, H, W);
+    q.offset[j] = q.in[j] ? y * st.y + x * st.x : 0;
+    q.f[j] = q.in[j] ? plane + q.offset[j] : zeros;
+  }
+  return q;
+}
+
+// The offset of the top-left tap of the point at g, or -1 outside the plane.
+inline int64_t corner_offset(const float* g, int64_t H, int64_t W, Strides st) {
+  const Tap t = tap_of(g, H, W);
+  return inside(t.x0, t.y0, H, W) ? t.y0 * st.y + t.x0 * st.x : -1;
+}
+
+inline bool large(int64_t H, int64_t W, int64_t C) {
+  return H * W * C * static_cast<int64_t>(sizeof(float)) > CACHED_PLANE;
+}
+
+// CC > 0: the channel count, known at compile time; CC = 0: any count, read from C at run time.
+template <int CC>
+VECTOR_CLONES void forward_range(const float* __restrict__ planes, const float* __restrict__ grid,
+                                 float* __restrict__ out, const float* zeros, int64_t P, int64_t H, int64_t W,
+                                 int64_t C_, Strides st, int64_t begin, int64_t end) {
+  const int64_t C = CC > 0 ? CC : C_;
+  const bool prefetch = large(H, W, C);
   for (int64_t i = begin; i < end; ++i) {
-    const int64_t b = i / P, p = i % P;
+    const int64_t b = i / P;
+    if (prefetch && i + AHEAD < end && (i + AHEAD) / P == b) {
+      for (int64_t k = 0; k < 3; ++k) {
+        const int64_t at = corner_offset(grid + ((i + AHEAD) * 3 + k) * 2, H, W, st);
+        if (at < 0) continue;
+        const float* f = planes + b * st.b + k * st.k + at;
+        __builtin_prefetch(f);
+        __builtin_prefetch(f + st.y);
+      }
+    }
     float* __restrict__ o = out + i * C;
     for (int64_t c = 0; c < C; ++c) o[c] = 0.0f;
     for (int64_t k = 0; k < 3; ++k) {
-      const Tap t = tap_of(grid + (i * 3 + k) * 2, H, W);
-      const float* __restrict__ plane = planes + b * st.b + k * st.k;
-      for (int dy = 0; dy < 2; ++dy) {
-        for (int dx = 0; dx < 2; ++dx) {
-          const int64_t x = t.x0 + dx, y = t.y0 + dy;
-          if (!inside(x, y, H, W)) continue;
-          const float w = (dx ? t.wx : 1.0f - t.wx) * (dy ? t.wy : 1.0f - t.wy);
-          const float* __restrict__ f = plane + y * st.y + x * st.x;
-          for (int64_t c = 0; c < C; ++c) o[c] += w * f[c];
-        }
-      }
+      const Quad q = quad_of(grid + (i * 3 + k) * 2, planes + b * st.b + k * st.k, zeros, H, W, st);
+      const float w00 = (1.0f - q.wx) * (1.0f - q.wy), w10 = q.wx * (1.0f - q.wy);
+      const float w01 = (1.0f - q.wx) * q.wy, w11 = q.wx * q.wy;
+      const float *__restrict__ f00 = q.f[0], *__restrict__ f10 = q.f[1], *__restrict__ f01 = q.f[2],
+                  *__restrict__ f11 = q.f[3];
+      for (int64_t c = 0; c < C; ++c) o[c] += w00 * f00[c] + w10 * f10[c] + w01 * f01[c] + w11 * f11[c];
     }
   }
 }
 
-VECTOR_CLONES
-static void backward_range(const float* __restrict__ grad_out, const float* __restrict__ planes,
-                           const float* __restrict__ grid, float* __restrict__ grad_planes,
-                           float* __restrict__ grad_grid, int64_t P, int64_t H, int64_t W, int64_t C,
-                           Strides st, int64_t begin, int64_t end) {
+template <int CC>
+VECTOR_CLONES void backward_range(const float* __restrict__ grad_out, const float* __restrict__ planes,
+                                  const float* __restrict__ grid, float* __restrict__ grad_planes,
+                                  float* __restrict__ grad_grid, const float* zeros, int64_t P, int64_t H,
+                                  int64_t W, int64_t C_, Strides st, int64_t begin, int64_t end) {
+  const int64_t C = CC > 0 ? CC : C_;
+  const bool prefetch = large(H, W, C);
   for (int64_t image = begin; image < end; ++image) {
     const int64_t b = image / 3, k = image % 3;
     const float* __restrict__ plane = planes + b * st.b + k * st.k;
@@ -106,29 +162,56 @@ static void backward_range(const float* __restrict__ grad_out, const float* __re
     for (int64_t p = 0; p < P; ++p) {
       const float* __restrict__ g = grad_out + (b * P + p) * C;
       const int64_t at = ((b * P + p) * 3 + k) * 2;
-      const Tap t = tap_of(grid + at, H, W);
-      float gx = 0.0f, gy = 0.0f;
-      for (int dy = 0; dy < 2; ++dy) {
-        for (int dx = 0; dx < 2; ++dx) {
-          const int64_t x = t.x0 + dx, y = t.y0 + dy;
-          if (!inside(x, y, H, W)) continue;  // zero padding: no value, no gradient
-          const int64_t offset = y * st.y + x * st.x;
-          const float wx = dx ? t.wx : 1.0f - t.wx, wy = dy ? t.wy : 1.0f - t.wy;
+      if (prefetch && p + AHEAD < P) {
+        const int64_t ahead = corner_offset(grid + at + AHEAD * 3 * 2, H, W, st);
+        if (ahead >= 0) {
+          __builtin_prefetch(plane + ahead);
+          __builtin_prefetch(plane + ahead + st.y);
           if (gplane) {
-            const float w = wx * wy;
-            float* __restrict__ gp = gplane + offset;
-            for (int64_t c = 0; c < C; ++c) gp[c] += w * g[c];
-          }
-          if (grad_grid) {
-            const float* __restrict__ f = plane + offset;
-            float dot = 0.0f;
-            for (int64_t c = 0; c < C; ++c) dot += g[c] * f[c];
-            gx += (dx ? wy : -wy) * dot;
-            gy += (dy ? wx : -wx) * dot;
+            __builtin_prefetch(gplane + ahead, 1);
+            __builtin_prefetch(gplane + ahead + st.y, 1);
           }
         }
       }
+      const Quad q = quad_of(grid + at, plane, zeros, H, W, st);
+      const float w[4] = {(1.0f - q.wx) * (1.0f - q.wy), q.wx * (1.0f - q.wy), (1.0f - q.wx) * q.wy,
+                          q.wx * q.wy};
+      if (gplane && q.in[0] && q.in[1] && q.in[2] && q.in[3]) {
+        // Inside: the four rows of the gradient updated in one pass over the channels.
+        float *__restrict__ g00 = gplane + q.offset[0], *__restrict__ g10 = gplane + q.offset[1],
+                           *__restrict__ g01 = gplane + q.offset[2], *__restrict__ g11 = gplane + q.offset[3];
+        for (int64_t c = 0; c < C; ++c) {
+          g00[c] += w[0] * g[c];
+          g10[c] += w[1] * g[c];
+          g01[c] += w[2] * g[c];
+          g11[c] += w[3] * g[c];
+        }
+      } else if (gplane) {
+        for (int j = 0; j < 4; ++j) {
+          if (!q.in[j]) continue;  // zero padding: no value, no gradient
+          float* __restrict__ gp = gplane + q.offset[j];
+          for (int64_t c = 0; c < C; ++c) gp[c] += w[j] * g[c];
+        }
+      }
       if (grad_grid) {
+        // d out / d wx = (1 - wy)(f10 - f00) + wy (f11 - f01) and d out / d wy alike, each summed over the
+        // channels against the output's gradient.
+        const float *__restrict__ f00 = q.f[0], *__restrict__ f10 = q.f[1], *__restrict__ f01 = q.f[2],
+                    *__restrict__ f11 = q.f[3];
+        float sx[LANES] = {}, sy[LANES] = {};
+        for (int64_t c0 = 0; c0 < C; c0 += LANES) {
+          const int64_t n = CC > 0 && CC % LANES == 0 ? LANES : std::min<int64_t>(LANES, C - c0);
+          for (int64_t l = 0; l < n; ++l) {
+            const int64_t c = c0 + l;
+            sx[l] += g[c] * ((1.0f - q.wy) * (f10[c] - f00[c]) + q.wy * (f11[c] - f01[c]));
+            sy[l] += g[c] * ((1.0f - q.wx) * (f01[c] - f00[c]) + q.wx * (f11[c] - f10[c]));
+          }
+        }
+        float gx = 0.0f, gy = 0.0f;
+        for (int l = 0; l < LANES; ++l) {
+          gx += sx[l];
+          gy += sy[l];
+        }
         // d ix / d x = W / 2 and d iy / d y = H / 2 (align_corners=False).
         grad_grid[at] = gx * 0.5f * W;
         grad_grid[at + 1] = gy * 0.5f * H;
@@ -137,14 +220,39 @@ static void backward_range(const float* __restrict__ grad_out, const float* __re
   }
 }
 
+template <int CC>
+void forward(const float* planes, const float* grid, float* out, int64_t B, int64_t P, int64_t H, int64_t W,
+             int64_t C, Strides st, int threads) {
+  const std::vector<float> zeros(C, 0.0f);
+  const float* z = zeros.data();
+  split(B * P, threads,
+        [=](int64_t begin, int64_t end) { forward_range<CC>(planes, grid, out, z, P, H, W, C, st, begin, end); });
+}
+
+template <int CC>
+void backward(const float* grad_out, const float* planes, const float* grid, float* grad_planes, float* grad_grid,
+              int64_t B, int64_t P, int64_t H, int64_t W, int64_t C, Strides st, int threads) {
+  const std::vector<float> zeros(C, 0.0f);
+  const float* z = zeros.data();
+  split(B * 3, threads, [=](int64_t begin, int64_t end) {
+    backward_range<CC>(grad_out, planes, grid, grad_planes, grad_grid, z, P, H, W, C, st, begin, end);
+  });
+}
+
+}  // namespace
+
 extern "C" {
 
 // out[b, p, :] = sum over planes k of bilinear(planes[b, k], grid[b, p, k]).
 void plane_sum_forward(const float* planes, const float* grid, float* out, int64_t B, int64_t P, int64_t H,
                        int64_t W, int64_t C, int64_t sb, int64_t sk, int64_t sy, int64_t sx, int threads) {
   const Strides st{sb, sk, sy, sx};
-  split(B * P, threads,
-        [=](int64_t begin, int64_t end) { forward_range(planes, grid, out, P, H, W, C, st, begin, end); });
+  switch (C) {
+    case 16: return forward<16>(planes, grid, out, B, P, H, W, C, st, threads);
+    case 32: return forward<32>(planes, grid, out, B, P, H, W, C, st, threads);
+    case 64: return forward<64>(planes, grid, out, B, P, H, W, C, st, threads);
+    default: return forward<0>(planes, grid, out, B, P, H, W, C, st, threads);
+  }
 }
 
 // Gradients of sum(grad_out * out): into the planes (grad_planes, zero on entry) and into the grid
@@ -153,9 +261,12 @@ void plane_sum_backward(const float* grad_out, const float* planes, const float*
                         float* grad_grid, int64_t B, int64_t P, int64_t H, int64_t W, int64_t C, int64_t sb,
                         int64_t sk, int64_t sy, int64_t sx, int threads) {
   const Strides st{sb, sk, sy, sx};
-  split(B * 3, threads, [=](int64_t begin, int64_t end) {
-    backward_range(grad_out, planes, grid, grad_planes, grad_grid, P, H, W, C, st, begin, end);
-  });
+  switch (C) {
+    case 16: return backward<16>(grad_out, planes, grid, grad_planes, grad_grid, B, P, H, W, C, st, threads);
+    case 32: return backward<32>(grad_out, planes, grid, grad_planes, grad_grid, B, P, H, W, C, st, threads);
+    case 64: return backward<64>(grad_out, planes, grid, grad_planes, grad_grid, B, P, H, W, C, st, threads);
+    default: return backward<0>(grad_out, planes, grid, grad_planes, grad_grid, B, P, H, W, C, st, threads);
+  }
 }
 
 }  // extern "C"

@@ -21,13 +21,27 @@ def _reference(planes: torch.Tensor, points: torch.Tensor, quirk: bool) -> torch
     return sample_triplanes(planes, points, 1.0, quirk).sum(dim=1)
 
 
-@pytest.mark.parametrize("quirk", [True, False])
-def test_values_and_both_gradients_match_grid_sample(quirk: bool) -> None:
+# Channel counts: 8 and 24 take the kernel's general loops, 16, 32 and 64 its compiled-in widths; the
+# 128 x 96 planes of 32 channels (1.5 MB each) are large enough for it to prefetch rows ahead.
+@pytest.mark.parametrize(
+    ("quirk", "channels", "height", "width"),
+    [
+        (True, 8, 16, 12),
+        (False, 8, 16, 12),
+        (False, 16, 16, 12),
+        (True, 24, 8, 8),
+        (False, 32, 128, 96),
+        (True, 64, 8, 12),
+    ],
+)
+def test_values_and_both_gradients_match_grid_sample(
+    quirk: bool, channels: int, height: int, width: int
+) -> None:
     torch.manual_seed(0)
-    planes = channels_last(torch.randn(2, 3, 8, 16, 12)).requires_grad_(True)  # non-square planes too
+    planes = channels_last(torch.randn(2, 3, channels, height, width)).requires_grad_(True)  # non-square too
     # A third of the points lie outside the box: zero padding gives them no value and no gradient there.
     points = (torch.rand(2, 600, 3) * 1.5 - 0.75).requires_grad_(True)
-    weights = torch.randn(2, 600, 8)
+    weights = torch.randn(2, 600, channels)
     results = []
     for sample in (_reference, lambda p, x, q: sample_plane_sum(p, x, 1.0, q)):
         out = sample(planes, points, quirk)
