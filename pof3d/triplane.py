@@ -141,7 +141,10 @@ class TriplaneDecoder(nn.Module):
             h = F.softplus(F.linear(plane_sum, w1, self.hidden.bias * self.hidden.bias_gain))
             x = F.linear(h, self.out.weight * self.out.weight_gain, self.out.bias * self.out.bias_gain)
             sigma, features = x.split((1, self.out_features), dim=-1)  # split's backward: one concatenation
-            features = torch.sigmoid(features)
+            # On a contiguous copy: torch's CPU sigmoid runs a strided slice element by element where a
+            # row is shorter than two vectors (16 channels with AVX-512) or in bfloat16, several times
+            # slower than the copy and a vectorised pass (docs/training-step.md).
+            features = torch.sigmoid(features.contiguous())
         return sigma.squeeze(-1).float(), features.float()
 
     def forward(self, sampled: torch.Tensor) -> dict[str, torch.Tensor]:
