@@ -17,9 +17,22 @@ LRELU_GAIN = math.sqrt(2.0)
 LRELU_SLOPE = 0.2
 
 
-def lrelu(x: torch.Tensor) -> torch.Tensor:
-    """Leaky ReLU scaled to keep unit variance, as in StyleGAN2."""
-    return F.leaky_relu(x, LRELU_SLOPE) * LRELU_GAIN
+def output_gain(activation: str, gain: float = 1.0) -> float:
+    """The factor a layer's output is scaled by: the caller's ``gain`` times the activation's own (StyleGAN2
+    scales leaky ReLU by ``LRELU_GAIN`` to keep unit variance).
+
+    Leaky ReLU is positively homogeneous, ``g lrelu(y) = lrelu(g y)`` for ``g > 0``, so the layers fold this
+    factor into their weight and bias (tensors of a few thousand values) instead of scaling the
+    activations: one pass fewer over each layer's output forward and one backward.
+    """
+    if gain <= 0:
+        raise ValueError(f"a layer's gain must be positive (it is folded into leaky ReLU), got {gain}")
+    return gain * (LRELU_GAIN if activation == "lrelu" else 1.0)
+
+
+def activate(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """The activation once :func:`output_gain` is folded into the layer: leaky ReLU without its gain."""
+    return F.leaky_relu(x, LRELU_SLOPE) if activation == "lrelu" else x
 
 
 class FullyConnected(nn.Module):
@@ -45,10 +58,10 @@ class FullyConnected(nn.Module):
         self.bias_gain = lr_mult
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight * self.weight_gain
-        b = self.bias * self.bias_gain if self.bias is not None else None
-        x = F.linear(x, w, b)
-        return lrelu(x) if self.activation == "lrelu" else x
+        g = output_gain(self.activation)
+        w = self.weight * (self.weight_gain * g)
+        b = self.bias * (self.bias_gain * g) if self.bias is not None else None
+        return activate(F.linear(x, w, b), self.activation)
 
 
 def _blur_kernel(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -176,12 +189,11 @@ class Conv2dLayer(nn.Module):
             x = upsample2d(x)
         if self.down:
             x = blur(x)
-        w = self.weight * self.weight_gain
-        b = self.bias.to(x.dtype) if self.bias is not None else None
+        g = output_gain(self.activation, gain)
+        w = self.weight * (self.weight_gain * g)
+        b = (self.bias * g).to(x.dtype) if self.bias is not None else None
         x = conv2d(x, w.to(x.dtype), b, stride=2 if self.down else 1, padding=self.padding)
-        if self.activation == "lrelu":
-            x = lrelu(x)
-        return x * gain if gain != 1.0 else x
+        return activate(x, self.activation)
 
 
 class ModulatedConv2d(nn.Module):
@@ -236,21 +248,23 @@ class ModulatedConv2d(nn.Module):
             x = blur(x)
         else:
             x = conv2d(x, weight.to(x.dtype), padding=self.padding)
-        filter_gain = 4.0 if self.up else 1.0  # zero-stuffing keeps 1 pixel in 4
+        act_gain = output_gain(self.activation)
+        scale = (4.0 if self.up else 1.0) * act_gain  # zero-stuffing keeps 1 pixel in 4
+        bias = (self.bias * act_gain).to(x.dtype)[None, :, None, None]
         if self.demodulate:
             # d_j = 1 / sqrt(sum_i,k (s_i w_jik)^2): computed from the styles, not the activations.
             dcoefs = (styles.square() @ weight.square().sum(dim=(2, 3)).t() + 1e-8).rsqrt()
-            x = x * (dcoefs * filter_gain).to(x.dtype)[:, :, None, None]
-        elif self.up:
-            x = x * filter_gain
+            # Scale and bias in one pass; the noise below is added after the bias, which is the same sum.
+            x = torch.addcmul(bias, x, (dcoefs * scale).to(x.dtype)[:, :, None, None])
+        else:
+            x = x * scale + bias if scale != 1.0 else x + bias
         if self.use_noise and noise_mode != "none":
             if noise_mode == "const":
                 noise = self.noise_const.to(x.dtype)
             else:
                 noise = torch.randn(x.shape[0], 1, x.shape[2], x.shape[3], device=x.device, dtype=x.dtype)
-            x = x + noise * self.noise_strength.to(x.dtype)
-        x = x + self.bias.to(x.dtype)[None, :, None, None]
-        return lrelu(x) if self.activation == "lrelu" else x
+            x = x + noise * (self.noise_strength * act_gain).to(x.dtype)
+        return activate(x, self.activation)
 
 
 def conv2d(
