@@ -53,10 +53,14 @@ def _cache_dirs() -> list[Path]:
     return [Path.home() / ".cache" / "pof3d" / "kernels", Path(tempfile.gettempdir()) / "pof3d-kernels"]
 
 
-def _build(compiler: str) -> Path:
-    """The compiled library's path, compiling it unless a cached copy exists."""
+def build(source: Path = SOURCE, compiler: str | None = None) -> Path:
+    """The compiled library of ``source`` (this package's kernel by default; another version of it for
+    ``benchmarks/plane_kernel.py``), compiling it unless a cached copy exists."""
+    compiler = compiler or _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (c++, g++, clang++ or $CXX)")
     key = hashlib.sha256(
-        SOURCE.read_bytes() + "\0".join((compiler, *FLAGS, platform.machine())).encode()
+        source.read_bytes() + "\0".join((compiler, *FLAGS, platform.machine())).encode()
     ).hexdigest()[:16]
     errors = []
     for cache in _cache_dirs():
@@ -67,7 +71,7 @@ def _build(compiler: str) -> Path:
             cache.mkdir(parents=True, exist_ok=True)
             partial = cache / f".plane_sampler-{key}.{os.getpid()}.tmp"
             subprocess.run(
-                [compiler, *FLAGS, str(SOURCE), "-o", str(partial)],
+                [compiler, *FLAGS, str(source), "-o", str(partial)],
                 check=True,
                 capture_output=True,
                 timeout=300,
@@ -79,21 +83,23 @@ def _build(compiler: str) -> Path:
     raise OSError("; ".join(errors))
 
 
+def open_library(path: Path) -> ctypes.CDLL:
+    """A built kernel, its two entry points typed."""
+    library = ctypes.CDLL(str(path))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    # pointers; B, P, H, W, C; the planes' strides for B, plane, row and texel; threads
+    library.plane_sum_forward.argtypes = [ptr] * 3 + [i64] * 9 + [ctypes.c_int]
+    library.plane_sum_backward.argtypes = [ptr] * 5 + [i64] * 9 + [ctypes.c_int]
+    return library
+
+
 def _load() -> ctypes.CDLL:
     global _library, _unavailable
     if _library is None and _unavailable is None:
-        compiler = _compiler()
         try:
             if os.environ.get(ENV_SWITCH, "1") == "0":
                 raise RuntimeError(f"{ENV_SWITCH}=0")
-            if compiler is None:
-                raise RuntimeError("no C++ compiler found (c++, g++, clang++ or $CXX)")
-            library = ctypes.CDLL(str(_build(compiler)))
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            # pointers; B, P, H, W, C; the planes' strides for B, plane, row and texel; threads
-            library.plane_sum_forward.argtypes = [ptr] * 3 + [i64] * 9 + [ctypes.c_int]
-            library.plane_sum_backward.argtypes = [ptr] * 5 + [i64] * 9 + [ctypes.c_int]
-            _library = library
+            _library = open_library(build())
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
             detail = (
                 exc.stderr.decode(errors="replace")[-2000:] if hasattr(exc, "stderr") and exc.stderr else ""
@@ -148,42 +154,57 @@ def dense_channels_innermost(t: torch.Tensor) -> bool:
     return True
 
 
+def run_forward(library: ctypes.CDLL, planes: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """The plane sum ``[B, P, C]`` of dense channels-innermost ``planes`` at a contiguous ``grid``."""
+    b, _, h, w, c = planes.shape
+    p = grid.shape[1]
+    out = planes.new_empty(b, p, c)
+    library.plane_sum_forward(
+        _ptr(planes), _ptr(grid), _ptr(out), b, p, h, w, c, *planes.stride()[:4], torch.get_num_threads()
+    )
+    return out
+
+
+def run_backward(
+    library: ctypes.CDLL,
+    grad: torch.Tensor,
+    planes: torch.Tensor,
+    grid: torch.Tensor,
+    want: tuple[bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of the planes and the grid (each only where ``want`` asks) for a contiguous ``grad``."""
+    b, _, h, w, c = planes.shape
+    # With the planes' strides: zeros_like keeps them for dense planes, the only kind passed here.
+    grad_planes = torch.zeros_like(planes) if want[0] else None
+    grad_grid = torch.empty_like(grid) if want[1] else None
+    library.plane_sum_backward(
+        _ptr(grad),
+        _ptr(planes),
+        _ptr(grid),
+        _ptr(grad_planes),
+        _ptr(grad_grid),
+        b,
+        grid.shape[1],
+        h,
+        w,
+        c,
+        *planes.stride()[:4],
+        torch.get_num_threads(),
+    )
+    return grad_planes, grad_grid
+
+
 class _PlaneSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, planes: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        b, _, h, w, c = planes.shape
-        p = grid.shape[1]
-        out = planes.new_empty(b, p, c)
-        _load().plane_sum_forward(
-            _ptr(planes), _ptr(grid), _ptr(out), b, p, h, w, c, *planes.stride()[:4], torch.get_num_threads()
-        )
         ctx.save_for_backward(planes, grid)
-        return out
+        return run_forward(_load(), planes, grid)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # type: ignore[override]
         planes, grid = ctx.saved_tensors
-        b, _, h, w, c = planes.shape
-        grad = grad.contiguous()
-        # With the planes' strides: zeros_like keeps them for dense planes, the only kind passed here.
-        grad_planes = torch.zeros_like(planes) if ctx.needs_input_grad[0] else None
-        grad_grid = torch.empty_like(grid) if ctx.needs_input_grad[1] else None
-        _load().plane_sum_backward(
-            _ptr(grad),
-            _ptr(planes),
-            _ptr(grid),
-            _ptr(grad_planes),
-            _ptr(grad_grid),
-            b,
-            grid.shape[1],
-            h,
-            w,
-            c,
-            *planes.stride()[:4],
-            torch.get_num_threads(),
-        )
-        return grad_planes, grad_grid
+        return run_backward(_load(), grad.contiguous(), planes, grid, ctx.needs_input_grad[:2])
 
 
 def plane_sum(planes: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
