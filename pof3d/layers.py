@@ -80,39 +80,62 @@ class _DepthwiseFilter(torch.autograd.Function):
     ``conv_transpose2d`` recorded as an ordinary op, so the second derivative is one grouped ``conv2d``.
     The filter is a constant: it gets no gradient. It computes in the dtype of ``x`` even under autocast:
     the backward pass convolves the output's gradient with the saved kernel, so both must share a dtype
-    (CPU autocast, for one, hands a reflect-padded bfloat16 input on as float32), and a fixed low-pass
-    filter gains nothing from reduced precision.
+    (under autocast the input may be float32 while a convolution would compute in bfloat16), and a fixed
+    low-pass filter gains nothing from reduced precision.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x: torch.Tensor, kernel: torch.Tensor, padding: tuple[int, int], stride: int
+    ) -> torch.Tensor:
         ctx.save_for_backward(kernel)
+        ctx.padding, ctx.stride, ctx.size = padding, stride, x.shape[-2:]
         if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
-                return F.conv2d(x, kernel, groups=x.shape[1])
-        return F.conv2d(x, kernel, groups=x.shape[1])
+                return F.conv2d(x, kernel, stride=stride, padding=padding, groups=x.shape[1])
+        return F.conv2d(x, kernel, stride=stride, padding=padding, groups=x.shape[1])
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
         (kernel,) = ctx.saved_tensors
-        return F.conv_transpose2d(grad, kernel, groups=grad.shape[1]), None
+        # A strided filter drops the input's last rows and columns when they reach no output; the
+        # transposed convolution gives them back (as zeros) through output_padding.
+        out_size = [
+            (g - 1) * ctx.stride - 2 * p + k
+            for g, p, k in zip(grad.shape[-2:], ctx.padding, kernel.shape[-2:], strict=True)
+        ]
+        extra = [n - o for n, o in zip(ctx.size, out_size, strict=True)]
+        return (
+            F.conv_transpose2d(
+                grad,
+                kernel,
+                stride=ctx.stride,
+                padding=ctx.padding,
+                output_padding=extra,
+                groups=grad.shape[1],
+            ),
+            None,
+            None,
+            None,
+        )
 
 
-def depthwise_filter(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """Correlate each channel of ``x`` [N, C, H, W] with the constant 2-D ``kernel`` (no padding)."""
+def depthwise_filter(
+    x: torch.Tensor, kernel: torch.Tensor, padding: tuple[int, int] = (0, 0), stride: int = 1
+) -> torch.Tensor:
+    """Correlate each channel of ``x`` [N, C, H, W] with the constant 2-D ``kernel``; ``padding`` zeros
+    (rows, columns) on both sides, every ``stride``-th output kept."""
     c = x.shape[1]
     weight = kernel.to(device=x.device, dtype=x.dtype).expand(c, 1, *kernel.shape)
-    return _DepthwiseFilter.apply(x, weight)
+    return _DepthwiseFilter.apply(x, weight, padding, stride)
 
 
-def blur(x: torch.Tensor) -> torch.Tensor:
-    """[1,3,3,1] low-pass filter (same size output), applied per channel."""
-    return depthwise_filter(F.pad(x, (2, 1, 2, 1), mode="reflect"), _blur_kernel(x.device, x.dtype))
-
-
-def downsample2d(x: torch.Tensor) -> torch.Tensor:
-    """Anti-aliased 2x downsampling: low-pass, then keep every other pixel."""
-    return F.avg_pool2d(blur(x), 2)
+def resample_filter(x: torch.Tensor, padding: int, stride: int = 1) -> torch.Tensor:
+    """StyleGAN2's [1,3,3,1] low-pass filter on each channel, ``padding`` zeros on every side, every
+    ``stride``-th output kept: the official code's ``upfirdn2d(x, f, padding, down=stride)`` for this
+    filter, whose pixels outside the image are zero. The padding and the stride run inside the
+    convolution, so no padded copy of the activations is made, forward or backward."""
+    return depthwise_filter(x, _blur_kernel(x.device, x.dtype), (padding, padding), stride)
 
 
 def upsample2d(x: torch.Tensor) -> torch.Tensor:
@@ -159,12 +182,17 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     if radius == 0:
         return x
     k = blur_taps(sigma)
-    x = depthwise_filter(F.pad(x, (radius, radius, radius, radius)), k.view(1, -1))
-    return depthwise_filter(x, k.view(-1, 1))
+    x = depthwise_filter(x, k.view(1, -1), padding=(0, radius))
+    return depthwise_filter(x, k.view(-1, 1), padding=(radius, 0))
 
 
 class Conv2dLayer(nn.Module):
-    """Equalised-learning-rate convolution with optional 2x down/upsampling and leaky-ReLU."""
+    """Equalised-learning-rate convolution with optional 2x down/upsampling and leaky-ReLU.
+
+    Downsampling is the official code's ``conv2d_resample``: the [1,3,3,1] filter with ``k // 2 + 1``
+    zeros of padding, then the ``k x k`` convolution with stride 2 and no padding; a 1x1 convolution
+    runs after the filter, which then keeps every other output itself.
+    """
 
     def __init__(
         self,
@@ -185,14 +213,18 @@ class Conv2dLayer(nn.Module):
         self.padding = kernel_size // 2
 
     def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        stride, padding = 1, self.padding
         if self.up:
             x = upsample2d(x)
-        if self.down:
-            x = blur(x)
+        if self.down and self.weight.shape[-1] == 1:
+            x = resample_filter(x, padding=1, stride=2)
+        elif self.down:
+            x = resample_filter(x, padding=self.padding + 1)
+            stride, padding = 2, 0
         g = output_gain(self.activation, gain)
         w = self.weight * (self.weight_gain * g)
         b = (self.bias * g).to(x.dtype) if self.bias is not None else None
-        x = conv2d(x, w.to(x.dtype), b, stride=2 if self.down else 1, padding=self.padding)
+        x = conv2d(x, w.to(x.dtype), b, stride=stride, padding=padding)
         return activate(x, self.activation)
 
 
@@ -223,6 +255,10 @@ class ModulatedConv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels))
         self.demodulate, self.up, self.activation = demodulate, up, activation
         self.padding = kernel_size // 2
+        # The filter's padding after the transposed conv (conv2d_resample's px0 - (k - 1), px1 - (k - 2)).
+        self.up_padding = kernel_size // 2 + 3 - kernel_size
+        if up and self.up_padding < 0:
+            raise ValueError(f"an upsampling modulated conv takes kernel sizes 1, 3 or 5, got {kernel_size}")
         self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size**2)
         self.use_noise = use_noise
         if use_noise:
@@ -234,18 +270,13 @@ class ModulatedConv2d(nn.Module):
         weight = self.weight * self.weight_gain if self.demodulate else self.weight
         x = x * styles.to(x.dtype)[:, :, None, None]
         if self.up:
-            # conv(upsample(x)) computed as blur(conv_transpose(x)): the bilinear 2x upsample is a
-            # zero-stuffing followed by the [1,3,3,1] filter (gain 4), and the filter commutes with the
-            # conv, which then runs on the low-resolution input (4x fewer multiply-adds). Equal to
-            # upsample-then-conv away from the image border.
-            x = F.conv_transpose2d(
-                x,
-                weight.transpose(0, 1).flip(2, 3).to(x.dtype),
-                stride=2,
-                padding=self.padding,
-                output_padding=1,
-            )
-            x = blur(x)
+            # The official code's conv2d_resample: conv(upsample(x)) computed as the [1,3,3,1] filter
+            # (gain 4) after a stride-2 transposed conv, since the bilinear 2x upsample is a zero-stuffing
+            # followed by that filter and the filter commutes with the conv, which then runs on the
+            # low-resolution input (4x fewer multiply-adds). The transposed conv keeps its whole output
+            # (2H + k - 2 rows), the filter pads it with zeros to 2H.
+            x = F.conv_transpose2d(x, weight.transpose(0, 1).flip(2, 3).to(x.dtype), stride=2)
+            x = resample_filter(x, padding=self.up_padding)
         else:
             x = conv2d(x, weight.to(x.dtype), padding=self.padding)
         act_gain = output_gain(self.activation)

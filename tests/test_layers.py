@@ -1,4 +1,5 @@
-"""The fixed per-channel filters (blur, D's Gaussian blur, resize): values, derivatives and cost."""
+"""The fixed per-channel filters (StyleGAN2's resampling filter, D's Gaussian blur, resize) and the
+resampling convolutions built on them: values, derivatives and cost."""
 
 from __future__ import annotations
 
@@ -9,33 +10,102 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from pof3d.layers import _blur_kernel, blur, blur_radius, blur_taps, downsample2d, gaussian_blur, resize
+from pof3d.layers import (
+    Conv2dLayer,
+    ModulatedConv2d,
+    blur_radius,
+    blur_taps,
+    gaussian_blur,
+    resample_filter,
+    resize,
+)
+
+FILTER = torch.tensor([1.0, 3.0, 3.0, 1.0])
 
 
-def _grouped_blur(x: torch.Tensor) -> torch.Tensor:
-    """The textbook form: reflect padding, then a grouped convolution with one filter per channel."""
-    c = x.shape[1]
-    kernel = _blur_kernel(x.device, x.dtype).expand(c, 1, 4, 4)
-    return F.conv2d(F.pad(x, (2, 1, 2, 1), mode="reflect"), kernel, groups=c)
+def _upfirdn2d(
+    x: torch.Tensor, up: int = 1, down: int = 1, pad: int | tuple[int, int] = 0, gain: float = 1.0
+) -> torch.Tensor:
+    """The official code's upfirdn2d for the [1,3,3,1] filter, from its definition: insert up - 1 zeros
+    after every pixel, pad with zeros (``pad`` on both sides, or (before, after)), correlate each channel
+    with the normalised filter times gain, keep every down-th pixel. Written out step by step, with
+    nothing shared with pof3d.layers."""
+    before, after = (pad, pad) if isinstance(pad, int) else pad
+    n, c, h, w = x.shape
+    if up > 1:
+        stuffed = x.new_zeros(n, c, h * up, w * up)
+        stuffed[:, :, ::up, ::up] = x
+        x = stuffed
+    x = F.pad(x, (before, after, before, after))
+    f = FILTER.to(x.dtype)
+    f = (f[:, None] * f[None, :]) / f.sum() ** 2 * gain
+    x = F.conv2d(x, f.expand(c, 1, 4, 4), groups=c)
+    return x[:, :, ::down, ::down]
 
 
-def test_blur_equals_grouped_convolution_and_keeps_size() -> None:
-    x = torch.randn(3, 5, 9, 11, generator=torch.Generator().manual_seed(0))
-    out = blur(x)
-    assert out.shape == x.shape
-    torch.testing.assert_close(out, _grouped_blur(x), rtol=0, atol=1e-6)
-    # A constant image stays constant (the filter sums to one, reflect padding adds no edge).
-    torch.testing.assert_close(blur(torch.full((1, 2, 6, 6), 0.7)), torch.full((1, 2, 6, 6), 0.7))
+def _grouped_filter(x: torch.Tensor) -> torch.Tensor:
+    """The textbook form of the filter: a grouped convolution with one filter per channel."""
+    return _upfirdn2d(x, pad=2)
+
+
+@pytest.mark.parametrize(("height", "width"), [(9, 11), (8, 8)])
+def test_the_resampling_filter_is_upfirdn2d_with_zero_padding(height: int, width: int) -> None:
+    x = torch.randn(3, 5, height, width, generator=torch.Generator().manual_seed(0))
+    for padding, stride in ((2, 1), (1, 1), (1, 2)):
+        out = resample_filter(x, padding, stride)
+        torch.testing.assert_close(out, _upfirdn2d(x, down=stride, pad=padding), rtol=0, atol=1e-6)
+    # Pixels outside the image are zero: a constant image keeps its value inside and darkens at the edge
+    # (the corner of padding 1 sees 3 x 3 of the 4 x 4 taps: (7 / 8)^2).
+    out = resample_filter(torch.full((1, 2, 6, 6), 0.7), padding=1)
+    torch.testing.assert_close(out[..., 1:-1, 1:-1], torch.full((1, 2, 3, 3), 0.7))
+    torch.testing.assert_close(out[0, 0, 0, 0], torch.tensor(0.7 * (7 / 8) ** 2))
 
 
 def test_filters_have_exact_first_and_second_derivatives() -> None:
-    """R1 differentiates D's backward pass: both derivatives must be those of the linear filter."""
+    """R1 differentiates D's backward pass: both derivatives must be those of the linear filter, also
+    where a strided filter leaves the input's last row and column out (7 columns here)."""
     x = torch.randn(2, 3, 8, 7, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(blur, (x,))
-    assert torch.autograd.gradgradcheck(blur, (x,))
-    assert torch.autograd.gradcheck(lambda t: gaussian_blur(t, 1.3), (x,))
-    assert torch.autograd.gradgradcheck(lambda t: gaussian_blur(t, 1.3), (x,))
-    assert torch.autograd.gradgradcheck(downsample2d, (x,))
+    for fn in (
+        lambda t: resample_filter(t, 2),
+        lambda t: resample_filter(t, 1, stride=2),
+        lambda t: gaussian_blur(t, 1.3),
+    ):
+        assert torch.autograd.gradcheck(fn, (x,))
+        assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+def test_downsampling_convolutions_are_the_official_conv2d_resample() -> None:
+    """D's 3x3 down conv: filter with 2 zeros of padding, then the conv with stride 2 and no padding; its
+    1x1 skip: filter with 1 of padding keeping every other pixel, then the 1x1 conv (conv2d_resample)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 16, 16)
+    down = Conv2dLayer(4, 6, 3, activation="linear", down=True)
+    skip = Conv2dLayer(4, 6, 1, activation="linear", down=True, bias=False)
+    with torch.no_grad():
+        down.bias.normal_()
+        want = F.conv2d(_upfirdn2d(x, pad=2), down.weight * down.weight_gain, down.bias, stride=2)
+        torch.testing.assert_close(down(x), want, rtol=1e-5, atol=1e-5)
+        want = F.conv2d(_upfirdn2d(x, down=2, pad=1), skip.weight * skip.weight_gain)
+        torch.testing.assert_close(skip(x), want, rtol=1e-5, atol=1e-5)
+        assert down(x).shape == skip(x).shape == (2, 6, 8, 8)
+
+
+def test_upsampling_modulated_conv_is_the_official_conv2d_resample() -> None:
+    """Zero-stuffing, the filter (gain 4) with zero padding, then the 3x3 conv, all computed as a
+    transposed conv followed by the filter: the same values at every pixel, the border too."""
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(4, 5, 3, 8, up=True, demodulate=False, activation="linear")
+    x, w = torch.randn(2, 4, 8, 8), torch.randn(2, 8)
+    with torch.no_grad():
+        conv.bias.normal_()
+        styles = conv.affine(w) * conv.weight_gain  # without demodulation the gain is the styles'
+        # conv2d_resample's generic order: zero-stuff and filter, padded by 1 + (4 + 2 - 1) // 2 = 3 before
+        # and 1 + (4 - 2) // 2 = 2 after, then the conv with no padding.
+        up = _upfirdn2d(x * styles[:, :, None, None], up=2, pad=(3, 2), gain=4.0)
+        want = F.conv2d(up, conv.weight, padding=0) + conv.bias[None, :, None, None]
+        got = conv(x, w)
+        assert got.shape == want.shape == (2, 5, 16, 16)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 # The official code's D blur (training/loss_pose.py, run_D) at sigma = 1: radius floor(3 sigma) = 3,
@@ -103,16 +173,19 @@ def _convolutions_in_r1_step(channels: int, fn) -> int:
 
 
 def test_second_derivative_does_not_loop_over_channels() -> None:
-    """A grouped conv's double backward runs one convolution per channel; the blur's must not."""
+    """A grouped conv's double backward runs one convolution per channel; the filter's must not."""
+    blur = lambda t: resample_filter(t, 2)  # noqa: E731
     assert _convolutions_in_r1_step(4, blur) == _convolutions_in_r1_step(64, blur) <= 8
     # The textbook form really does loop, which is what made R1 slow on GPUs.
-    assert _convolutions_in_r1_step(64, _grouped_blur) > 64
+    assert _convolutions_in_r1_step(64, _grouped_filter) > 64
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_blur_on_cuda_matches_cpu() -> None:
+def test_filter_on_cuda_matches_cpu() -> None:
     x = torch.randn(2, 8, 16, 16)
-    torch.testing.assert_close(blur(x.cuda()).cpu(), blur(x), atol=1e-5, rtol=0)
+    for padding, stride in ((2, 1), (1, 2)):
+        got = resample_filter(x.cuda(), padding, stride).cpu()
+        torch.testing.assert_close(got, resample_filter(x, padding, stride), atol=1e-5, rtol=0)
 
 
 def test_1x1_convolutions_run_as_a_matrix_product_on_cpu() -> None:
