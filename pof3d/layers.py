@@ -139,8 +139,13 @@ def resample_filter(x: torch.Tensor, padding: int, stride: int = 1) -> torch.Ten
 
 
 def upsample2d(x: torch.Tensor) -> torch.Tensor:
-    """2x upsampling with a bilinear kernel (the [1,3,3,1] filter's separable counterpart)."""
-    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    """2x upsampling as the official code's ``upfirdn2d.upsample2d`` with the [1,3,3,1] filter: a zero
+    after every pixel, 2 zeros of padding before and 1 after, the filter times 4. Computed as one
+    stride-2 transposed convolution with that filter, which never forms the zero-stuffed image. Inside
+    the image this is bilinear 2x upsampling; at the border the pixels outside count as zero."""
+    c = x.shape[1]
+    weight = (_blur_kernel(x.device, x.dtype) * 4.0).expand(c, 1, 4, 4)
+    return F.conv_transpose2d(x, weight, stride=2, padding=1, groups=c)
 
 
 def resize(x: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
@@ -187,7 +192,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 class Conv2dLayer(nn.Module):
-    """Equalised-learning-rate convolution with optional 2x down/upsampling and leaky-ReLU.
+    """Equalised-learning-rate convolution with optional 2x downsampling and leaky-ReLU.
 
     Downsampling is the official code's ``conv2d_resample``: the [1,3,3,1] filter with ``k // 2 + 1``
     zeros of padding, then the ``k x k`` convolution with stride 2 and no padding; a 1x1 convolution
@@ -202,11 +207,10 @@ class Conv2dLayer(nn.Module):
         *,
         activation: str = "lrelu",
         down: bool = False,
-        up: bool = False,
         bias: bool = True,
     ) -> None:
         super().__init__()
-        self.activation, self.down, self.up = activation, down, up
+        self.activation, self.down = activation, down
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         self.weight_gain = 1.0 / math.sqrt(in_channels * kernel_size**2)
@@ -214,8 +218,6 @@ class Conv2dLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
         stride, padding = 1, self.padding
-        if self.up:
-            x = upsample2d(x)
         if self.down and self.weight.shape[-1] == 1:
             x = resample_filter(x, padding=1, stride=2)
         elif self.down:

@@ -19,6 +19,7 @@ from pof3d.layers import (
     gaussian_blur,
     resample_filter,
     resize,
+    upsample2d,
 )
 
 FILTER = torch.tensor([1.0, 3.0, 3.0, 1.0])
@@ -60,6 +61,19 @@ def test_the_resampling_filter_is_upfirdn2d_with_zero_padding(height: int, width
     out = resample_filter(torch.full((1, 2, 6, 6), 0.7), padding=1)
     torch.testing.assert_close(out[..., 1:-1, 1:-1], torch.full((1, 2, 3, 3), 0.7))
     torch.testing.assert_close(out[0, 0, 0, 0], torch.tensor(0.7 * (7 / 8) ** 2))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_image_skip_upsampling_is_upfirdn2d_upsample2d(layout) -> None:
+    """G's image skip: upfirdn2d.upsample2d (zero after each pixel, padding 2 before and 1 after, the
+    filter times 4), border pixels included; inside the image it is a bilinear 2x resize."""
+    x = torch.randn(2, 5, 7, 9, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=layout)
+    out = upsample2d(x)
+    assert out.shape == (2, 5, 14, 18)
+    torch.testing.assert_close(out, _upfirdn2d(x, up=2, pad=(2, 1), gain=4.0), rtol=0, atol=1e-6)
+    bilinear = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out[..., 1:-1, 1:-1], bilinear[..., 1:-1, 1:-1], rtol=0, atol=1e-6)
+    assert not torch.allclose(out[..., 0, :], bilinear[..., 0, :])  # the border sees the zeros outside
 
 
 def test_filters_have_exact_first_and_second_derivatives() -> None:
