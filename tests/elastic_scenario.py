@@ -15,10 +15,11 @@ again would be:
   launch with a checkpoint: how many images one worker trains while the node starts depends on the
   machine's speed, and a fixed target would make this test as long as the machine is slow.
 - **Shrink.** ``--resume auto`` continues the run on both nodes, with a target 40 images past its
-  checkpoint. After the first checkpoint of this launch the second node is lost (every process it
-  started killed at once); the group restarts on one worker from the latest checkpoint and the run
-  finishes at its target. The target leaves the two workers room for a few more checkpoints while the
-  node is being taken away, so that the one worker always has images left to train.
+  checkpoint. After the first checkpoint of this launch the second node is removed (its Ray daemons
+  killed); the group restarts on one worker from the latest checkpoint and the run finishes at its
+  target. The node's worker process ends only when it notices its raylet is gone, and until then the
+  two workers may go on training and checkpointing (on a loaded machine they once reached the old
+  target of 24 images): the target leaves them room, so that the one worker always has images left.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from pof3d.storage import Location
 from pof3d.testing.local_cluster import (
     ClusterDidNotStart,
     add_node,
-    lose_node,
     start_cluster,
     start_quick_coordinator,
     stop_cluster,
@@ -128,9 +128,9 @@ def grow_then_shrink(work: Path, run_uri: str, out: Path) -> None:
                 lambda: (n := checkpoint_images()) > resumed and n,
                 training,
             )
-            lose_node(cluster, nodes["second"])
-            # At least this one, seen once the node's processes are gone: the group may have written one
-            # more between the look above and the loss.
+            cluster.remove_node(nodes["second"], allow_graceful=False)
+            # At least this one: the group may have written more between the look above and the removal,
+            # and may write more until its worker on the removed node ends.
             result["checkpoint_at_removal"] = checkpoint_images()
         except Exception as exc:  # reported; the notice ends the launch
             result["shrink_error"] = repr(exc)

@@ -44,7 +44,7 @@ from pof3d.errors import ConfigError  # noqa: E402
 from pof3d.presets import load_config
 from pof3d.run_files import RunFiles  # noqa: E402
 from pof3d.storage import Location  # noqa: E402
-from pof3d.testing.local_cluster import ClusterDidNotStart, add_node, lose_node, train_workers  # noqa: E402
+from pof3d.testing.local_cluster import ClusterDidNotStart, add_node, train_workers  # noqa: E402
 from pof3d.testing.local_cluster import stop_cluster as stop_local_cluster  # noqa: E402
 from pof3d.testing.micro import MICRO  # noqa: E402
 from pof3d.train import main  # noqa: E402
@@ -200,7 +200,7 @@ def node_loss(work: Path, run_uri: str, out: Path) -> None:
                     checkpoint_at_removal=str(checkpoint),
                     removed_after_s=time.monotonic() - train_started,
                 )
-                lose_node(cluster, victim)
+                cluster.remove_node(victim, allow_graceful=False)
                 return
             time.sleep(0.5)
 

@@ -287,9 +287,9 @@ def test_an_elastic_run_shrinks_to_one_worker_when_a_node_goes_and_finishes(elas
     shrunk = run["changes"][-1]
     assert len(run["changes"]) == 2 and shrunk["world_size"] == 1 and shrunk["group/previous_workers"] == 2
     assert "worker group shrank from 2 to 1 workers (failure): training again" in run["worker_logs"]
-    # From the latest checkpoint of this launch when the node went, on the node that stayed: not older
-    # than the one seen once the node's processes were gone, and not past the two workers' last tick
-    # (rank 0 logs a tick before it writes that tick's checkpoint, which may still have been under way).
+    # From the latest checkpoint of this launch when the group restarted, on the node that stayed: not
+    # older than the one seen right after the removal, and not past the two workers' last tick (rank 0
+    # logs a tick before it writes that tick's checkpoint).
     shrunk_from = list({round(k * 1000) for _, k in run["resumes"] if round(k * 1000) > run["resumed"]})
     assert len(shrunk_from) == 1, run["resumes"]
     last_of_two = max(t["images_seen"] for t in ticks if t["world_size"] == 2)

@@ -138,27 +138,6 @@ def stop_cluster(cluster: Cluster) -> None:
             pass
 
 
-def lose_node(cluster: Cluster, node: Any) -> None:
-    """Take ``node`` away as a lost machine goes: every process it started, the Ray workers included,
-    killed at once. ``Cluster.remove_node`` kills only the node's own daemons; its worker processes end
-    when they notice their raylet is gone, and on a loaded machine a Train worker has gone on training
-    (and checkpointing) for seconds after the call returned."""
-    processes: list[psutil.Process] = []
-    for infos in node.all_processes.values():
-        for info in infos:
-            try:
-                processes += psutil.Process(info.process.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                pass
-    for process in processes:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(processes, timeout=10)
-    cluster.remove_node(node, allow_graceful=False)
-
-
 def wait_during(training: threading.Thread, what: str, ready: Callable[[], Any], timeout_s: float) -> Any:
     """``ready()``'s first true value while ``training`` runs (looked at twice a second); a
     ``TimeoutError`` naming ``what`` when the run ended without it or ``timeout_s`` passed."""
