@@ -187,7 +187,7 @@ class TrainConfig:
     #: seconds between an elastic run's looks for room to grow (Ray Train's
     #: elastic_resize_monitor_interval_s); a lost worker restarts the group at once
     resize_interval_s: float = 60.0
-    #: before a resize stops a healthy group, wait at most this long for its checkpoint (0: do not ask)
+    #: before a resize grows the group, wait at most this long for its checkpoint (0: do not ask)
     resize_save_timeout_s: float = 120.0
     gpus_per_worker: float = 0.0  #: GPUs per worker (0 = CPU)
     cpus_per_worker: float = 0.5  #: CPUs each worker holds; the rest is left to Ray Data's decoding

@@ -92,11 +92,25 @@ def test_a_resize_waits_for_the_running_groups_checkpoint_then_stops_it(tmp_path
     watch = GroupWatch(files, resize_save_timeout_s=0.3)
     watch.before_controller_execute_resize_decision(_decision(2))
     watch.after_controller_state_update(SchedulingState(_decision(2)), RunningState())
-    watch.after_controller_state_update(RunningState(), ResizingState(_decision(1)))
+    watch.after_controller_state_update(RunningState(), ResizingState(_decision(3)))
     caplog.set_level("WARNING", logger="pof3d.distributed.group_watch")
-    watch.before_controller_execute_resize_decision(_decision(1))
+    watch.before_controller_execute_resize_decision(_decision(3))
     assert read_group_record(files)["saved_s"] is None and not notice_location(files, "resize").is_file()
-    assert "within train.resize_save_timeout_s=0.3 s before the resize from 2 to 1" in caplog.text
+    assert "within train.resize_save_timeout_s=0.3 s before the resize from 2 to 3" in caplog.text
+    # A shrink follows lost capacity (Ray shrinks a running group when a node went): its worker there
+    # cannot step, so the group is not asked and the resize does not wait.
+    caplog.clear()
+    watch = GroupWatch(files, resize_save_timeout_s=30)
+    watch.before_controller_execute_resize_decision(_decision(2))
+    watch.after_controller_state_update(SchedulingState(_decision(2)), RunningState())
+    watch.after_controller_state_update(RunningState(), ResizingState(_decision(1)))
+    started = time.monotonic()
+    watch.before_controller_execute_resize_decision(_decision(1))
+    assert time.monotonic() - started < 5
+    shrunk = read_group_record(files)
+    assert shrunk["cause"] == "resize" and shrunk["previous"] == 2 and shrunk["workers"] == 1
+    assert shrunk["saved_s"] is None and not notice_location(files, "resize").is_file()
+    assert "resize_save_timeout_s" not in caplog.text
 
 
 def test_rank_0_of_a_new_group_says_how_it_changed_and_what_the_restart_cost(tmp_path, caplog) -> None:

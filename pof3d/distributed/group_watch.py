@@ -4,9 +4,12 @@ The controller is the one process that knows why a group stops (a resize, a lost
 and how large the next one will be; the workers of the new group know neither. So before each group
 starts, this writes ``ROOT/workers/group.json`` (:mod:`pof3d.distributed.elastic` reads it on rank 0):
 the new size, the size of the group before it in this launch (None for the first), the cause, and when
-the old group stopped. Before a resize stops a healthy group, it first asks that group for a checkpoint
-(:func:`pof3d.distributed.preemption.checkpoint_before_resize`): Ray Train would stop it without warning,
-and the new group would redo everything since the last snapshot.
+the old group stopped. Before a resize stops a healthy group to grow it, it first asks that group for a
+checkpoint (:func:`pof3d.distributed.preemption.checkpoint_before_resize`): Ray Train would stop it
+without warning, and the new group would redo everything since the last snapshot. A shrink is not
+asked: Ray Train shrinks a running group when the capacity it reserved went away, a lost node, whose
+worker can no longer step (the others wait for it in the gradient all-reduce), so no checkpoint can come
+and the resize would only wait out ``train.resize_save_timeout_s``.
 
 Ray Train 2.60 has no public hook for this; its controller calls every non-``UserCallback`` callback of
 ``RunConfig(callbacks=...)`` as an internal ``ControllerCallback`` (``DataParallelTrainer`` keeps them for
@@ -61,7 +64,8 @@ class GroupWatch(ControllerCallback):
         """Called before every group start (the first one, a resize and a restart after a failure alike)."""
         self._starting = resize_decision.num_workers
         saved_s = None
-        if self._cause == "resize" and self._running is not None and self.resize_save_timeout_s > 0:
+        growing = self._running is not None and resize_decision.num_workers > self._running
+        if self._cause == "resize" and growing and self.resize_save_timeout_s > 0:
             # The old group still trains: it checkpoints after its step in progress, then Ray stops it.
             reason = f"resize from {self._running} to {resize_decision.num_workers} workers"
             saved_s = checkpoint_before_resize(self.files, reason, self.resize_save_timeout_s)
