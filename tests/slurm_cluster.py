@@ -103,6 +103,10 @@ class SlurmCluster:
                 "SelectType=select/cons_tres",
                 "SelectTypeParameters=CR_CPU",
                 "SchedulerType=sched/builtin",
+                # A requeued job becomes eligible with no event that wakes the scheduler: its periodic
+                # pass (60 s by default) then starts it. Every 2 s here, so it starts again within
+                # seconds of its hold (about 47 s sooner in the time-limit test).
+                "SchedulerParameters=sched_interval=2",
                 "MpiDefault=none",
                 "ReturnToService=2",
                 "JobAcctGatherType=jobacct_gather/none",
@@ -154,16 +158,20 @@ class SlurmCluster:
         return dict(item.split("=", 1) for item in text.split() if "=" in item)
 
     def stop(self) -> None:
-        """Cancel what still runs, give the jobs' processes 15 s to end (Ray's own shutdown), kill what
+        """Cancel what still runs, give the jobs' processes 5 s to end (Ray's own shutdown), kill what
         is left of them (proctrack/linuxproc loses processes whose parent died first), then stop the
         daemons: 3 s after SIGTERM they are killed (slurmctld had not stopped 20 s after it, and this
-        throwaway cluster keeps no state worth a clean stop)."""
+        throwaway cluster keeps no state worth a clean stop).
+
+        What is left after a cancel is a cancelled job's training command and the Ray head it had
+        started, which lost their job step: the command waits for its Ray, which is stopping, and had
+        not ended 15 s later (2026-12-08), so waiting longer for them only holds the teardown."""
         if self._daemons and all(d.poll() is None for d in self._daemons):
             self.run("scancel", "--user=root", check=False)
             with contextlib.suppress(RuntimeError):
                 _wait_for(lambda: not self.run("squeue", "--noheader", check=False).strip(), 60, str)
         with contextlib.suppress(RuntimeError):
-            _wait_for(lambda: not self._job_processes(), 15, str)
+            _wait_for(lambda: not self._job_processes(), 5, str)
         for pid in self._job_processes():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
