@@ -110,74 +110,73 @@ def test_missing_poses_read_as_nan():
     np.testing.assert_array_equal(_poses(full), np.array([[1, 2], [3, 4]], np.float32))
 
 
-@pytest.mark.slow
-def test_two_train_workers_see_every_row_once_per_epoch(ray_local, shard_set, tmp_path):
-    from ray.train import RunConfig, ScalingConfig
+@pytest.fixture(scope="module")
+def two_worker_reads(ray_local, shard_set, tmp_path_factory) -> Path:
+    """One Ray Train run of two workers that reads two datasets, one after the other, and writes the ids
+    each worker read (a launch costs far more than its reads, so the tests below share it):
+
+    - ``epochs``: the default data config, two epochs as two executions of the stream (seed 3);
+    - ``multi``: as training runs it: 2 epochs per execution, Train's ingest options with
+      preserve_order, and an uneven deal (batch 8 in micro-batches of 3: 6 and 2 images per step,
+      turning with the step) read through the training loop's StepFeed (seed 6).
+    """
+    from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    out = tmp_path_factory.mktemp("two-worker-reads")
 
     # Defined here so that it is pickled by value (the workers cannot import this test module).
     def _train_loop(config: dict) -> None:
         import ray.train
 
-        ctx = ray.train.get_context()
-        from pof3d.data.streaming import iter_train_batches
+        from pof3d.batch_split import share
+        from pof3d.data.streaming import StepFeed, iter_train_batches
 
-        shard = ray.train.get_dataset_shard("train")
+        rank = ray.train.get_context().get_world_rank()
+        folder = Path(config["out"])
+        shard = ray.train.get_dataset_shard("epochs")
         for epoch in range(2):
             ids = []
             for batch in iter_train_batches(shard, 8):
                 assert batch["image"].shape[1:] == (3, 16, 16) and batch["pose"].shape[1:] == (2,)
                 ids.extend(batch["id"].tolist())
-            out = Path(config["out"]) / f"rank{ctx.get_world_rank()}-epoch{epoch}.json"
-            out.write_text(json.dumps(ids))
+            (folder / f"epochs-rank{rank}-epoch{epoch}.json").write_text(json.dumps(ids))
+        feed = StepFeed(ray.train.get_dataset_shard("multi"), share(8, 3, 2, rank))
+        ids = []
+        for step in range(2 * config["rows"] // 8):  # the two epochs, 8 images a step
+            ids.extend(feed.take(share(8, 3, 2, rank, step))["id"].tolist())
+        (folder / f"multi-rank{rank}.json").write_text(json.dumps(ids))
 
-    trainer = TorchTrainer(
+    TorchTrainer(
         _train_loop,
-        train_loop_config={"out": str(tmp_path)},
+        train_loop_config={"out": str(out), "rows": N_ROWS},
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
-        datasets={"train": make_dataset(str(shard_set), seed=3)},
-        run_config=RunConfig(name="stream", storage_path=str(tmp_path / "storage")),
-    )
-    trainer.fit()
+        datasets={
+            "epochs": make_dataset(str(shard_set), seed=3),
+            "multi": make_dataset(str(shard_set), seed=6, epochs=2),
+        },
+        dataset_config=DataConfig(execution_options={"multi": ingest_options()}),
+        run_config=RunConfig(name="stream", storage_path=str(out / "storage")),
+    ).fit()
+    return out
+
+
+@pytest.mark.slow
+def test_two_train_workers_see_every_row_once_per_epoch(two_worker_reads) -> None:
     for epoch in range(2):
-        per_rank = [json.loads((tmp_path / f"rank{r}-epoch{epoch}.json").read_text()) for r in range(2)]
+        per_rank = [
+            json.loads((two_worker_reads / f"epochs-rank{r}-epoch{epoch}.json").read_text()) for r in range(2)
+        ]
         assert all(per_rank), "each worker gets part of the data"
         assert not set(per_rank[0]) & set(per_rank[1])
         assert sorted(per_rank[0] + per_rank[1]) == list(range(N_ROWS))
 
 
 @pytest.mark.slow
-def test_two_train_workers_share_a_multi_epoch_stream(ray_local, shard_set, tmp_path):
-    """As training runs it: 2 epochs per execution, Train's ingest options with preserve_order, and an
-    uneven deal (batch 8 in micro-batches of 3: 6 and 2 images per step, turning with the step) read
-    through the training loop's StepFeed. Ray deals each worker's split the same rows, so a worker that
-    read 6 at every step would need a second execution that the other never starts, and wait forever."""
-    from ray.train import DataConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    def _train_loop(config: dict) -> None:
-        import ray.train
-
-        from pof3d.batch_split import share
-        from pof3d.data.streaming import StepFeed
-
-        ctx = ray.train.get_context()
-        rank = ctx.get_world_rank()
-        feed = StepFeed(ray.train.get_dataset_shard("train"), share(8, 3, 2, rank))
-        ids = []
-        for step in range(2 * N_ROWS // 8):  # the two epochs, 8 images a step
-            ids.extend(feed.take(share(8, 3, 2, rank, step))["id"].tolist())
-        (Path(config["out"]) / f"rank{rank}.json").write_text(json.dumps(ids))
-
-    TorchTrainer(
-        _train_loop,
-        train_loop_config={"out": str(tmp_path)},
-        scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
-        datasets={"train": make_dataset(str(shard_set), seed=6, epochs=2)},
-        dataset_config=DataConfig(execution_options=ingest_options()),
-        run_config=RunConfig(name="stream2", storage_path=str(tmp_path / "storage")),
-    ).fit()
-    per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+def test_two_train_workers_share_a_multi_epoch_stream(two_worker_reads) -> None:
+    """Ray deals each worker's split the same rows, so a worker that read 6 at every step would need a
+    second execution that the other never starts, and wait forever (the run above would not end)."""
+    per_rank = [json.loads((two_worker_reads / f"multi-rank{r}.json").read_text()) for r in range(2)]
     assert all(per_rank)
     assert sorted(per_rank[0] + per_rank[1]) == sorted(list(range(N_ROWS)) * 2)  # each row once per epoch
 
